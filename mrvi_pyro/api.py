@@ -1,0 +1,322 @@
+"""``MRVI``: the scvi-tools-compatible facade.
+
+Same method names, argument names and output names as ``scvi.external.MRVI``; switching is an
+import change. The facade owns registration, training and bookkeeping; the maths lives in
+:mod:`mrvi_pyro.module`, :mod:`mrvi_pyro.train`, :mod:`mrvi_pyro.posterior` and the analysis
+modules.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+
+from . import __version__
+from .data import CellData, Registry, build_sample_info, get_registry
+from .data import setup_anndata as _setup_anndata
+from .io import history_from_json, history_to_json, read_model, write_model
+from .module import MrVIModule, default_max_epochs
+from .posterior import latent_representation, normalized_expression
+from .train import TrainingResult, resolve_device, train_svi
+
+MODULE_ARGUMENTS = (
+    "n_latent", "n_latent_u", "encoder_n_hidden", "encoder_n_layers", "z_u_prior", "z_u_prior_scale",
+    "u_prior_scale", "u_prior_mixture", "u_prior_mixture_k", "learn_z_u_prior_scale", "likelihood",
+    "qu_kwargs", "qz_kwargs", "px_kwargs",
+)
+
+
+class MRVI:
+    """Multi-resolution variational inference (MrVI) for multi-sample single-cell data.
+
+    Parameters
+    ----------
+    adata
+        AnnData registered with :meth:`setup_anndata` (not modified).
+    n_latent, n_latent_u
+        Dimensions of the sample-aware ``z`` and the sample-unaware ``u``.
+    encoder_n_hidden, encoder_n_layers
+        Width and depth of the u-encoder.
+    z_u_prior
+        Keep the ``log p(z | u)`` term.
+    z_u_prior_scale, u_prior_scale
+        Log standard deviations of ``z | u`` and of the isotropic ``u`` prior.
+    u_prior_mixture, u_prior_mixture_k
+        Mixture-of-Gaussians prior on ``u`` (one component per label when ``labels_key`` was
+        registered, else ``u_prior_mixture_k``); False gives an isotropic normal.
+    learn_z_u_prior_scale
+        Learn the ``z | u`` scale.
+    scale_observations
+        Weight cells so that every sample counts equally in the ELBO.
+    likelihood
+        ``"nb"`` or ``"poisson"``.
+    qu_kwargs, qz_kwargs, px_kwargs
+        Options of the encoder, the sample mapper (``use_map``, ``stop_gradients``,
+        ``stop_gradients_mlp``, ``dropout_rate``, ...) and the decoder (also
+        ``low_dim_batch``). Unknown keys raise a ``ValueError`` listing the allowed ones.
+
+    Examples
+    --------
+    >>> MRVI.setup_anndata(adata, sample_key="donor", batch_key="site")
+    >>> model = MRVI(adata)
+    >>> model.train(max_epochs=50)
+    >>> u = model.get_latent_representation()
+    """
+
+    def __init__(
+        self,
+        adata: AnnData,
+        n_latent: int = 30,
+        n_latent_u: int = 10,
+        encoder_n_hidden: int = 128,
+        encoder_n_layers: int = 2,
+        z_u_prior: bool = True,
+        z_u_prior_scale: float = 0.0,
+        u_prior_scale: float = 0.0,
+        u_prior_mixture: bool = True,
+        u_prior_mixture_k: int = 20,
+        learn_z_u_prior_scale: bool = False,
+        scale_observations: bool = False,
+        likelihood: str = "nb",
+        qu_kwargs: dict | None = None,
+        qz_kwargs: dict | None = None,
+        px_kwargs: dict | None = None,
+    ):
+        registry = get_registry(adata)
+        self.init_params = {name: value for name, value in locals().items() if name in MODULE_ARGUMENTS}
+        self.init_params["scale_observations"] = scale_observations
+        self.registry: Registry = registry
+        self.adata = adata
+        self.scale_observations = scale_observations
+        self.module = MrVIModule(
+            len(registry.var_names), registry.n_samples, registry.n_batches, registry.n_labels,
+            **{k: v for k, v in self.init_params.items() if k in MODULE_ARGUMENTS},
+        )
+        self.module.eval()
+        self._data_cache: tuple[int, CellData] | None = None
+        self.sample_info = build_sample_info(adata, registry)
+        self.history: pd.DataFrame | None = None
+        self.training_result: TrainingResult | None = None
+        self.is_trained = False
+
+    # ----- registration -------------------------------------------------------------------
+    @staticmethod
+    def setup_anndata(
+        adata: AnnData,
+        sample_key: str,
+        batch_key: str | None = None,
+        labels_key: str | None = None,
+        layer: str | None = None,
+    ) -> None:
+        """Register ``adata``: see :func:`mrvi_pyro.data.setup_anndata`.
+
+        Writes only ``adata.uns["_mrvi_pyro"]`` (a JSON string).
+        """
+        _setup_anndata(adata, sample_key, batch_key=batch_key, labels_key=labels_key, layer=layer)
+
+    def update_sample_info(self, adata: AnnData | None = None) -> None:
+        """Recompute :attr:`sample_info` from ``adata`` (default: the model's AnnData), e.g. after
+        adding sample-level columns to ``obs``."""
+        adata = self.adata if adata is None else adata
+        self._cell_data(adata)  # validates genes and categories
+        self.sample_info = build_sample_info(adata, self.registry)
+
+    def _cell_data(self, adata: AnnData | None = None) -> CellData:
+        adata = self.adata if adata is None else adata
+        if adata is None:
+            raise ValueError("This model has no AnnData attached; pass `adata=`.")
+        if self._data_cache is not None and self._data_cache[0] == id(adata) and adata is self.adata:
+            return self._data_cache[1]
+        data = CellData(adata, self.registry)
+        if adata is self.adata:
+            self._data_cache = (id(adata), data)
+        return data
+
+    @staticmethod
+    def _indices(data: CellData, indices: Sequence[int] | None) -> np.ndarray:
+        if indices is None:
+            return np.arange(len(data))
+        indices = np.asarray(indices)
+        if indices.dtype == bool:
+            indices = np.flatnonzero(indices)
+        if indices.size and (indices.min() < 0 or indices.max() >= len(data)):
+            raise ValueError(f"indices must lie in [0, {len(data)}); got values outside that range.")
+        return indices.astype(np.int64)
+
+    # ----- training -----------------------------------------------------------------------
+    def train(
+        self,
+        max_epochs: int | None = None,
+        batch_size: int = 128,
+        train_size: float = 0.9,
+        early_stopping: bool = False,
+        lr: float = 2e-3,
+        *,
+        weight_decay: float = 1e-8,
+        eps: float = 1e-8,
+        clip_norm: float = 40.0,
+        n_epochs_kl_warmup: int = 20,
+        early_stopping_patience: int = 15,
+        early_stopping_min_delta: float = 0.0,
+        seed: int = 0,
+        device: str = "auto",
+        progress_bar: bool = True,
+    ) -> TrainingResult:
+        """Train by SVI on minibatches (see :func:`mrvi_pyro.train.train_svi`).
+
+        ``max_epochs=None`` uses ``min(round(20000 / n_cells * 400), 400)``. Training continues
+        from the current parameters; the history of this run is in :attr:`history`.
+        """
+        data = self._cell_data()
+        max_epochs = default_max_epochs(len(data)) if max_epochs is None else max_epochs
+        result = train_svi(
+            self.module, data, max_epochs=max_epochs, batch_size=batch_size, train_size=train_size,
+            lr=lr, weight_decay=weight_decay, eps=eps, clip_norm=clip_norm,
+            n_epochs_kl_warmup=n_epochs_kl_warmup, early_stopping=early_stopping,
+            early_stopping_patience=early_stopping_patience, early_stopping_min_delta=early_stopping_min_delta,
+            scale_observations=self.scale_observations, seed=seed, device=device, progress_bar=progress_bar,
+        )
+        self.training_result, self.history, self.is_trained = result, result.history, True
+        return result
+
+    def to_device(self, device: str = "auto") -> None:
+        """Move the module to ``device`` (``"auto"``, ``"cpu"``, ``"cuda"``)."""
+        self.module.to(resolve_device(device))
+
+    # ----- latent space and expression ----------------------------------------------------
+    def get_latent_representation(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        give_z: bool = False,
+        use_mean: bool = True,
+        batch_size: int | None = None,
+        seed: int = 0,
+    ) -> np.ndarray:
+        """Posterior u (n_cells, n_latent_u), or z under each cell's own sample when ``give_z``.
+
+        ``use_mean=False`` returns one posterior draw per cell (seeded by ``seed``).
+        """
+        data = self._cell_data(adata)
+        return latent_representation(
+            self.module, data, self._indices(data, indices), give_z=give_z, use_mean=use_mean,
+            batch_size=batch_size or 1024, seed=seed,
+        )
+
+    def get_normalized_expression(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        transform_batch: str | Sequence[str] | None = None,
+        n_samples: int = 1,
+        return_mean: bool = True,
+        library_size: float = 1.0,
+        batch_size: int | None = None,
+        seed: int = 0,
+    ) -> pd.DataFrame | np.ndarray:
+        """Decoded expression of each cell under its own sample.
+
+        Parameters
+        ----------
+        transform_batch
+            Nuisance level name(s) to decode under; several are averaged. None: each cell's
+            own level.
+        n_samples
+            1 uses the posterior mean of u; more averages (or returns) that many draws.
+        return_mean
+            With ``n_samples > 1``: average the draws (DataFrame) or return an array of shape
+            (n_samples, n_cells, n_genes).
+        library_size
+            Scale of the output (1: proportions summing to one per cell).
+
+        Returns
+        -------
+        DataFrame (cells x genes), or an ndarray when ``n_samples > 1`` and not ``return_mean``.
+        """
+        data = self._cell_data(adata)
+        idx = self._indices(data, indices)
+        levels = None
+        if transform_batch is not None:
+            names = [transform_batch] if isinstance(transform_batch, str) else list(transform_batch)
+            unknown = [b for b in names if b not in self.registry.batch_categories]
+            if unknown:
+                raise ValueError(
+                    f"transform_batch {unknown} not among the nuisance levels {self.registry.batch_categories}."
+                )
+            levels = [self.registry.batch_categories.index(b) for b in names]
+        values = normalized_expression(
+            self.module, data, idx, batch_levels=levels, n_samples=n_samples, return_mean=return_mean,
+            library_size=library_size, batch_size=batch_size or 256, seed=seed,
+        )
+        if values.ndim == 3:
+            return values
+        return pd.DataFrame(values, index=data.obs_names[idx], columns=self.registry.var_names)
+
+    # ----- persistence --------------------------------------------------------------------
+    def save(self, dir_path: str | os.PathLike, overwrite: bool = False, save_anndata: bool = False) -> None:
+        """Save weights (``model.pt``) and JSON metadata (``model.json``) to ``dir_path``."""
+        metadata = {
+            "package_version": __version__,
+            "init_params": self.init_params,
+            "registry": self.registry.__dict__,
+            "history": history_to_json(self.history),
+            "is_trained": self.is_trained,
+        }
+        write_model(dir_path, self.module.state_dict(), metadata, overwrite=overwrite,
+                    adata=self.adata if save_anndata else None)
+
+    @classmethod
+    def load(cls, dir_path: str | os.PathLike, adata: AnnData | None = None, device: str = "cpu") -> "MRVI":
+        """Load a model saved by :meth:`save`.
+
+        ``adata`` must have the saved genes (same order) and no sample, nuisance or label
+        category the model was not trained on; without ``adata`` the saved ``adata.h5ad`` is
+        used. ``adata`` is not modified.
+        """
+        import anndata
+
+        state_dict, metadata, adata_path = read_model(dir_path)
+        registry = Registry(**metadata["registry"])
+        if adata is None:
+            if adata_path is None:
+                raise ValueError(f"{dir_path} has no saved AnnData; pass the AnnData with `adata=`.")
+            adata = anndata.read_h5ad(adata_path)
+        model = cls.__new__(cls)
+        model.registry, model.adata, model._data_cache = registry, adata, None
+        model._cell_data(adata)  # genes and categories must match
+        model.init_params = metadata["init_params"]
+        model.scale_observations = model.init_params.get("scale_observations", False)
+        model.module = MrVIModule(
+            len(registry.var_names), registry.n_samples, registry.n_batches, registry.n_labels,
+            **{k: v for k, v in model.init_params.items() if k in MODULE_ARGUMENTS},
+        )
+        try:
+            model.module.load_state_dict(state_dict)
+        except RuntimeError as err:
+            raise ValueError(f"The weights in {dir_path} do not fit the saved configuration: {err}") from None
+        model.module.to(resolve_device(device)).eval()
+        model.sample_info = build_sample_info(adata, registry)
+        model.history = history_from_json(metadata.get("history"))
+        model.training_result = None
+        model.is_trained = bool(metadata.get("is_trained", False))
+        return model
+
+    def __repr__(self) -> str:
+        r = self.registry
+        lines = [
+            f"MRVI (mrvi_pyro {__version__}): {'trained' if self.is_trained else 'not trained'}",
+            f"  data: {len(r.var_names)} genes; samples {r.n_samples} ({r.sample_key!r}); "
+            f"nuisance levels {r.n_batches} ({r.batch_key!r}); labels {r.n_labels} ({r.labels_key!r})",
+            f"  latent: u {self.init_params['n_latent_u']}-d, z {self.init_params['n_latent']}-d; "
+            f"prior: {'mixture' if self.init_params['u_prior_mixture'] else 'isotropic normal'}; "
+            f"likelihood: {self.init_params['likelihood']}; parameters: {self.module.n_parameters():,}",
+        ]
+        if self.history is not None and len(self.history):
+            last = self.history.iloc[-1]
+            val = f", validation {last['elbo_validation']:.2f}" if "elbo_validation" in last else ""
+            lines.append(f"  trained {len(self.history)} epochs; last -ELBO/cell: train {last['elbo_train']:.2f}{val}")
+        return "\n".join(lines)

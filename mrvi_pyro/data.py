@@ -1,0 +1,316 @@
+"""Data registration and minibatches.
+
+:func:`setup_anndata` validates an AnnData of raw counts and records a *registry* (which obs
+columns hold the sample, nuisance and label annotations, their category orders, the layer and
+the genes) as a JSON string in ``adata.uns["_mrvi_pyro"]``. That is the only thing it writes.
+
+:class:`CellData` reads minibatches from a dense, CSR or CSC matrix (``X`` or a layer, in memory
+or backed) without densifying more than one minibatch at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from anndata import AnnData
+from scipy import sparse
+
+REGISTRY_KEY = "_mrvi_pyro"
+NO_BATCH = "_no_batch_"
+VALIDATION_CHUNK = 10_000
+
+
+@dataclass(frozen=True)
+class Registry:
+    """What :func:`setup_anndata` recorded: keys, category orders, layer and genes."""
+
+    sample_key: str
+    batch_key: str | None
+    labels_key: str | None
+    layer: str | None
+    sample_categories: list
+    batch_categories: list
+    label_categories: list
+    var_names: list
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Registry":
+        return cls(**json.loads(text))
+
+    @property
+    def n_samples(self) -> int:
+        return len(self.sample_categories)
+
+    @property
+    def n_batches(self) -> int:
+        return len(self.batch_categories)
+
+    @property
+    def n_labels(self) -> int:
+        return len(self.label_categories)
+
+
+def _count_matrix(adata: AnnData, layer: str | None):
+    if layer is None:
+        if adata.X is None:
+            raise ValueError("adata.X is empty; pass `layer=` naming the layer that holds raw counts.")
+        return adata.X
+    if layer not in adata.layers:
+        raise ValueError(f"Layer {layer!r} not found in adata.layers (available: {list(adata.layers)}).")
+    return adata.layers[layer]
+
+
+def _row_chunks(matrix, chunk: int = VALIDATION_CHUNK) -> Iterator[np.ndarray | sparse.spmatrix]:
+    for start in range(0, matrix.shape[0], chunk):
+        yield matrix[start : start + chunk]
+
+
+def validate_counts(matrix, where: str = "adata.X") -> None:
+    """Raise ``ValueError`` unless ``matrix`` holds finite, non-negative integer counts and no
+    cell has zero total counts. Works chunk by chunk on dense, sparse and backed matrices."""
+    n_zero = 0
+    for block in _row_chunks(matrix):
+        if sparse.issparse(block) or hasattr(block, "toarray") and not isinstance(block, np.ndarray):
+            block = sparse.csr_matrix(block)
+            values = block.data
+            totals = np.asarray(block.sum(axis=1)).ravel()
+        else:
+            values = np.asarray(block)
+            totals = values.sum(axis=1)
+        if not np.issubdtype(values.dtype, np.number):
+            raise ValueError(f"{where} must be numeric counts, got dtype {values.dtype}.")
+        if not np.all(np.isfinite(values)):
+            raise ValueError(f"{where} contains NaN or infinite values; MrVI needs raw counts.")
+        if np.any(values < 0):
+            raise ValueError(f"{where} contains negative values; MrVI needs raw (non-negative) counts.")
+        if np.any(values != np.round(values)):
+            raise ValueError(
+                f"{where} contains non-integer values; MrVI needs raw counts, not normalised or "
+                "log-transformed data (use `layer=` to point at the raw counts)."
+            )
+        n_zero += int(np.sum(totals == 0))
+    if n_zero:
+        raise ValueError(
+            f"{n_zero} cell(s) have zero total counts in {where}; remove them first, e.g. "
+            "`adata = adata[adata.X.sum(1) > 0].copy()` or `sc.pp.filter_cells(adata, min_counts=1)`."
+        )
+
+
+def _categories(adata: AnnData, key: str, role: str) -> list:
+    if key not in adata.obs:
+        raise ValueError(f"{role} {key!r} is not a column of adata.obs (columns: {list(adata.obs.columns)}).")
+    column = adata.obs[key]
+    if column.isna().any():
+        raise ValueError(f"adata.obs[{key!r}] has {int(column.isna().sum())} missing value(s); fill or drop them.")
+    if isinstance(column.dtype, pd.CategoricalDtype):
+        present = set(column.unique())
+        return [c for c in column.cat.categories if c in present]
+    return sorted(column.unique().tolist(), key=str)
+
+
+def setup_anndata(
+    adata: AnnData,
+    sample_key: str,
+    batch_key: str | None = None,
+    labels_key: str | None = None,
+    layer: str | None = None,
+) -> None:
+    """Validate ``adata`` and record the MrVI registry in ``adata.uns["_mrvi_pyro"]``.
+
+    Parameters
+    ----------
+    adata
+        Raw counts, cells x genes.
+    sample_key
+        obs column of the sample (the unit compared, e.g. donor). At least two samples.
+    batch_key
+        Optional obs column of a nuisance covariate (batch, site).
+    labels_key
+        Optional obs column of cell-type labels (label-guided prior).
+    layer
+        Layer holding the counts (default ``X``).
+
+    Raises
+    ------
+    ValueError
+        For a missing column, missing values, fewer than two samples, counts that are negative,
+        non-integer, NaN or infinite, or cells with zero total counts.
+    """
+    if not isinstance(adata, AnnData):
+        raise ValueError(f"Expected an AnnData, got {type(adata).__name__}.")
+    samples = _categories(adata, sample_key, "sample_key")
+    if len(samples) < 2:
+        raise ValueError(
+            f"adata.obs[{sample_key!r}] has {len(samples)} sample(s); MrVI compares samples and needs at least 2."
+        )
+    batches = _categories(adata, batch_key, "batch_key") if batch_key is not None else [NO_BATCH]
+    labels = _categories(adata, labels_key, "labels_key") if labels_key is not None else []
+    validate_counts(_count_matrix(adata, layer), f"adata.layers[{layer!r}]" if layer else "adata.X")
+    registry = Registry(
+        sample_key=sample_key,
+        batch_key=batch_key,
+        labels_key=labels_key,
+        layer=layer,
+        sample_categories=[str(s) for s in samples],
+        batch_categories=[str(b) for b in batches],
+        label_categories=[str(c) for c in labels],
+        var_names=[str(v) for v in adata.var_names],
+    )
+    adata.uns[REGISTRY_KEY] = registry.to_json()
+
+
+def get_registry(adata: AnnData) -> Registry:
+    """The registry recorded by :func:`setup_anndata` (``ValueError`` if there is none)."""
+    if REGISTRY_KEY not in adata.uns:
+        raise ValueError("This AnnData was not set up; call `MRVI.setup_anndata(adata, sample_key=...)` first.")
+    return Registry.from_json(adata.uns[REGISTRY_KEY])
+
+
+def _codes(adata: AnnData, key: str | None, categories: list, role: str) -> np.ndarray:
+    if key is None:
+        return np.zeros(adata.n_obs, dtype=np.int64)
+    if key not in adata.obs:
+        raise ValueError(f"{role} {key!r} is not a column of adata.obs; the model was set up with it.")
+    values = adata.obs[key].astype(str).to_numpy()
+    lookup = {c: i for i, c in enumerate(categories)}
+    codes = np.fromiter((lookup.get(v, -1) for v in values), dtype=np.int64, count=len(values))
+    if np.any(codes < 0):
+        unknown = sorted(set(values[codes < 0]))[:10]
+        raise ValueError(
+            f"adata.obs[{key!r}] has categories the model was not trained on: {unknown}. "
+            f"Known categories: {categories[:20]}{'...' if len(categories) > 20 else ''}."
+        )
+    return codes
+
+
+def check_matches_registry(adata: AnnData, registry: Registry) -> None:
+    """Raise ``ValueError`` unless ``adata`` has the registry's genes (same order)."""
+    genes = [str(v) for v in adata.var_names]
+    if genes != registry.var_names:
+        missing = [g for g in registry.var_names if g not in set(genes)][:5]
+        raise ValueError(
+            f"adata has {len(genes)} genes but the model was trained on {len(registry.var_names)}; "
+            f"they must be the same genes in the same order (e.g. missing: {missing}). "
+            "Subset with `adata[:, model_var_names]`."
+        )
+    if registry.layer is not None and registry.layer not in adata.layers:
+        raise ValueError(f"Layer {registry.layer!r}, used at setup, is missing from adata.layers.")
+
+
+class CellData:
+    """Codes and counts of an AnnData under a registry, served as minibatches of tensors.
+
+    Parameters
+    ----------
+    adata
+        The AnnData (not modified).
+    registry
+        The model's registry; genes and categories are checked against it.
+    """
+
+    def __init__(self, adata: AnnData, registry: Registry):
+        check_matches_registry(adata, registry)
+        self.registry = registry
+        self.n_obs = adata.n_obs
+        self.obs_names = adata.obs_names.copy()
+        self.sample_index = _codes(adata, registry.sample_key, registry.sample_categories, "sample_key")
+        self.batch_index = _codes(adata, registry.batch_key, registry.batch_categories, "batch_key")
+        self.label_index = (
+            _codes(adata, registry.labels_key, registry.label_categories, "labels_key")
+            if registry.labels_key is not None
+            else None
+        )
+        matrix = _count_matrix(adata, registry.layer)
+        if sparse.issparse(matrix) and matrix.format == "csc":
+            matrix = matrix.tocsr()  # row access; a sparse copy, never densified
+        self._dense = torch.from_numpy(np.ascontiguousarray(matrix, dtype=np.float32)) if isinstance(matrix, np.ndarray) else None
+        self._matrix = matrix
+
+    def __len__(self) -> int:
+        return self.n_obs
+
+    def counts(self, indices: np.ndarray) -> torch.Tensor:
+        """Dense float32 counts of the given cells."""
+        if self._dense is not None:
+            return self._dense[torch.as_tensor(indices)]
+        order = np.argsort(indices, kind="stable")
+        rows = self._matrix[indices[order]]
+        rows = rows.toarray() if hasattr(rows, "toarray") else np.asarray(rows)
+        out = np.empty_like(rows, dtype=np.float32)
+        out[order] = rows
+        return torch.from_numpy(out)
+
+    def batch(self, indices: np.ndarray, device: torch.device | str = "cpu") -> dict:
+        """Tensors for the given cells: ``x``, ``sample_index``, ``batch_index``, ``label_index``."""
+        indices = np.asarray(indices, dtype=np.int64)
+        out = {
+            "x": self.counts(indices).to(device),
+            "sample_index": torch.from_numpy(self.sample_index[indices]).to(device),
+            "batch_index": torch.from_numpy(self.batch_index[indices]).to(device),
+            "label_index": None
+            if self.label_index is None
+            else torch.from_numpy(self.label_index[indices]).to(device),
+        }
+        return out
+
+    def iter_batches(self, indices: np.ndarray | None = None, batch_size: int = 256, device="cpu"):
+        """Yield ``(indices, batch)`` over ``indices`` (all cells by default), in order."""
+        indices = np.arange(self.n_obs) if indices is None else np.asarray(indices, dtype=np.int64)
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start : start + batch_size]
+            yield chunk, self.batch(chunk, device)
+
+
+def sample_level_columns(obs: pd.DataFrame, sample_key: str) -> tuple[list[str], list[str]]:
+    """Split obs columns into sample-level ones (constant within every sample) and suspicious
+    ones (constant within at least half of the samples but not all)."""
+    groups = obs.groupby(sample_key, observed=True)
+    constant, suspicious = [], []
+    for column in obs.columns:
+        if column == sample_key:
+            continue
+        n_unique = groups[column].nunique(dropna=False)
+        if (n_unique <= 1).all():
+            constant.append(column)
+        elif (n_unique <= 1).mean() >= 0.5:
+            suspicious.append(column)
+    return constant, suspicious
+
+
+def build_sample_info(adata: AnnData, registry: Registry) -> pd.DataFrame:
+    """One row per sample (registry order) with the sample-level obs columns and ``n_cells``.
+
+    A column that is constant within at least half of the samples but not all of them is
+    probably a sample covariate with an annotation error: it gets a ``UserWarning`` and is left
+    out. Columns that vary within most samples (cell-level annotations) are left out silently.
+    """
+    obs = adata.obs.copy()
+    key = registry.sample_key
+    obs[key] = obs[key].astype(str)
+    constant, suspicious = sample_level_columns(obs, key)
+    if suspicious:
+        warnings.warn(
+            f"obs column(s) {suspicious} are constant within most samples but not all, so they are "
+            "not sample-level covariates and are left out of sample_info; fix them if they should be.",
+            UserWarning,
+            stacklevel=3,
+        )
+    first = obs.groupby(key, observed=True)[constant].first() if constant else pd.DataFrame(index=obs[key].unique())
+    info = pd.DataFrame(index=pd.Index(registry.sample_categories, name=key))
+    info[key] = info.index.to_numpy()
+    for column in constant:
+        values = first[column].reindex(info.index)
+        if isinstance(obs[column].dtype, pd.CategoricalDtype):
+            values = pd.Categorical(values, categories=obs[column].cat.categories)
+        info[column] = values
+    info["n_cells"] = obs[key].value_counts().reindex(info.index).fillna(0).astype(int)
+    return info

@@ -1,0 +1,315 @@
+"""Neural building blocks of MrVI, in plain PyTorch (this module imports no Pyro).
+
+Every block is a small ``torch.nn.Module`` that can be swapped for a user-written one with
+the same call signature:
+
+- :class:`ConditionalLayerNorm` -- layer norm without affine parameters, followed by a
+  per-condition (per-sample) scale and shift.
+- :class:`ResidualBlock` -- ``x + ReLU(LayerNorm(Linear(x)))``.
+- :class:`AttentionBlock` -- the tokenised multi-head attention used by both the sample mapper
+  ``f_phi(u, s)`` and the nuisance block ``g(z, b)``.
+- :class:`EncoderU` -- the amortised encoder of ``q(u | x, s)``.
+- :class:`SampleMapper` -- ``f_phi(u, s)``: the sample-specific offset added to ``z_base(u)``.
+- :class:`DecoderX` -- ``log softmax(A [z + g(z, b)] + gamma)``: log normalised expression.
+
+All blocks broadcast over leading dimensions, which is how counterfactuals for every sample are
+computed in one pass: a query of shape ``(n, 1, d)`` against sample embeddings of shape
+``(S, e)`` gives an output of shape ``(n, S, out)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class ConditionalLayerNorm(nn.Module):
+    """Layer norm (no affine parameters, eps 1e-6) with a learned scale and shift per condition.
+
+    Parameters
+    ----------
+    n_features
+        Size of the last dimension.
+    n_conditions
+        Number of conditions (e.g. samples).
+    """
+
+    def __init__(self, n_features: int, n_conditions: int):
+        super().__init__()
+        self.n_features = n_features
+        self.scale = nn.Embedding(n_conditions, n_features)
+        self.shift = nn.Embedding(n_conditions, n_features)
+        nn.init.normal_(self.scale.weight, mean=1.0, std=0.02)
+        nn.init.zeros_(self.shift.weight)
+
+    def forward(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        x = F.layer_norm(x, (self.n_features,), eps=1e-6)
+        return x * self.scale(condition) + self.shift(condition)
+
+
+class ResidualBlock(nn.Module):
+    """``x + ReLU(LayerNorm(Linear(x)))``."""
+
+    def __init__(self, n_features: int):
+        super().__init__()
+        self.linear = nn.Linear(n_features, n_features)
+        self.norm = nn.LayerNorm(n_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + F.relu(self.norm(self.linear(x)))
+
+
+class AttentionBlock(nn.Module):
+    """Tokenised multi-head attention of a query vector against a key/value embedding.
+
+    The query (size ``query_dim``) is projected without bias to ``n_tokens`` scalars, each a
+    token of dimension 1; the key/value embedding (size ``kv_dim``) likewise. Tokens are lifted
+    to ``n_channels`` channels, ``n_heads``-head scaled dot-product attention mixes them
+    (dropout on the attention weights), each token's output is projected to ``head_out``
+    channels, flattened, passed through a small MLP to ``n_tokens`` values, and a residual MLP
+    maps ``[query, those values]`` to the output.
+
+    Parameters
+    ----------
+    query_dim, kv_dim, out_dim
+        Sizes of the query, the key/value embedding and the output.
+    n_tokens, n_channels, n_heads, head_out, n_hidden
+        Attention geometry (defaults follow the reference: 16 tokens, 8 channels, 2 heads, 4
+        output channels per token, hidden width 32 in the MLPs).
+    dropout_rate
+        Dropout on the attention weights.
+    stop_gradients_mlp
+        Detach the query on its path into the attention projection only.
+    use_map
+        If True the block returns one tensor (a point estimate); otherwise it returns
+        ``(loc, scale)`` with a softplus scale.
+    """
+
+    def __init__(
+        self,
+        query_dim: int,
+        kv_dim: int,
+        out_dim: int,
+        *,
+        n_tokens: int = 16,
+        n_channels: int = 8,
+        n_heads: int = 2,
+        head_out: int = 4,
+        n_hidden: int = 32,
+        dropout_rate: float = 0.03,
+        stop_gradients_mlp: bool = True,
+        use_map: bool = True,
+    ):
+        super().__init__()
+        if n_channels % n_heads:
+            raise ValueError(f"n_channels ({n_channels}) must be divisible by n_heads ({n_heads}).")
+        self.n_tokens, self.n_channels, self.n_heads = n_tokens, n_channels, n_heads
+        self.stop_gradients_mlp, self.use_map = stop_gradients_mlp, use_map
+        self.query_tokens = nn.Linear(query_dim, n_tokens, bias=False)
+        self.kv_tokens = nn.Linear(kv_dim, n_tokens, bias=False)
+        # Lifting a 1-d token to channels and projecting it to q/k/v are both linear, so they
+        # are folded into one weight and bias per role.
+        self.q_lift = nn.Linear(1, n_channels)
+        self.k_lift = nn.Linear(1, n_channels)
+        self.v_lift = nn.Linear(1, n_channels)
+        self.head_proj = nn.Linear(n_channels, head_out)
+        self.dropout = nn.Dropout(dropout_rate)
+        self.post = nn.Sequential(
+            nn.Linear(n_tokens * head_out, n_hidden), nn.GELU(), nn.Linear(n_hidden, n_tokens)
+        )
+        n_out = out_dim if use_map else 2 * out_dim
+        self.residual = nn.Sequential(
+            nn.Linear(query_dim + n_tokens, n_hidden), nn.GELU(), nn.Linear(n_hidden, n_out)
+        )
+
+    def _heads(self, tokens: torch.Tensor, lift: nn.Linear) -> torch.Tensor:
+        # tokens (..., T) -> (..., H, T, C/H)
+        x = tokens.unsqueeze(-1) * lift.weight[:, 0] + lift.bias
+        x = x.unflatten(-1, (self.n_heads, self.n_channels // self.n_heads))
+        return x.transpose(-2, -3)
+
+    def forward(self, query: torch.Tensor, kv: torch.Tensor):
+        """Attend ``query`` (..., query_dim) to ``kv`` (..., kv_dim); leading dims broadcast."""
+        shape = torch.broadcast_shapes(query.shape[:-1], kv.shape[:-1])
+        query = query.expand(*shape, query.shape[-1])
+        attn_query = query.detach() if self.stop_gradients_mlp else query
+        q = self._heads(self.query_tokens(attn_query), self.q_lift)
+        kv_tok = self.kv_tokens(kv).expand(*shape, self.n_tokens)
+        k = self._heads(kv_tok, self.k_lift)
+        v = self._heads(kv_tok, self.v_lift)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        weights = self.dropout(torch.softmax(scores, dim=-1))
+        mixed = (weights @ v).transpose(-2, -3).flatten(-2)  # (..., T, C)
+        summary = self.post(self.head_proj(mixed).flatten(-2))
+        out = self.residual(torch.cat([query, summary], dim=-1))
+        if self.use_map:
+            return out
+        loc, scale = out.chunk(2, dim=-1)
+        return loc, F.softplus(scale) + 1e-5
+
+
+class EncoderU(nn.Module):
+    """Amortised encoder of ``q(u | x, s)``.
+
+    ``log1p(x)`` -> ``n_layers`` x (Linear -> sample-conditional LayerNorm -> GELU(tanh)) ->
+    + sample embedding -> ``n_residual`` residual blocks -> mean and softplus scale heads.
+
+    Parameters
+    ----------
+    n_input
+        Number of genes.
+    n_output
+        Dimension of ``u``.
+    n_samples
+        Number of samples (conditions of the layer norms and the embedding).
+    n_hidden, n_layers
+        Width and depth of the hidden layers.
+    sample_embedding_dim
+        Size of the sample embedding (must equal ``n_hidden``: it is added to the hidden state).
+    n_residual
+        Number of residual blocks.
+    """
+
+    def __init__(
+        self,
+        n_input: int,
+        n_output: int,
+        n_samples: int,
+        *,
+        n_hidden: int = 128,
+        n_layers: int = 2,
+        n_residual: int = 2,
+    ):
+        super().__init__()
+        self.linears = nn.ModuleList(
+            nn.Linear(n_input if i == 0 else n_hidden, n_hidden) for i in range(n_layers)
+        )
+        self.norms = nn.ModuleList(ConditionalLayerNorm(n_hidden, n_samples) for _ in range(n_layers))
+        self.sample_embedding = nn.Embedding(n_samples, n_hidden)
+        nn.init.normal_(self.sample_embedding.weight, std=0.1)
+        self.residuals = nn.Sequential(*(ResidualBlock(n_hidden) for _ in range(n_residual)))
+        self.loc = nn.Linear(n_hidden, n_output)
+        self.scale = nn.Linear(n_hidden, n_output)
+
+    def forward(self, x: torch.Tensor, sample_index: torch.Tensor):
+        """Return ``(loc, scale)`` of ``q(u | x, s)`` from raw counts ``x`` (n, G)."""
+        h = torch.log1p(x)
+        for linear, norm in zip(self.linears, self.norms):
+            h = F.gelu(norm(linear(h), sample_index), approximate="tanh")
+        h = self.residuals(h + self.sample_embedding(sample_index))
+        return self.loc(h), F.softplus(self.scale(h)) + 1e-5
+
+
+class SampleMapper(nn.Module):
+    """``f_phi(u, s)``: attention between ``LayerNorm(u)`` and a learned sample embedding.
+
+    Parameters
+    ----------
+    n_latent_u, n_latent
+        Dimensions of ``u`` and ``z``.
+    n_samples
+        Number of samples.
+    embedding_dim
+        Size of the sample embedding (16 by default).
+    stop_gradients
+        Detach ``u`` before the mapper (the offset does not train the encoder).
+    **attention_kwargs
+        Passed to :class:`AttentionBlock` (``use_map``, ``dropout_rate``, ``stop_gradients_mlp``,
+        ``n_channels``, ``n_heads``, ``n_hidden``).
+    """
+
+    def __init__(
+        self,
+        n_latent_u: int,
+        n_latent: int,
+        n_samples: int,
+        *,
+        embedding_dim: int = 16,
+        stop_gradients: bool = False,
+        **attention_kwargs,
+    ):
+        super().__init__()
+        self.stop_gradients = stop_gradients
+        self.sample_embedding = nn.Embedding(n_samples, embedding_dim)
+        nn.init.normal_(self.sample_embedding.weight, std=0.1)
+        self.query_norm = nn.LayerNorm(n_latent_u)
+        self.kv_norm = nn.LayerNorm(embedding_dim)
+        self.attention = AttentionBlock(n_latent_u, embedding_dim, n_latent, **attention_kwargs)
+
+    def sample_keys(self, sample_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised embeddings of the given samples (all samples when None)."""
+        emb = self.sample_embedding.weight if sample_index is None else self.sample_embedding(sample_index)
+        return self.kv_norm(emb)
+
+    def forward(self, u: torch.Tensor, sample_index: torch.Tensor | None = None):
+        """Offset for ``u`` (..., L_u) under ``sample_index`` (...,).
+
+        With ``sample_index=None`` every sample is used: the output has shape
+        ``(..., S, L)`` (or a ``(loc, scale)`` pair when the block is not MAP).
+        """
+        if self.stop_gradients:
+            u = u.detach()
+        query = self.query_norm(u)
+        keys = self.sample_keys(sample_index)
+        if sample_index is None:
+            query = query.unsqueeze(-2)
+        return self.attention(query, keys)
+
+
+class DecoderX(nn.Module):
+    """Log normalised expression ``log softmax(A [z + g(z, b)] + gamma)``.
+
+    With one nuisance level ``g`` is absent and the logits are ``Linear(LayerNorm(z))``.
+    With ``low_dim_batch=False`` the nuisance block has output size G and is added to the
+    logits instead of to ``z``.
+
+    Parameters
+    ----------
+    n_latent, n_genes, n_batches
+        Dimensions.
+    low_dim_batch
+        Where the nuisance effect enters (see above).
+    embedding_dim
+        Size of the nuisance embedding.
+    stop_gradients
+        Detach ``z`` on its way into the nuisance block.
+    **attention_kwargs
+        Passed to :class:`AttentionBlock`.
+    """
+
+    def __init__(
+        self,
+        n_latent: int,
+        n_genes: int,
+        n_batches: int,
+        *,
+        low_dim_batch: bool = True,
+        embedding_dim: int = 16,
+        stop_gradients: bool = False,
+        **attention_kwargs,
+    ):
+        super().__init__()
+        self.n_batches, self.low_dim_batch, self.stop_gradients = n_batches, low_dim_batch, stop_gradients
+        self.linear = nn.Linear(n_latent, n_genes)
+        if n_batches >= 2:
+            self.batch_embedding = nn.Embedding(n_batches, embedding_dim)
+            nn.init.normal_(self.batch_embedding.weight, std=0.1)
+            self.query_norm = nn.LayerNorm(n_latent)
+            self.kv_norm = nn.LayerNorm(embedding_dim)
+            out_dim = n_latent if low_dim_batch else n_genes
+            self.nuisance = AttentionBlock(n_latent, embedding_dim, out_dim, **attention_kwargs)
+        else:
+            self.norm = nn.LayerNorm(n_latent)
+
+    def forward(self, z: torch.Tensor, batch_index: torch.Tensor) -> torch.Tensor:
+        """Log normalised expression (..., G) for ``z`` (..., L) in nuisance levels ``batch_index``."""
+        if self.n_batches < 2:
+            return torch.log_softmax(self.linear(self.norm(z)), dim=-1)
+        query = self.query_norm(z.detach() if self.stop_gradients else z)
+        effect = self.nuisance(query, self.kv_norm(self.batch_embedding(batch_index)))
+        if self.low_dim_batch:
+            return torch.log_softmax(self.linear(z + effect), dim=-1)
+        return torch.log_softmax(self.linear(z) + effect, dim=-1)

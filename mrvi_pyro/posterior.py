@@ -1,0 +1,113 @@
+"""Posterior quantities computed chunk by chunk through the analysis protocol.
+
+These functions take a module implementing the protocol of :mod:`mrvi_pyro.module`
+(``encode_u``, ``z_base``/``counterfactual_z``, ``decode``) and a
+:class:`mrvi_pyro.data.CellData`; they never hold more than one chunk of cells in memory
+beyond their outputs. Every random draw comes from a ``torch.Generator`` seeded by ``seed``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+
+def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
+    """A torch generator seeded with ``seed`` (0 when None, so results are reproducible)."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(0 if seed is None else int(seed))
+    return gen
+
+
+def module_device(module) -> torch.device:
+    """Device of the module's parameters."""
+    return next(module.parameters()).device
+
+
+def iter_posterior_u(
+    module,
+    data,
+    indices: np.ndarray | None = None,
+    *,
+    batch_size: int = 256,
+    n_draws: int | None = None,
+    seed: int | None = 0,
+) -> Iterator[tuple[np.ndarray, dict, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """Yield ``(indices, batch, loc, scale, draws)`` chunk by chunk.
+
+    ``loc`` and ``scale`` are the posterior ``q(u | x, s)`` parameters (n, L_u); ``draws`` is
+    ``None`` when ``n_draws`` is None, else (n_draws, n, L_u) reparameterised draws.
+    """
+    device = module_device(module)
+    gen = make_generator(seed, device)
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            for chunk, batch in data.iter_batches(indices, batch_size, device):
+                loc, scale = module.encode_u(batch["x"], batch["sample_index"])
+                draws = None
+                if n_draws is not None:
+                    noise = torch.randn((n_draws, *loc.shape), generator=gen, device=device, dtype=loc.dtype)
+                    draws = loc + scale * noise
+                yield chunk, batch, loc, scale, draws
+    finally:
+        module.train(was_training)
+
+
+def latent_representation(module, data, indices=None, *, give_z=False, use_mean=True, batch_size=256, seed=0):
+    """u (n, L_u) -- or z under each cell's own sample (n, L) when ``give_z`` -- as a numpy array.
+
+    ``use_mean=False`` uses one posterior draw of u per cell instead of its mean.
+    """
+    out = []
+    for _, batch, loc, _, draws in iter_posterior_u(
+        module, data, indices, batch_size=batch_size, n_draws=None if use_mean else 1, seed=seed
+    ):
+        u = loc if use_mean else draws[0]
+        out.append((module.counterfactual_z(u, batch["sample_index"]) if give_z else u).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
+
+
+def normalized_expression(
+    module,
+    data,
+    indices=None,
+    *,
+    batch_levels: list[int] | None = None,
+    n_samples: int = 1,
+    return_mean: bool = True,
+    library_size: float = 1.0,
+    batch_size: int = 256,
+    seed: int = 0,
+) -> np.ndarray:
+    """Decoded expression ``library_size * h`` of each cell under its own sample.
+
+    Parameters
+    ----------
+    batch_levels
+        Nuisance codes to decode under; the result is averaged over them (in expression
+        space). ``None`` uses each cell's own nuisance level.
+    n_samples
+        1 uses the posterior mean of u; more uses that many posterior draws.
+    return_mean
+        Average over the draws; otherwise return (n_samples, n_cells, G).
+    """
+    out = []
+    n_draws = None if n_samples == 1 else n_samples
+    for _, batch, loc, _, draws in iter_posterior_u(
+        module, data, indices, batch_size=batch_size, n_draws=n_draws, seed=seed
+    ):
+        u = loc.unsqueeze(0) if draws is None else draws
+        z = module.counterfactual_z(u, batch["sample_index"])
+        if batch_levels is None:
+            h = module.decode(z, batch["batch_index"]).exp()
+        else:
+            levels = torch.as_tensor(batch_levels, device=z.device)
+            h = module.decode(z.unsqueeze(-2), levels).exp().mean(-2)
+        h = library_size * h
+        out.append((h.mean(0, keepdim=True) if return_mean else h).cpu().numpy())
+    result = np.concatenate(out, axis=1)
+    return result[0] if return_mean else result

@@ -1,0 +1,235 @@
+"""Stochastic variational inference for MrVI.
+
+:func:`train_svi` fits a module (anything with ``model``/``guide`` methods sharing the
+:func:`mrvi_pyro.model.model` signature, and torch parameters) on minibatches from a
+:class:`mrvi_pyro.data.CellData`. The ELBO is Pyro's ``Trace_ELBO`` used as a differentiable
+loss with a plain torch optimiser (Adam with gradient-norm clipping) on the module's own
+parameters: no global parameter store. Minibatches are ``subsample`` indices of the
+``cells`` plate, so each step's loss is an unbiased estimate of the full training-set loss.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import pyro
+import torch
+from pyro.infer import Trace_ELBO
+from tqdm.auto import tqdm
+
+from .data import CellData
+
+
+class TrainingDivergedError(FloatingPointError):
+    """The loss or its gradient became NaN or infinite; training stopped before any update."""
+
+
+@dataclass(frozen=True)
+class TrainingResult:
+    """What a training run learned about itself (the parameters live in the module).
+
+    Attributes
+    ----------
+    history
+        One row per epoch: ``epoch``, ``kl_weight``, ``elbo_train`` and ``elbo_validation`` (the
+        negative ELBO per cell, lower is better; validation at full KL weight), ``seconds``.
+    train_indices, validation_indices
+        The split of the cells.
+    stopped_early
+        Whether early stopping ended the run.
+    """
+
+    history: pd.DataFrame
+    train_indices: np.ndarray
+    validation_indices: np.ndarray
+    stopped_early: bool
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` -> CUDA when available else CPU; ``"cpu"``; ``"cuda"`` (error if absent)."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was requested but CUDA is not available; use device='cpu'.")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ValueError(f"Unknown device {device!r}; use 'auto', 'cpu' or 'cuda'.")
+    return torch.device(device)
+
+
+def split_indices(n_obs: int, train_size: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Random train/validation split; ``train_size=1`` keeps every cell for training."""
+    if not 0 < train_size <= 1:
+        raise ValueError(f"train_size must be in (0, 1], got {train_size}.")
+    permutation = rng.permutation(n_obs)
+    n_train = n_obs if train_size == 1 else int(np.clip(round(train_size * n_obs), 1, n_obs - 1))
+    return np.sort(permutation[:n_train]), np.sort(permutation[n_train:])
+
+
+def sample_balance_weights(sample_index: np.ndarray, n_samples: int) -> np.ndarray:
+    """Per-cell weights ``(N / S) / n_s`` so that every sample weighs the same in total and the
+    weights still sum to N (``scale_observations``)."""
+    counts = np.bincount(sample_index, minlength=n_samples).astype(np.float64)
+    present = counts > 0
+    weights = np.zeros(n_samples)
+    weights[present] = len(sample_index) / present.sum() / counts[present]
+    return weights[sample_index].astype(np.float32)
+
+
+def _call_args(batch: dict) -> tuple:
+    return batch["x"], batch["sample_index"], batch["batch_index"], batch["label_index"]
+
+
+def evaluate_loss(module, data: CellData, indices: np.ndarray, *, batch_size: int, device, kl_weight=1.0,
+                  cell_weights: np.ndarray | None = None) -> float:
+    """Negative ELBO per cell over ``indices`` (one posterior draw per cell, no gradients)."""
+    elbo = Trace_ELBO()
+    total = 0.0
+    was_training = module.training
+    module.eval()
+    with torch.no_grad():
+        for chunk, batch in data.iter_batches(indices, batch_size, device):
+            scale = None if cell_weights is None else torch.as_tensor(cell_weights[chunk], device=device)
+            total += float(elbo.differentiable_loss(
+                module.model, module.guide, *_call_args(batch), kl_weight=kl_weight, cell_scale=scale
+            ))
+    module.train(was_training)
+    return total / max(len(indices), 1)
+
+
+def train_svi(
+    module,
+    data: CellData,
+    *,
+    max_epochs: int,
+    batch_size: int = 128,
+    train_size: float = 0.9,
+    lr: float = 2e-3,
+    weight_decay: float = 1e-8,
+    eps: float = 1e-8,
+    clip_norm: float = 40.0,
+    n_epochs_kl_warmup: int = 20,
+    early_stopping: bool = False,
+    early_stopping_patience: int = 15,
+    early_stopping_min_delta: float = 0.0,
+    scale_observations: bool = False,
+    seed: int = 0,
+    device: str | torch.device = "auto",
+    progress_bar: bool = True,
+) -> TrainingResult:
+    """Fit ``module`` by SVI.
+
+    Parameters
+    ----------
+    module
+        A :class:`mrvi_pyro.module.MrVIModule` or a variant with the same programs.
+    data
+        Minibatch source.
+    max_epochs
+        Number of passes over the training cells.
+    batch_size
+        Cells per step.
+    train_size
+        Share of cells used for training; the rest is the validation set.
+    lr, weight_decay, eps, clip_norm
+        Adam settings and the gradient-norm clip.
+    n_epochs_kl_warmup
+        The KL weight rises linearly from 0 at epoch 0 to 1 at this epoch (0: no warm-up).
+    early_stopping, early_stopping_patience, early_stopping_min_delta
+        Stop when the validation loss (training loss without a validation set) has not
+        improved by ``min_delta`` for ``patience`` epochs.
+    scale_observations
+        Weight each cell by ``(N / S) / n_s`` so samples weigh equally.
+    seed
+        Seeds the split, the minibatch order and every Monte Carlo draw; the global RNG state
+        of the caller is restored afterwards.
+    device
+        ``"auto"``, ``"cpu"`` or ``"cuda"``.
+    progress_bar
+        Show a tqdm bar with the current losses.
+
+    Raises
+    ------
+    TrainingDivergedError
+        When the loss or gradient becomes non-finite (no update is applied with it).
+    """
+    if max_epochs < 1:
+        raise ValueError(f"max_epochs must be >= 1, got {max_epochs}.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    device = resolve_device(device)
+    rng = np.random.default_rng(seed)
+    train_idx, val_idx = split_indices(len(data), train_size, rng)
+    n_train = len(train_idx)
+    weights = (
+        sample_balance_weights(data.sample_index, data.registry.n_samples) if scale_observations else None
+    )
+    module.to(device)
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=lr, eps=eps, weight_decay=weight_decay)
+    elbo = Trace_ELBO()
+    rows, best, since_best, stopped = [], np.inf, 0, False
+    fork_devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=fork_devices), pyro.validation_enabled(False):
+        torch.manual_seed(seed)
+        bar = tqdm(range(max_epochs), desc="Training", unit="epoch", disable=not progress_bar, leave=False)
+        for epoch in bar:
+            start = time.perf_counter()
+            kl_weight = min(1.0, epoch / n_epochs_kl_warmup) if n_epochs_kl_warmup > 0 else 1.0
+            module.train()
+            positions = rng.permutation(n_train)
+            epoch_loss = 0.0
+            for step in range(0, n_train, batch_size):
+                pos = positions[step : step + batch_size]
+                cells = train_idx[pos]
+                batch = data.batch(cells, device)
+                scale = None if weights is None else torch.as_tensor(weights[cells], device=device)
+                loss = elbo.differentiable_loss(
+                    module.model, module.guide, *_call_args(batch), n_obs=n_train,
+                    subsample=torch.as_tensor(pos, device=device), kl_weight=kl_weight, cell_scale=scale,
+                )
+                if not torch.isfinite(loss.detach()):
+                    raise TrainingDivergedError(
+                        f"The loss became {loss.detach().item()} at epoch {epoch} (step {step // batch_size}); "
+                        "training stopped and the parameters keep their last finite values. "
+                        "Try a lower learning rate (e.g. lr=5e-4), a smaller clip_norm, or check "
+                        "that the counts are raw integers."
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_norm)
+                if not torch.isfinite(grad_norm):
+                    raise TrainingDivergedError(
+                        f"The gradient became non-finite at epoch {epoch} (step {step // batch_size}); "
+                        "no update was applied. Try a lower learning rate (e.g. lr=5e-4)."
+                    )
+                optimizer.step()
+                epoch_loss += float(loss.detach()) * len(pos) / n_train
+            row = {"epoch": epoch, "kl_weight": kl_weight, "elbo_train": epoch_loss / n_train}
+            if len(val_idx):
+                row["elbo_validation"] = evaluate_loss(
+                    module, data, val_idx, batch_size=max(batch_size, 512), device=device, cell_weights=weights
+                )
+            row["seconds"] = time.perf_counter() - start
+            rows.append(row)
+            monitored = row.get("elbo_validation", row["elbo_train"])
+            bar.set_postfix({k: f"{v:.1f}" for k, v in row.items() if k.startswith("elbo")})
+            if monitored < best - early_stopping_min_delta:
+                best, since_best = monitored, 0
+            else:
+                since_best += 1
+            if early_stopping and since_best >= early_stopping_patience:
+                stopped = True
+                break
+        bar.close()
+    module.eval()
+    return TrainingResult(
+        history=pd.DataFrame(rows).set_index("epoch"),
+        train_indices=train_idx,
+        validation_indices=val_idx,
+        stopped_early=stopped,
+    )

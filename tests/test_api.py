@@ -1,0 +1,97 @@
+"""The MRVI facade: latent space, expression, options and conventions."""
+
+import inspect
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mrvi_pyro import MRVI
+
+
+def test_latent_representation(trained_model, sim_adata):
+    u = trained_model.get_latent_representation()
+    z = trained_model.get_latent_representation(give_z=True)
+    assert u.shape == (sim_adata.n_obs, 10) and z.shape == (sim_adata.n_obs, 30)
+    # chunking does not change the result
+    np.testing.assert_allclose(u, trained_model.get_latent_representation(batch_size=37), rtol=1e-5, atol=1e-6)
+    sub = trained_model.get_latent_representation(indices=[5, 1, 9])
+    np.testing.assert_allclose(sub, u[[5, 1, 9]], rtol=1e-5, atol=1e-6)
+    draw1 = trained_model.get_latent_representation(use_mean=False, seed=1)
+    draw2 = trained_model.get_latent_representation(use_mean=False, seed=1)
+    np.testing.assert_array_equal(draw1, draw2)
+    assert not np.allclose(draw1, u)
+    # a posterior draw stays near its mean (the posterior is concentrated)
+    assert np.mean(np.abs(draw1 - u)) < np.mean(np.abs(u - u.mean(0)))
+
+
+def test_latent_representation_on_other_adata(trained_model, sim_adata):
+    subset = sim_adata[sim_adata.obs["sample"].isin(["sample_03", "sample_07"])].copy()
+    u_sub = trained_model.get_latent_representation(subset)
+    mask = sim_adata.obs["sample"].isin(["sample_03", "sample_07"]).to_numpy()
+    np.testing.assert_allclose(u_sub, trained_model.get_latent_representation()[mask], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="same genes"):
+        trained_model.get_latent_representation(sim_adata[:, :50].copy())
+
+
+def test_normalized_expression(trained_model, sim_adata):
+    expr = trained_model.get_normalized_expression(indices=np.arange(50))
+    assert isinstance(expr, pd.DataFrame) and expr.shape == (50, sim_adata.n_vars)
+    assert list(expr.columns) == list(sim_adata.var_names)
+    np.testing.assert_allclose(expr.sum(1), 1.0, rtol=1e-4)
+    b0 = trained_model.get_normalized_expression(indices=np.arange(50), transform_batch="batch_0")
+    b1 = trained_model.get_normalized_expression(indices=np.arange(50), transform_batch="batch_1")
+    both = trained_model.get_normalized_expression(indices=np.arange(50), transform_batch=["batch_0", "batch_1"])
+    np.testing.assert_allclose(both, (b0 + b1) / 2, rtol=1e-4, atol=1e-7)
+    assert not np.allclose(b0, b1)  # the nuisance block does something
+    draws = trained_model.get_normalized_expression(indices=np.arange(20), n_samples=4, return_mean=False)
+    assert draws.shape == (4, 20, sim_adata.n_vars)
+    scaled = trained_model.get_normalized_expression(indices=np.arange(5), library_size=1e4)
+    np.testing.assert_allclose(scaled.sum(1), 1e4, rtol=1e-4)
+    # the decoded profile tracks the observed one: genes' mean expression correlates
+    observed = sim_adata.X / sim_adata.X.sum(1, keepdims=True)
+    predicted = trained_model.get_normalized_expression().to_numpy()
+    assert np.corrcoef(np.log(observed.mean(0) + 1e-6), np.log(predicted.mean(0)))[0, 1] > 0.95
+    with pytest.raises(ValueError, match="transform_batch"):
+        trained_model.get_normalized_expression(transform_batch="batch_9")
+
+
+def test_indices_are_checked(trained_model):
+    with pytest.raises(ValueError, match="indices must lie in"):
+        trained_model.get_latent_representation(indices=[10**6])
+
+
+def test_constructor_validates_options(small_adata):
+    with pytest.raises(ValueError, match=r"Unknown key\(s\) \['typo'\] in px_kwargs"):
+        MRVI(small_adata, px_kwargs={"typo": True})
+    with pytest.raises(TypeError):
+        MRVI(small_adata, not_an_argument=1)
+
+
+def test_repr(trained_model):
+    text = repr(trained_model)
+    assert "trained" in text and "12" in text and "mixture" in text and "40 epochs" in text
+
+
+def test_reference_argument_names():
+    """The scvi-tools names an analyst relies on are all accepted."""
+    expected = {
+        "__init__": ["adata", "n_latent", "n_latent_u", "encoder_n_hidden", "encoder_n_layers", "z_u_prior",
+                     "z_u_prior_scale", "u_prior_scale", "u_prior_mixture", "u_prior_mixture_k",
+                     "learn_z_u_prior_scale", "scale_observations", "qz_kwargs", "px_kwargs", "qu_kwargs"],
+        "setup_anndata": ["adata", "sample_key", "batch_key", "labels_key", "layer"],
+        "train": ["max_epochs", "batch_size", "train_size", "early_stopping"],
+        "get_latent_representation": ["adata", "indices", "give_z", "use_mean", "batch_size"],
+        "get_normalized_expression": ["adata", "indices", "transform_batch", "n_samples", "return_mean"],
+        "save": ["dir_path", "overwrite", "save_anndata"],
+        "load": ["dir_path", "adata"],
+    }
+    for method, names in expected.items():
+        params = inspect.signature(getattr(MRVI, method)).parameters
+        assert set(names) <= set(params), (method, set(names) - set(params))
+
+
+def test_public_methods_are_documented():
+    for name, member in inspect.getmembers(MRVI, inspect.isfunction):
+        if not name.startswith("_"):
+            assert member.__doc__ and len(member.__doc__.strip()) > 20, name

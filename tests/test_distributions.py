@@ -1,0 +1,53 @@
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from mrvi_pyro.distributions import LABEL_LOGIT_BOOST, NegativeBinomialLogMean, mixture_of_gaussians
+
+
+@pytest.mark.parametrize("theta", [0.3, 2.0, 50.0])
+def test_negative_binomial_matches_scipy(theta):
+    mu = np.array([0.01, 0.5, 3.0, 40.0, 1000.0])
+    x = np.array([0, 1, 5, 37, 1210])
+    ours = NegativeBinomialLogMean(torch.tensor(np.log(mu)), torch.tensor(theta, dtype=torch.float64)).log_prob(torch.tensor(x, dtype=torch.float64))
+    ref = stats.nbinom(n=theta, p=theta / (theta + mu)).logpmf(x)
+    np.testing.assert_allclose(ours.numpy(), ref, rtol=1e-10, atol=1e-10)
+
+
+def test_negative_binomial_samples_have_right_moments():
+    torch.manual_seed(0)
+    d = NegativeBinomialLogMean(torch.tensor([np.log(4.0)]), torch.tensor([2.0]))
+    draws = d.sample((200_000,))
+    assert abs(draws.mean().item() - 4.0) < 0.05
+    assert abs(draws.var().item() - (4.0 + 16.0 / 2.0)) < 0.2
+    assert d.log_prob(draws[:5]).shape == (5, 1)
+
+
+def test_mixture_prior_matches_manual_density():
+    torch.manual_seed(0)
+    logits, means, log_scales = torch.randn(3), torch.randn(3, 2), 0.3 * torch.randn(3, 2)
+    u = torch.randn(4, 2)
+    d = mixture_of_gaussians(logits, means, log_scales)
+    comp = torch.distributions.Normal(means, log_scales.exp()).log_prob(u[:, None]).sum(-1)
+    manual = torch.logsumexp(torch.log_softmax(logits, 0) + comp, dim=-1)
+    torch.testing.assert_close(d.log_prob(u), manual)
+
+
+def test_label_guided_prior_gives_one_density_per_cell():
+    torch.manual_seed(0)
+    logits, means, log_scales = torch.zeros(3), torch.randn(3, 2), torch.zeros(3, 2)
+    u = torch.randn(5, 2)
+    labels = torch.tensor([0, 1, 2, 0, 1])
+    d = mixture_of_gaussians(logits, means, log_scales, labels)
+    lp = d.log_prob(u)
+    assert lp.shape == (5,)
+    comp = torch.distributions.Normal(means, 1.0).log_prob(u[:, None]).sum(-1)  # (5, 3)
+    weights = torch.log_softmax(logits + LABEL_LOGIT_BOOST * torch.nn.functional.one_hot(labels, 3), -1)
+    torch.testing.assert_close(lp, torch.logsumexp(weights + comp, -1))
+    # Each cell's density depends on its own label only: changing another cell's label changes nothing.
+    other = labels.clone()
+    other[1] = 2
+    lp2 = mixture_of_gaussians(logits, means, log_scales, other).log_prob(u)
+    torch.testing.assert_close(lp2[[0, 2, 3, 4]], lp[[0, 2, 3, 4]])
+    assert not torch.isclose(lp2[1], lp[1])

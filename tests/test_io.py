@@ -1,0 +1,75 @@
+"""Save and load: exact round trip and refusal of foreign or mismatched input."""
+
+import json
+import pickle
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from mrvi_pyro import MRVI
+
+
+def test_round_trip_is_exact(trained_model, sim_adata, tmp_path):
+    trained_model.save(tmp_path / "m")
+    loaded = MRVI.load(tmp_path / "m", adata=sim_adata)
+    for key, value in trained_model.module.state_dict().items():
+        torch.testing.assert_close(loaded.module.state_dict()[key], value, rtol=0, atol=0)
+    np.testing.assert_array_equal(loaded.get_latent_representation(), trained_model.get_latent_representation())
+    np.testing.assert_array_equal(
+        loaded.get_normalized_expression(indices=np.arange(30)).to_numpy(),
+        trained_model.get_normalized_expression(indices=np.arange(30)).to_numpy(),
+    )
+    pd.testing.assert_frame_equal(loaded.history, trained_model.history)
+    pd.testing.assert_frame_equal(loaded.sample_info, trained_model.sample_info)
+    assert loaded.is_trained and loaded.init_params == trained_model.init_params
+    metadata = json.loads((tmp_path / "m" / "model.json").read_text())
+    assert metadata["format"] == "mrvi_pyro" and metadata["registry"]["var_names"][0] == "gene_000"
+
+
+def test_overwrite_and_save_anndata(small_adata, tmp_path):
+    model = MRVI(small_adata, n_latent=8, n_latent_u=4)
+    model.save(tmp_path / "m", save_anndata=True)
+    with pytest.raises(ValueError, match="overwrite=True"):
+        model.save(tmp_path / "m")
+    model.save(tmp_path / "m", overwrite=True, save_anndata=True)
+    loaded = MRVI.load(tmp_path / "m")  # uses the saved AnnData
+    assert loaded.adata.n_obs == small_adata.n_obs
+    np.testing.assert_array_equal(loaded.get_latent_representation(), model.get_latent_representation())
+
+
+def test_load_refuses_bad_input(small_adata, tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        MRVI.load(tmp_path / "nothing", adata=small_adata)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="not a mrvi_pyro model directory"):
+        MRVI.load(tmp_path / "empty", adata=small_adata)
+    model = MRVI(small_adata, n_latent=8, n_latent_u=4)
+    model.save(tmp_path / "m")
+    with pytest.raises(ValueError, match="no saved AnnData"):
+        MRVI.load(tmp_path / "m")
+    with pytest.raises(ValueError, match="same genes"):
+        MRVI.load(tmp_path / "m", adata=small_adata[:, :30].copy())
+    other = small_adata.copy()
+    other.obs["sample"] = other.obs["sample"].cat.rename_categories(lambda c: "x" + c)
+    with pytest.raises(ValueError, match="not trained on"):
+        MRVI.load(tmp_path / "m", adata=other)
+    # a metadata file that is not ours
+    (tmp_path / "m" / "model.json").write_text(json.dumps({"format": "something"}))
+    with pytest.raises(ValueError, match="not written by mrvi_pyro"):
+        MRVI.load(tmp_path / "m", adata=small_adata)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (exec, ("raise SystemExit('unpickled!')",))
+
+
+def test_load_never_unpickles_code(small_adata, tmp_path):
+    model = MRVI(small_adata, n_latent=8, n_latent_u=4)
+    model.save(tmp_path / "m")
+    with open(tmp_path / "m" / "model.pt", "wb") as f:
+        pickle.dump({"x": _Evil()}, f)
+    with pytest.raises(ValueError, match="cannot|can be loaded safely|not a mrvi_pyro weights"):
+        MRVI.load(tmp_path / "m", adata=small_adata)

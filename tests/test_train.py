@@ -1,0 +1,132 @@
+"""Training: learning planted structure, reproducibility, early stopping, divergence, devices."""
+
+import numpy as np
+import pytest
+import torch
+
+from mrvi_pyro import MRVI, TrainingDivergedError
+from mrvi_pyro.module import default_max_epochs
+from mrvi_pyro.train import resolve_device, sample_balance_weights
+
+from .conftest import knn_accuracy
+
+
+def test_history_and_validation_elbo_decreases(trained_model):
+    history = trained_model.history
+    assert list(history.columns) == ["kl_weight", "elbo_train", "elbo_validation", "seconds"]
+    assert len(history) == 40
+    assert history["kl_weight"].iloc[0] == 0 and history["kl_weight"].iloc[-1] == 1
+    # after warm-up the validation loss keeps falling, and ends below where it started
+    assert history["elbo_validation"].iloc[-1] < history["elbo_validation"].iloc[20]
+    assert history["elbo_validation"].iloc[-1] < history["elbo_validation"].iloc[0]
+    split = trained_model.training_result
+    assert len(split.validation_indices) == 200 and len(np.intersect1d(split.train_indices, split.validation_indices)) == 0
+
+
+def test_u_separates_cell_types_and_mixes_batches(trained_model, sim_adata):
+    u = trained_model.get_latent_representation()
+    assert knn_accuracy(u, sim_adata.obs["cell_type"].cat.codes.to_numpy()) >= 0.9
+    batch = sim_adata.obs["batch"].cat.codes.to_numpy()
+    chance = np.bincount(batch).max() / len(batch)
+    assert knn_accuracy(u, batch) <= chance + 0.15
+
+
+def _params(model):
+    return {k: v.clone() for k, v in model.module.state_dict().items()}
+
+
+def test_same_seed_same_result(small_adata):
+    runs, init = [], None
+    for seed in (3, 3, 4):
+        torch.manual_seed(seed * 100)  # global state differs between runs; training must not depend on it
+        model = MRVI(small_adata, n_latent=8, n_latent_u=4)
+        init = init or _params(model)
+        model.module.load_state_dict(init)
+        model.train(max_epochs=3, seed=seed, progress_bar=False)
+        runs.append((_params(model), model.history, model.get_latent_representation(use_mean=False, seed=seed)))
+    (p1, h1, u1), (p2, h2, u2), (p3, h3, u3) = runs
+    for key in p1:
+        torch.testing.assert_close(p1[key], p2[key], rtol=0, atol=0)
+    np.testing.assert_array_equal(h1["elbo_train"], h2["elbo_train"])
+    np.testing.assert_array_equal(u1, u2)
+    assert not np.array_equal(h1["elbo_train"], h3["elbo_train"])
+
+
+def test_training_leaves_global_rng_alone(small_adata):
+    model = MRVI(small_adata, n_latent=8, n_latent_u=4)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    model.train(max_epochs=1, progress_bar=False)
+    torch.testing.assert_close(torch.rand(3), expected)
+
+
+def test_early_stopping(small_adata):
+    model = MRVI(small_adata, n_latent=8, n_latent_u=4)
+    result = model.train(max_epochs=50, early_stopping=True, early_stopping_patience=2,
+                         early_stopping_min_delta=1e9, progress_bar=False)
+    assert result.stopped_early and len(model.history) == 3
+
+
+def test_divergence_names_the_epoch_and_keeps_finite_parameters(small_adata):
+    model = MRVI(small_adata, n_latent=8, n_latent_u=4)
+    model.train(max_epochs=1, progress_bar=False)
+    with torch.no_grad():
+        model.module.decoder.linear.bias[3] = float("nan")
+    before = _params(model)
+    with pytest.raises(TrainingDivergedError, match=r"epoch 0 \(step 0\).*lower learning rate"):
+        model.train(max_epochs=2, progress_bar=False)
+    after = _params(model)
+    for key in before:  # no update was applied with the NaN loss
+        torch.testing.assert_close(after[key], before[key], equal_nan=True)
+
+
+def test_training_variants(small_adata):
+    import anndata
+
+    labelled = small_adata.copy()
+    MRVI.setup_anndata(labelled, sample_key="sample", batch_key="batch", labels_key="cell_type")
+    for adata, options in [
+        (small_adata, {"u_prior_mixture": False}),  # fails in the reference
+        (labelled, {}),
+        (small_adata, {"learn_z_u_prior_scale": True, "scale_observations": True}),
+        (small_adata, {"qz_kwargs": {"use_map": False}}),
+    ]:
+        model = MRVI(adata, n_latent=8, n_latent_u=4, **options)
+        model.train(max_epochs=2, progress_bar=False)
+        assert np.isfinite(model.history["elbo_validation"]).all()
+    assert isinstance(labelled, anndata.AnnData)
+
+
+def test_sample_balance_weights():
+    samples = np.array([0, 0, 0, 1, 2, 2])
+    w = sample_balance_weights(samples, 4)
+    assert w.sum() == pytest.approx(6)
+    assert w[:3].sum() == pytest.approx(w[3]) == pytest.approx(w[4:].sum())
+
+
+def test_devices_and_arguments(small_adata):
+    assert resolve_device("cpu").type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda")
+    with pytest.raises(ValueError, match="Unknown device"):
+        resolve_device("tpu")
+    model = MRVI(small_adata, n_latent=8, n_latent_u=4)
+    with pytest.raises(ValueError, match="train_size"):
+        model.train(max_epochs=1, train_size=1.5)
+    assert default_max_epochs(20000) == 400 and default_max_epochs(200_000) == 40
+
+
+def test_train_size_one_monitors_training_loss(small_adata):
+    model = MRVI(small_adata, n_latent=8, n_latent_u=4)
+    model.train(max_epochs=1, train_size=1.0, progress_bar=False)
+    assert "elbo_validation" not in model.history
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_training(small_adata):
+    model = MRVI(small_adata, n_latent=8, n_latent_u=4)
+    model.train(max_epochs=1, device="cuda", progress_bar=False)
+    assert next(model.module.parameters()).is_cuda
+    assert model.get_latent_representation().shape == (small_adata.n_obs, 4)
