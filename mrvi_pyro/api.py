@@ -16,6 +16,9 @@ import pandas as pd
 from anndata import AnnData
 
 from . import __version__
+from ._api_da import DAMixin
+from ._api_de import DEMixin
+from ._api_explore import ExploreMixin
 from .data import CellData, Registry, build_sample_info, get_registry
 from .data import setup_anndata as _setup_anndata
 from .io import history_from_json, history_to_json, read_model, write_model
@@ -30,7 +33,7 @@ MODULE_ARGUMENTS = (
 )
 
 
-class MRVI:
+class MRVI(ExploreMixin, DEMixin, DAMixin):
     """Multi-resolution variational inference (MrVI) for multi-sample single-cell data.
 
     Parameters

@@ -314,3 +314,36 @@ def build_sample_info(adata: AnnData, registry: Registry) -> pd.DataFrame:
         info[column] = values
     info["n_cells"] = obs[key].value_counts().reindex(info.index).fillna(0).astype(int)
     return info
+
+
+def sample_covariates(adata: AnnData, registry: Registry, keys: str | list[str]) -> pd.DataFrame:
+    """Per-sample values of the sample-level covariates ``keys``.
+
+    Returns a DataFrame indexed by sample (registry order, samples present in ``adata`` only)
+    with one column per key, dtypes as in ``obs``.
+
+    Raises
+    ------
+    ValueError
+        For a key that is not an obs column, has missing values, or is not constant within
+        every sample (the message names the samples that disagree).
+    """
+    keys = [keys] if isinstance(keys, str) else list(keys)
+    obs = adata.obs
+    for key in keys:
+        if key not in obs:
+            raise ValueError(f"Sample covariate {key!r} is not a column of adata.obs (columns: {list(obs.columns)}).")
+        if obs[key].isna().any():
+            raise ValueError(f"Sample covariate {key!r} has missing values; fill them or drop those cells.")
+    samples = obs[registry.sample_key].astype(str)
+    grouped = obs[keys].groupby(samples.to_numpy(), observed=True)
+    for key in keys:
+        n_unique = grouped[key].nunique()
+        bad = n_unique.index[n_unique > 1].tolist()
+        if bad:
+            raise ValueError(
+                f"{key!r} is not a sample-level covariate: it takes several values within sample(s) "
+                f"{bad[:5]}{'...' if len(bad) > 5 else ''}. Use a column that is constant within each sample."
+            )
+    present = [s for s in registry.sample_categories if s in set(samples)]
+    return grouped.first().reindex(present)
