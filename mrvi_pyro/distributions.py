@@ -25,6 +25,84 @@ LABEL_LOGIT_BOOST = 10.0
 """Added to the prior logit of a cell's own label component (label-guided prior)."""
 
 
+def digamma_positive(x: torch.Tensor) -> torch.Tensor:
+    """Digamma for positive arguments, vectorised (several times faster than ``torch.digamma``
+    on CPU): shift by 6 with the recurrence (its six terms summed in pairs), then the
+    asymptotic series (error < 1e-10 in float64 for 0 < x < 1e15)."""
+    a, b, c = x * (x + 1.0), (x + 2.0) * (x + 3.0), (x + 4.0) * (x + 5.0)
+    shift = (2.0 * x + 1.0) / a + (2.0 * x + 5.0) / b + (2.0 * x + 9.0) / c
+    y = x + 6.0
+    inv = 1.0 / y
+    inv2 = inv * inv
+    series = inv2 * (1.0 / 12 - inv2 * (1.0 / 120 - inv2 * (1.0 / 252 - inv2 * (1.0 / 240 - inv2 / 132))))
+    return torch.log(y) - 0.5 * inv - series - shift
+
+
+_LOG_FACTORIAL_TABLE: dict[tuple, torch.Tensor] = {}
+_LOG_FACTORIAL_SIZE = 4096
+
+
+def log_factorial(x: torch.Tensor) -> torch.Tensor:
+    """``lgamma(x + 1)`` for non-negative integer-valued ``x``: a table lookup below 4096
+    (exact, much cheaper than ``lgamma``), ``lgamma`` above."""
+    key = (x.dtype, x.device)
+    table = _LOG_FACTORIAL_TABLE.get(key)
+    if table is None:
+        table = torch.lgamma(torch.arange(_LOG_FACTORIAL_SIZE, dtype=torch.float64) + 1).to(x.dtype).to(x.device)
+        _LOG_FACTORIAL_TABLE[key] = table
+    index = x.to(torch.int64)
+    big = index >= _LOG_FACTORIAL_SIZE
+    out = table[index.clamp_(max=_LOG_FACTORIAL_SIZE - 1)]
+    if bool(big.any()):
+        out = torch.where(big, torch.lgamma(x + 1.0), out)
+    return out
+
+
+class _NegativeBinomialLogProb(torch.autograd.Function):
+    """Negative binomial log-density with a hand-written backward pass.
+
+    For counts ``x`` (n, G) (no gradient), log means ``log_mu`` (n, G) and per-gene inverse
+    dispersion ``theta`` (G,), with :math:`p = \\mu / (\\theta + \\mu)`:
+
+    .. math::
+
+        \\partial_{\\log\\mu} = x - (\\theta + x)\\,p, \\qquad
+        \\partial_\\theta = \\psi(x+\\theta) - \\psi(\\theta) + \\log\\theta + 1
+            - \\log(\\theta+\\mu) - (\\theta + x)/(\\theta + \\mu).
+
+    Fusing these saves the many intermediate tensors of the autograd graph; this function is
+    the hot spot of training (checked against autograd in the tests).
+    """
+
+    @staticmethod
+    def forward(ctx, x, log_mu, theta):
+        log_theta = theta.log()
+        log_theta_mu = torch.logaddexp(log_theta, log_mu)
+        out = (
+            torch.lgamma(x + theta)
+            - log_factorial(x)
+            + (theta * log_theta - torch.lgamma(theta))
+            - (theta + x) * log_theta_mu
+            + x * log_mu
+        )
+        ctx.save_for_backward(x, log_mu, theta, log_theta_mu)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, log_mu, theta, log_theta_mu = ctx.saved_tensors
+        grad_log_mu = grad_theta = None
+        theta_x = theta + x
+        if ctx.needs_input_grad[1]:
+            grad_log_mu = grad_out * (x - theta_x * torch.exp(log_mu - log_theta_mu))
+        if ctx.needs_input_grad[2]:
+            inv_theta_mu = torch.exp(-log_theta_mu)
+            per_element = digamma_positive(theta_x) - log_theta_mu - theta_x * inv_theta_mu
+            per_gene = 1.0 + theta.log() - torch.digamma(theta)
+            grad_theta = (grad_out * per_element).sum(0) + grad_out.sum(0) * per_gene
+        return None, grad_log_mu, grad_theta
+
+
 class NegativeBinomialLogMean(dist.TorchDistribution):
     """Negative binomial with log mean ``log_mu`` and inverse dispersion ``theta``.
 
@@ -41,12 +119,15 @@ class NegativeBinomialLogMean(dist.TorchDistribution):
     has_rsample = False
 
     def __init__(self, log_mu: torch.Tensor, theta: torch.Tensor, validate_args=None):
-        self.log_mu, self.theta = torch.broadcast_tensors(log_mu, theta)
-        super().__init__(batch_shape=self.log_mu.shape, validate_args=validate_args)
+        # theta is kept at its own (usually per-gene) shape so that per-gene terms are computed
+        # once per gene, not once per cell and gene.
+        self.log_mu, self.theta = log_mu, theta
+        batch_shape = torch.broadcast_shapes(log_mu.shape, theta.shape)
+        super().__init__(batch_shape=batch_shape, validate_args=validate_args)
 
     @property
     def mean(self) -> torch.Tensor:
-        return self.log_mu.exp()
+        return self.log_mu.exp().expand(self.batch_shape)
 
     @property
     def variance(self) -> torch.Tensor:
@@ -55,20 +136,22 @@ class NegativeBinomialLogMean(dist.TorchDistribution):
 
     def expand(self, batch_shape, _instance=None):
         batch_shape = torch.Size(batch_shape)
-        return type(self)(self.log_mu.expand(batch_shape), self.theta.expand(batch_shape))
+        return type(self)(self.log_mu.expand(batch_shape), self.theta)
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
             self._validate_sample(value)
         theta = self.theta
+        if value.dim() == 2 and self.log_mu.shape == value.shape and theta.shape == value.shape[-1:]:
+            return _NegativeBinomialLogProb.apply(value, self.log_mu, theta)
         log_theta = theta.log()
         log_theta_mu = torch.logaddexp(log_theta, self.log_mu)
         return (
             torch.lgamma(value + theta)
-            - torch.lgamma(theta)
             - torch.lgamma(value + 1.0)
-            + theta * (log_theta - log_theta_mu)
-            + value * (self.log_mu - log_theta_mu)
+            + (theta * log_theta - torch.lgamma(theta))
+            - (theta + value) * log_theta_mu
+            + value * self.log_mu
         )
 
     def sample(self, sample_shape=torch.Size()) -> torch.Tensor:

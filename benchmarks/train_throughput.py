@@ -1,0 +1,121 @@
+"""Training throughput (cells per second) of mrvi_pyro, side by side with scvi-tools' MRVI.
+
+Simulates a cohort (default 20,000 cells x 1,000 genes x 24 samples, 3 batches), then for each
+batch size trains both implementations for a few epochs with the same architecture (defaults),
+no validation set and the same number of torch threads, each in a fresh process (peak RSS is
+measured by ``_harness``). Throughput = cells x epochs / training seconds; ``steady`` leaves out
+the first epoch (warm-up). The reference runs when ``/work/bench-venv/bin/python`` (or
+``--reference-python``) has scvi-tools.
+
+    python benchmarks/train_throughput.py                       # full size
+    python benchmarks/train_throughput.py --n-cells 4000 --epochs 2   # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import _harness  # noqa: E402
+
+DEFAULT_REFERENCE = "/work/bench-venv/bin/python"
+
+
+def child(args: argparse.Namespace) -> None:
+    """Train ours on ``args.data`` and emit a RESULT line."""
+    import time
+
+    import anndata
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from mrvi_pyro import MRVI
+
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])  # one-time torch._dynamo import, not training
+    adata = anndata.read_h5ad(args.data)
+    MRVI.setup_anndata(adata, sample_key="sample", batch_key="batch")
+    model = MRVI(adata)
+    start = time.perf_counter()
+    model.train(max_epochs=args.epochs, batch_size=args.batch_size, train_size=1.0, progress_bar=False,
+                device=args.device)
+    seconds = time.perf_counter() - start
+    per_epoch = model.history["seconds"].tolist()
+    steady = per_epoch[1:] or per_epoch
+    _harness.emit_result({
+        "task": "train", "implementation": "mrvi_pyro", "batch_size": args.batch_size, "seconds": seconds,
+        "cells_per_s": adata.n_obs * args.epochs / seconds,
+        "steady_cells_per_s": adata.n_obs * len(steady) / sum(steady), "epoch_seconds": per_epoch,
+        "threads": args.threads, "device": args.device,
+    })
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n-cells", type=int, default=20_000)
+    parser.add_argument("--n-genes", type=int, default=1_000)
+    parser.add_argument("--n-samples", type=int, default=24)
+    parser.add_argument("--n-batches", type=int, default=3)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 1024])
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads on both sides (default 1)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-reference", action="store_true")
+    parser.add_argument("--reference-python", default=DEFAULT_REFERENCE)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--batch-size", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+
+    import mrvi_pyro
+
+    tmp = tempfile.mkdtemp(prefix="mrvi_bench_")
+    data = os.path.join(tmp, "train.h5ad")
+    mrvi_pyro.datasets.simulate(n_cells=args.n_cells, n_genes=args.n_genes, n_samples=args.n_samples,
+                                n_batches=args.n_batches, seed=0).write_h5ad(data)
+    print(f"data: {args.n_cells} cells x {args.n_genes} genes, {args.n_samples} samples, {args.n_batches} batches; "
+          f"{args.epochs} epochs; {args.threads} torch thread(s)")
+    run_reference = not args.no_reference and os.path.exists(args.reference_python)
+    rows = []
+    for batch_size in args.batch_sizes:
+        ours = _harness.run_script(sys.executable, __file__, [
+            "--child", "--data", data, "--batch-size", batch_size, "--epochs", args.epochs,
+            "--threads", args.threads, "--device", args.device], check=True)
+        r = ours["result"]
+        step = f"train bs={batch_size}"
+        rows.append({"step": step, "implementation": "mrvi_pyro", "seconds": r["seconds"],
+                     "peak_rss_gb": ours["peak_rss_gb"], "cells_per_s": r["cells_per_s"],
+                     "steady_cells_per_s": r["steady_cells_per_s"]})
+        if run_reference:
+            ref = _harness.run_script(args.reference_python, str(HERE / "reference_mrvi.py"), [
+                "--data", data, "--task", "train", "--max-epochs", args.epochs, "--batch-size", batch_size,
+                "--threads", args.threads], check=True)
+            rr = ref["result"]
+            rows.append({"step": step, "implementation": "scvi-tools MRVI", "seconds": rr["seconds"],
+                         "peak_rss_gb": ref["peak_rss_gb"], "cells_per_s": rr["cells_per_s"],
+                         "steady_cells_per_s": rr.get("steady_cells_per_s")})
+    _harness.print_table(rows, baseline="scvi-tools MRVI" if run_reference else None,
+                         title="Training throughput (ratio = reference seconds / ours where shown)")
+    print()
+    for batch_size in args.batch_sizes:
+        step = f"train bs={batch_size}"
+        mine = [r for r in rows if r["step"] == step and r["implementation"] == "mrvi_pyro"][0]
+        line = f"bs={batch_size}: mrvi_pyro {mine['cells_per_s']:.0f} cells/s (steady {mine['steady_cells_per_s']:.0f})"
+        ref = [r for r in rows if r["step"] == step and r["implementation"] != "mrvi_pyro"]
+        if ref:
+            ref = ref[0]
+            line += (f"; scvi-tools {ref['cells_per_s']:.0f} cells/s (steady {ref['steady_cells_per_s']:.0f}); "
+                     f"speed-up {mine['cells_per_s'] / ref['cells_per_s']:.2f}x "
+                     f"(steady {mine['steady_cells_per_s'] / ref['steady_cells_per_s']:.2f}x)")
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
