@@ -28,7 +28,7 @@ from .train import TrainingResult, resolve_device, train_svi
 
 MODULE_ARGUMENTS = (
     "n_latent", "n_latent_u", "encoder_n_hidden", "encoder_n_layers", "z_u_prior", "z_u_prior_scale",
-    "u_prior_scale", "u_prior_mixture", "u_prior_mixture_k", "learn_z_u_prior_scale", "likelihood",
+    "u_prior_scale", "u_prior_mixture", "u_prior_mixture_k", "learn_z_u_prior_scale", "likelihood", "sample_mapper",
     "qu_kwargs", "qz_kwargs", "px_kwargs",
 )
 
@@ -57,6 +57,11 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
         Weight cells so that every sample counts equally in the ELBO.
     likelihood
         ``"nb"`` or ``"poisson"``.
+    sample_mapper
+        ``f_phi(u, s)``: ``"attention"`` (the reference's), ``"mlp"`` or ``"linear"``.
+    guide
+        Optional custom guide program with the signature of :func:`mrvi_pyro.guide.guide`
+        (sites ``u`` and ``z``). It is not saved: pass it again to :meth:`load`.
     qu_kwargs, qz_kwargs, px_kwargs
         Options of the encoder, the sample mapper (``use_map``, ``stop_gradients``,
         ``stop_gradients_mlp``, ``dropout_rate``, ...) and the decoder (also
@@ -85,9 +90,11 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
         learn_z_u_prior_scale: bool = False,
         scale_observations: bool = False,
         likelihood: str = "nb",
+        sample_mapper: str = "attention",
         qu_kwargs: dict | None = None,
         qz_kwargs: dict | None = None,
         px_kwargs: dict | None = None,
+        guide=None,
     ):
         registry = get_registry(adata)
         self.init_params = {name: value for name, value in locals().items() if name in MODULE_ARGUMENTS}
@@ -97,7 +104,7 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
         self.scale_observations = scale_observations
         self.module = MrVIModule(
             len(registry.var_names), registry.n_samples, registry.n_batches, registry.n_labels,
-            **{k: v for k, v in self.init_params.items() if k in MODULE_ARGUMENTS},
+            **{k: v for k, v in self.init_params.items() if k in MODULE_ARGUMENTS}, guide=guide,
         )
         self.module.eval()
         self._data_cache: tuple[int, CellData] | None = None
@@ -273,12 +280,13 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
                     adata=self.adata if save_anndata else None)
 
     @classmethod
-    def load(cls, dir_path: str | os.PathLike, adata: AnnData | None = None, device: str = "cpu") -> "MRVI":
+    def load(cls, dir_path: str | os.PathLike, adata: AnnData | None = None, device: str = "cpu",
+             guide=None) -> "MRVI":
         """Load a model saved by :meth:`save`.
 
         ``adata`` must have the saved genes (same order) and no sample, nuisance or label
         category the model was not trained on; without ``adata`` the saved ``adata.h5ad`` is
-        used. ``adata`` is not modified.
+        used. ``adata`` is not modified. A custom ``guide`` used at training is passed again.
         """
         import anndata
 
@@ -295,7 +303,7 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
         model.scale_observations = model.init_params.get("scale_observations", False)
         model.module = MrVIModule(
             len(registry.var_names), registry.n_samples, registry.n_batches, registry.n_labels,
-            **{k: v for k, v in model.init_params.items() if k in MODULE_ARGUMENTS},
+            **{k: v for k, v in model.init_params.items() if k in MODULE_ARGUMENTS}, guide=guide,
         )
         try:
             model.module.load_state_dict(state_dict)

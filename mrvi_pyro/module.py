@@ -25,7 +25,7 @@ from torch import nn
 from . import distributions as mdist
 from .guide import guide as guide_program
 from .model import model as model_program
-from .nn import DecoderX, EncoderU, SampleMapper
+from .nn import DecoderX, EncoderU, LinearSampleMapper, MLPSampleMapper, SampleMapper
 
 QU_KWARGS = {"n_residual": 2}
 QZ_KWARGS = {
@@ -49,6 +49,7 @@ PX_KWARGS = {
     "n_hidden": 32,
 }
 LIKELIHOODS = ("nb", "poisson")
+SAMPLE_MAPPERS = ("attention", "mlp", "linear")
 
 
 def resolve_kwargs(name: str, given: dict | None, defaults: dict) -> dict:
@@ -60,6 +61,20 @@ def resolve_kwargs(name: str, given: dict | None, defaults: dict) -> dict:
             f"Unknown key(s) {unknown} in {name}. Allowed keys: {sorted(defaults)}."
         )
     return {**defaults, **given}
+
+
+def build_sample_mapper(kind: str, n_latent_u: int, n_latent: int, n_samples: int, options: dict) -> nn.Module:
+    """The sample mapper ``f_phi(u, s)`` of the given kind (``"attention"``, ``"mlp"``, ``"linear"``)."""
+    if kind == "attention":
+        attention = {k: v for k, v in options.items() if k not in ("embedding_dim", "stop_gradients")}
+        return SampleMapper(n_latent_u, n_latent, n_samples, embedding_dim=options["embedding_dim"],
+                            stop_gradients=options["stop_gradients"], **attention)
+    if not options["use_map"]:
+        raise ValueError(f"qz_kwargs use_map=False needs sample_mapper='attention', not {kind!r}.")
+    if kind == "mlp":
+        return MLPSampleMapper(n_latent_u, n_latent, n_samples, embedding_dim=options["embedding_dim"],
+                               n_hidden=options["n_hidden"], stop_gradients=options["stop_gradients"])
+    return LinearSampleMapper(n_latent_u, n_latent, n_samples, stop_gradients=options["stop_gradients"])
 
 
 class MrVIModule(nn.Module):
@@ -88,6 +103,13 @@ class MrVIModule(nn.Module):
         Learn the ``z | u`` scale (one per latent dimension).
     likelihood
         ``"nb"`` (negative binomial, default) or ``"poisson"``.
+    sample_mapper
+        ``f_phi(u, s)``: ``"attention"`` (default, as the reference), ``"mlp"`` or ``"linear"``
+        (see :mod:`mrvi_pyro.nn`). Any module with the same call signature can be assigned to
+        ``module.sample_mapper`` afterwards.
+    guide
+        The guide program (default :func:`mrvi_pyro.guide.guide`); a custom guide takes the
+        same arguments and must keep the sites ``u`` and ``z``.
     qu_kwargs, qz_kwargs, px_kwargs
         Block options of the encoder, the sample mapper and the decoder (see the ``*_KWARGS``
         defaults in this module).
@@ -111,13 +133,18 @@ class MrVIModule(nn.Module):
         u_prior_mixture_k: int = 20,
         learn_z_u_prior_scale: bool = False,
         likelihood: str = "nb",
+        sample_mapper: str = "attention",
         qu_kwargs: dict | None = None,
         qz_kwargs: dict | None = None,
         px_kwargs: dict | None = None,
+        guide=None,
     ):
         super().__init__()
+        self.guide_program = guide_program if guide is None else guide
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood={likelihood!r} is not supported; use one of {LIKELIHOODS}.")
+        if sample_mapper not in SAMPLE_MAPPERS:
+            raise ValueError(f"sample_mapper={sample_mapper!r} is not supported; use one of {SAMPLE_MAPPERS}.")
         qu = resolve_kwargs("qu_kwargs", qu_kwargs, QU_KWARGS)
         qz = resolve_kwargs("qz_kwargs", qz_kwargs, QZ_KWARGS)
         px = resolve_kwargs("px_kwargs", px_kwargs, PX_KWARGS)
@@ -127,7 +154,7 @@ class MrVIModule(nn.Module):
             encoder_n_layers=encoder_n_layers, z_u_prior=z_u_prior, z_u_prior_scale=z_u_prior_scale,
             u_prior_scale=u_prior_scale, u_prior_mixture=u_prior_mixture,
             u_prior_mixture_k=u_prior_mixture_k, learn_z_u_prior_scale=learn_z_u_prior_scale,
-            likelihood=likelihood, qu_kwargs=qu, qz_kwargs=qz, px_kwargs=px,
+            likelihood=likelihood, sample_mapper=sample_mapper, qu_kwargs=qu, qz_kwargs=qz, px_kwargs=px,
         )
         self.n_samples, self.n_batches, self.n_labels = n_samples, n_batches, n_labels
         self.z_u_prior, self.likelihood = z_u_prior, likelihood
@@ -137,11 +164,7 @@ class MrVIModule(nn.Module):
             n_genes, n_latent_u, n_samples, n_hidden=encoder_n_hidden, n_layers=encoder_n_layers,
             n_residual=qu["n_residual"],
         )
-        mapper_opts = {k: v for k, v in qz.items() if k not in ("embedding_dim", "stop_gradients")}
-        self.sample_mapper = SampleMapper(
-            n_latent_u, n_latent, n_samples, embedding_dim=qz["embedding_dim"],
-            stop_gradients=qz["stop_gradients"], **mapper_opts,
-        )
+        self.sample_mapper = build_sample_mapper(sample_mapper, n_latent_u, n_latent, n_samples, qz)
         decoder_opts = {k: v for k, v in px.items() if k not in ("embedding_dim", "stop_gradients", "low_dim_batch")}
         self.decoder = DecoderX(
             n_latent, n_genes, n_batches, low_dim_batch=px["low_dim_batch"],
@@ -221,8 +244,8 @@ class MrVIModule(nn.Module):
         return model_program(self, *args, **kwargs)
 
     def guide(self, *args, **kwargs):
-        """The guide :func:`mrvi_pyro.guide.guide` bound to this module."""
-        return guide_program(self, *args, **kwargs)
+        """The guide program (default :func:`mrvi_pyro.guide.guide`) bound to this module."""
+        return self.guide_program(self, *args, **kwargs)
 
     def n_parameters(self) -> int:
         """Number of trainable scalars."""

@@ -259,6 +259,55 @@ class SampleMapper(nn.Module):
         return self.attention(query, keys)
 
 
+class MLPSampleMapper(nn.Module):
+    """``f_phi(u, s)`` as an MLP on ``[LayerNorm(u), sample embedding]`` (the ``"mlp"`` variant).
+
+    Same call signature as :class:`SampleMapper` (MAP only).
+    """
+
+    def __init__(self, n_latent_u: int, n_latent: int, n_samples: int, *, embedding_dim: int = 16,
+                 n_hidden: int = 32, stop_gradients: bool = False):
+        super().__init__()
+        self.stop_gradients = stop_gradients
+        self.sample_embedding = nn.Embedding(n_samples, embedding_dim)
+        nn.init.normal_(self.sample_embedding.weight, std=0.1)
+        self.query_norm = nn.LayerNorm(n_latent_u)
+        self.mlp = nn.Sequential(
+            nn.Linear(n_latent_u + embedding_dim, n_hidden), nn.GELU(), nn.Linear(n_hidden, n_latent)
+        )
+
+    def forward(self, u: torch.Tensor, sample_index: torch.Tensor | None = None) -> torch.Tensor:
+        query = self.query_norm(u.detach() if self.stop_gradients else u)
+        if sample_index is None:
+            keys, query = self.sample_embedding.weight, query.unsqueeze(-2)
+        else:
+            keys = self.sample_embedding(sample_index)
+        shape = torch.broadcast_shapes(query.shape[:-1], keys.shape[:-1])
+        joint = torch.cat([query.expand(*shape, query.shape[-1]), keys.expand(*shape, keys.shape[-1])], dim=-1)
+        return self.mlp(joint)
+
+
+class LinearSampleMapper(nn.Module):
+    """``f_phi(u, s) = B_s u + c_s``: a per-sample linear map (the ``"linear"`` variant).
+
+    ``B_s`` starts at zero; with ``B_s = 0`` every cell sees the same sample offset ``c_s``,
+    so sample distances do not depend on the cell. Same call signature as
+    :class:`SampleMapper` (MAP only).
+    """
+
+    def __init__(self, n_latent_u: int, n_latent: int, n_samples: int, *, stop_gradients: bool = False):
+        super().__init__()
+        self.stop_gradients = stop_gradients
+        self.weight = nn.Parameter(torch.zeros(n_samples, n_latent, n_latent_u))
+        self.bias = nn.Parameter(0.1 * torch.randn(n_samples, n_latent))
+
+    def forward(self, u: torch.Tensor, sample_index: torch.Tensor | None = None) -> torch.Tensor:
+        u = u.detach() if self.stop_gradients else u
+        if sample_index is None:
+            return torch.einsum("slk,...k->...sl", self.weight, u) + self.bias
+        return torch.einsum("...lk,...k->...l", self.weight[sample_index], u) + self.bias[sample_index]
+
+
 class DecoderX(nn.Module):
     """Log normalised expression ``log softmax(A [z + g(z, b)] + gamma)``.
 
