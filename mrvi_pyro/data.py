@@ -242,12 +242,11 @@ class CellData:
         """Dense float32 counts of the given cells."""
         if self._dense is not None:
             return self._dense[torch.as_tensor(indices)]
-        order = np.argsort(indices, kind="stable")
-        rows = self._matrix[indices[order]]
+        # sorted, unique row reads (required by backed/HDF5 matrices, fastest for CSR)
+        unique, inverse = np.unique(indices, return_inverse=True)
+        rows = self._matrix[unique]
         rows = rows.toarray() if hasattr(rows, "toarray") else np.asarray(rows)
-        out = np.empty_like(rows, dtype=np.float32)
-        out[order] = rows
-        return torch.from_numpy(out)
+        return torch.from_numpy(np.asarray(rows, dtype=np.float32)[inverse])
 
     def batch(self, indices: np.ndarray, device: torch.device | str = "cpu") -> dict:
         """Tensors for the given cells: ``x``, ``sample_index``, ``batch_index``, ``label_index``."""

@@ -145,3 +145,21 @@ def test_sample_info(raw):
     raw.obs["site_id"] = raw.obs["batch"].cat.codes
     model.update_sample_info()
     assert "site_id" in model.sample_info
+
+
+@pytest.mark.parametrize("fmt", ["dense", "csr"])
+def test_backed_anndata_minibatches(raw, tmp_path, fmt):
+    import anndata
+
+    if fmt == "csr":
+        raw.X = sparse.csr_matrix(raw.X)
+    raw.write_h5ad(tmp_path / "a.h5ad")
+    backed = anndata.read_h5ad(tmp_path / "a.h5ad", backed="r")
+    MRVI.setup_anndata(backed, sample_key="sample", batch_key="batch")
+    data = CellData(backed, get_registry(backed))
+    idx = np.array([17, 3, 150, 3, 99])
+    dense = raw.X.toarray() if fmt == "csr" else raw.X
+    np.testing.assert_array_equal(data.counts(idx).numpy(), dense[idx])
+    model = MRVI(backed, n_latent=4, n_latent_u=2)
+    model.train(max_epochs=1, progress_bar=False)
+    assert np.isfinite(model.history["elbo_train"]).all()
