@@ -1,12 +1,483 @@
-"""Facade methods of :class:`mrvi_pyro.MRVI` for exploratory analysis: counterfactual sample representations, local sample distances, stratification, admissibility.
+"""Facade methods of :class:`mrvi_pyro.MRVI` for exploratory analysis: counterfactual sample
+representations, local sample distances and their stratification.
 
-The methods marshal arguments and wrap results (xarray/pandas); the maths lives in the analysis
-modules. They rely on the facade's ``module``, ``registry``, ``sample_info``,
+The methods marshal arguments and wrap results (xarray/pandas); the maths lives in
+:mod:`mrvi_pyro.explore`. They rely on the facade's ``module``, ``registry``, ``sample_info``,
 ``_cell_data(adata)`` and ``_indices(data, indices)``.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+from anndata import AnnData
+
+from . import explore
+
+
+def _group_codes(adata: AnnData, key: str) -> tuple[np.ndarray, list]:
+    """Codes (n_obs,) and category values of the obs column ``key`` (categorical order when
+    categorical, else sorted)."""
+    if not isinstance(key, str) or key not in adata.obs:
+        raise ValueError(
+            f"groupby key {key!r} is not a column of adata.obs (columns: {list(adata.obs.columns)})."
+        )
+    column = adata.obs[key]
+    if column.isna().any():
+        raise ValueError(
+            f"groupby key {key!r} has {int(column.isna().sum())} missing value(s); fill them or drop those cells."
+        )
+    if isinstance(column.dtype, pd.CategoricalDtype):
+        present = set(column.unique())
+        categories = [c for c in column.cat.categories if c in present]
+    else:
+        categories = sorted(column.unique().tolist(), key=str)
+    codes = pd.Categorical(column.to_numpy(), categories=categories).codes.astype(np.int64)
+    return codes, categories
+
+
+def _groupby_keys(groupby: str | Sequence[str] | None) -> list[str]:
+    if groupby is None:
+        return []
+    keys = [groupby] if isinstance(groupby, str) else list(groupby)
+    duplicated = sorted({k for k in keys if keys.count(k) > 1})
+    if duplicated:
+        raise ValueError(f"groupby lists {duplicated} more than once; give each key once.")
+    if "cell" in keys:
+        raise ValueError("groupby key 'cell' clashes with the per-cell variable 'cell'; rename that obs column.")
+    return keys
+
+
+def _warn_missing_samples(data, indices: np.ndarray, sample_names: list, stacklevel: int = 3) -> None:
+    present = np.bincount(data.sample_index[indices], minlength=len(sample_names)) > 0
+    missing = [s for s, ok in zip(sample_names, present) if not ok]
+    if missing:
+        warnings.warn(
+            f"Sample(s) {missing} have no cells among the cells analysed. Their counterfactual "
+            "representations are still computed for every cell (the model knows all its samples), "
+            "so they appear in the sample dimensions.",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
+
 
 class ExploreMixin:
-    """Methods of :class:`mrvi_pyro.MRVI` for exploratory analysis: counterfactual sample representations, local sample distances, stratification, admissibility."""
+    """Methods of :class:`mrvi_pyro.MRVI` for exploratory analysis: counterfactual sample
+    representations, local sample distances and their stratification."""
+
+    def get_local_sample_representation(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        batch_size: int = 256,
+        use_mean: bool = True,
+        use_vmap: str | bool = "auto",
+        *,
+        mc_samples: int = 10,
+        seed: int = 0,
+    ) -> xr.DataArray:
+        """Counterfactual representations ``z_n^(s)`` of every cell under every sample.
+
+        All samples are one tensor dimension and share one ``u`` per cell (paired): the
+        posterior mean, or with ``use_mean=False`` the same posterior draw for all samples.
+
+        Parameters
+        ----------
+        adata
+            AnnData with the model's genes (default: the model's AnnData). Not modified.
+        indices
+            Cells to use (default: all).
+        batch_size
+            Cells per chunk.
+        use_mean
+            Use the posterior mean of ``u``; False uses ``mc_samples`` paired draws.
+        use_vmap
+            Accepted for compatibility with scvi-tools and ignored (samples are always a
+            tensor dimension).
+        mc_samples
+            Number of posterior draws when ``use_mean`` is False.
+        seed
+            Seed of the posterior draws.
+
+        Returns
+        -------
+        xarray.DataArray ``(cell_name, sample, latent_dim)``, or
+        ``(cell_name, mc_sample, sample, latent_dim)`` when ``use_mean`` is False. It holds
+        n_cells x S x L floats in memory (chunk over ``indices`` for very large data).
+        """
+        del use_vmap
+        data = self._cell_data(adata)
+        idx = self._indices(data, indices)
+        samples = list(self.registry.sample_categories)
+        _warn_missing_samples(data, idx, samples)
+        blocks = [
+            z.cpu().numpy()
+            for _, z in explore.iter_local_sample_representations(
+                self.module, data, idx, batch_size=batch_size, use_mean=use_mean, mc_samples=mc_samples, seed=seed
+            )
+        ]
+        n_latent = self.module.config["n_latent"]
+        cell_names = np.asarray(data.obs_names[idx])
+        if use_mean:
+            values = np.concatenate(blocks) if blocks else np.zeros((0, len(samples), n_latent), np.float32)
+            dims = ["cell_name", "sample", "latent_dim"]
+        else:
+            values = (
+                np.concatenate(blocks, axis=1).transpose(1, 0, 2, 3)
+                if blocks
+                else np.zeros((0, mc_samples, len(samples), n_latent), np.float32)
+            )
+            dims = ["cell_name", "mc_sample", "sample", "latent_dim"]
+        coords = {"cell_name": cell_names, "sample": samples, "latent_dim": np.arange(n_latent)}
+        if not use_mean:
+            coords["mc_sample"] = np.arange(mc_samples)
+        return xr.DataArray(values, dims=dims, coords=coords, name="sample_representations")
+
+    def get_local_sample_distances(
+        self,
+        adata: AnnData | None = None,
+        batch_size: int = 256,
+        use_mean: bool = True,
+        normalize_distances: bool = False,
+        use_vmap: str | bool = "auto",
+        groupby: str | Sequence[str] | None = None,
+        keep_cell: bool = True,
+        norm: str = "l2",
+        mc_samples: int = 10,
+        *,
+        indices: Sequence[int] | None = None,
+        max_in_memory_gb: float = 2.0,
+        zarr_path: str | os.PathLike | None = None,
+        seed: int = 0,
+    ) -> xr.Dataset:
+        """Local (per-cell) distances between samples, streamed chunk by chunk.
+
+        For every cell, ``D[s, s'] = ||z^(s) - z^(s')||`` between its counterfactual
+        representations under samples ``s`` and ``s'`` (see :mod:`mrvi_pyro.explore` for the
+        formulas). Group means are accumulated chunk by chunk, so memory is
+        O(batch_size x S^2 + groups x S^2) whatever the number of cells.
+
+        Parameters
+        ----------
+        adata
+            AnnData with the model's genes (default: the model's AnnData). Not modified. A
+            subset with some samples missing works (a ``UserWarning`` names those samples; they
+            stay in the sample dimensions because every cell has a counterfactual under them).
+        batch_size
+            Cells per chunk.
+        use_mean
+            Use the posterior mean of ``u``. False averages the distances over
+            ``mc_samples`` posterior draws of ``u``, each shared by all samples of a cell.
+        normalize_distances
+            Z-score each cell's distances against the spread of its own-sample posterior:
+            ``(D - mu_n) / sigma_n`` where ``mu_n`` and ``sigma_n`` are the mean and sd over
+            ``mc_samples`` pairs of independent draws of the distance between two draws of the
+            cell's ``z`` under its own sample (same norm). Works with ``use_mean`` True (D from
+            the posterior mean) or False (D averaged over draws). The diagonal is then
+            ``-mu_n / sigma_n``.
+        use_vmap
+            Accepted for compatibility with scvi-tools and ignored.
+        groupby
+            obs key(s) of cell-level categories; each adds a variable ``"<key>"`` with dims
+            ``("<key>_name", "sample_x", "sample_y")``: the mean matrix over the group's cells
+            (coordinate ``"<key>_n_cells"`` holds the cell counts).
+        keep_cell
+            Return the per-cell matrices as ``"cell"`` ``(cell_name, sample_x, sample_y)``.
+            ``keep_cell=False`` requires ``groupby``.
+        norm
+            ``"l2"``, ``"l1"`` or ``"linf"``.
+        mc_samples
+            Posterior draws (``use_mean=False``) and baseline pairs (``normalize_distances``).
+        indices
+            Cells to use (default: all).
+        max_in_memory_gb
+            Memory budget in GB (1e9 bytes). When the per-cell float32 tensor (n_cells x S^2 x 4
+            bytes) and one chunk do not fit it, ``"cell"`` is written chunk by chunk to a zarr
+            store and returned lazily (never assembled in RAM). A budget too small for one chunk
+            is a ``ValueError``.
+        zarr_path
+            Directory of the zarr store (must not exist; needs ``keep_cell=True``). Given, the
+            per-cell distances (and the group means) are always written there and returned
+            lazily. If None and the budget forces the store, a new temporary
+            directory is used (a ``UserWarning`` gives its path; delete it when done).
+            :func:`mrvi_pyro.explore.open_distance_store` reopens a store.
+        seed
+            Seed of the posterior draws (reproducible for a given ``batch_size``).
+
+        Returns
+        -------
+        xarray.Dataset with ``"cell"`` (when ``keep_cell``) and one variable per ``groupby`` key,
+        float32. Matrices are symmetric with a zero diagonal (unless normalised). Attributes
+        record the options; ``attrs["zarr_path"]`` the store when one was written.
+        """
+        del use_vmap
+        keys = _groupby_keys(groupby)
+        if not keep_cell and not keys:
+            raise ValueError(
+                "keep_cell=False without groupby computes nothing; pass groupby=<obs key> or keep_cell=True."
+            )
+        if zarr_path is not None and not keep_cell:
+            raise ValueError(
+                "zarr_path stores the per-cell distances, and keep_cell=False keeps none; "
+                "drop zarr_path or set keep_cell=True."
+            )
+        explore.check_norm(norm)
+        explore.check_positive("batch_size", batch_size)
+        adata = self.adata if adata is None else adata
+        data = self._cell_data(adata)
+        idx = self._indices(data, indices)
+        samples = [str(s) for s in self.registry.sample_categories]
+        groupings, categories = {}, {}
+        for key in keys:
+            codes, cats = _group_codes(adata, key)
+            groupings[key], categories[key] = (codes, len(cats)), cats
+        n_samples, n_latent = len(samples), self.module.config["n_latent"]
+        storage = explore.plan_cell_storage(
+            len(idx), n_samples, n_latent, batch_size=batch_size,
+            n_groups=sum(len(c) for c in categories.values()), keep_cell=keep_cell,
+            max_in_memory_gb=max_in_memory_gb, zarr_path=zarr_path,
+        )
+        if storage == "zarr" and zarr_path is None:
+            zarr_path = Path(tempfile.mkdtemp(prefix="mrvi_pyro_distances_")) / "distances.zarr"
+            warnings.warn(
+                f"The per-cell distances ({4 * len(idx) * n_samples**2 / 1e9:.3g} GB) exceed "
+                f"max_in_memory_gb={max_in_memory_gb}; they are written to {zarr_path} and returned lazily. "
+                "Delete that folder when you no longer need them, or pass zarr_path= to choose it.",
+                UserWarning,
+                stacklevel=2,
+            )
+        _warn_missing_samples(data, idx, samples)
+        cell_names = np.asarray(data.obs_names[idx], dtype=object)
+        if storage == "memory":
+            sink = explore.InMemoryCells(len(idx), n_samples)
+        elif storage == "zarr":
+            sink = explore.ZarrCellStore(zarr_path, cell_names, samples, chunk_cells=batch_size)
+        else:
+            sink = None
+        result = explore.local_sample_distances(
+            self.module, data, idx, groupings=groupings, cell_sink=sink, batch_size=batch_size,
+            use_mean=use_mean, mc_samples=mc_samples, normalize=normalize_distances, norm=norm, seed=seed,
+        )
+        groups = xr.Dataset(coords={"sample_x": samples, "sample_y": samples})
+        for key in keys:
+            counts = result.group_counts[key]
+            keep = counts > 0
+            name = f"{key}_name"
+            groups[key] = xr.DataArray(
+                result.groups[key][keep], dims=[name, "sample_x", "sample_y"],
+                coords={name: np.asarray(categories[key], dtype=object)[keep], f"{key}_n_cells": (name, counts[keep]),
+                        "sample_x": samples, "sample_y": samples},
+            )
+        attrs = {"norm": norm, "use_mean": int(use_mean), "normalize_distances": int(normalize_distances),
+                 "mc_samples": int(mc_samples), "seed": int(seed)}
+        if storage == "zarr":
+            if keys:
+                sink.add_variables(groups)
+            stored = sink.open()[["cell"]]
+            ds = xr.merge([stored, groups], combine_attrs="drop")
+            ds = ds.assign_coords(cell_name=cell_names, sample_x=samples, sample_y=samples)
+            attrs["zarr_path"] = os.fspath(zarr_path)
+        else:
+            ds = groups
+            if storage == "memory":
+                ds = xr.Dataset(
+                    {"cell": (("cell_name", "sample_x", "sample_y"), sink.values)},
+                    coords={"cell_name": cell_names, "sample_x": samples, "sample_y": samples},
+                ).merge(groups)
+        ds.attrs.update(attrs)
+        return ds
+
+    def cluster_cells_by_sample_distances(
+        self,
+        adata: AnnData | None = None,
+        n_clusters: int = 5,
+        n_sample_clusters: int = 2,
+        distances: xr.Dataset | xr.DataArray | None = None,
+        *,
+        batch_size: int = 256,
+        use_mean: bool = True,
+        normalize_distances: bool = False,
+        norm: str = "l2",
+        mc_samples: int = 10,
+        n_components: int = 10,
+        sketch_dim: int = 128,
+        linkage_method: str = "average",
+        key_added: str | None = "mrvi_cell_cluster",
+        seed: int = 0,
+    ) -> xr.Dataset:
+        """Stratify cells by how samples differ in them, then cluster samples per stratum.
+
+        1. Each cell's (S, S) distance matrix is reduced to its condensed upper triangle
+           (sketched by a seeded random projection to ``sketch_dim`` values when longer),
+           projected on ``n_components`` principal components and clustered by k-means into
+           ``n_clusters`` cell clusters.
+        2. The matrices are averaged within each cell cluster (a second streamed pass).
+        3. Samples are clustered hierarchically per cell cluster (scipy ``linkage`` with
+           ``linkage_method`` and optimal leaf ordering) and the tree is cut into
+           ``n_sample_clusters`` groups.
+
+        Distances are streamed (never held per cell) unless ``distances`` is given.
+
+        Parameters
+        ----------
+        adata
+            AnnData with the model's genes (default: the model's AnnData).
+        n_clusters
+            Number of cell clusters.
+        n_sample_clusters
+            Number of sample groups per cell cluster.
+        distances
+            Optional precomputed result of :meth:`get_local_sample_distances` (with ``"cell"``,
+            in memory or lazily on disk) for exactly the cells of ``adata``; read in blocks.
+        batch_size, use_mean, normalize_distances, norm, mc_samples, seed
+            As in :meth:`get_local_sample_distances` (when ``distances`` is None); ``seed``
+            also seeds the projection and k-means.
+        n_components, sketch_dim
+            Principal components for k-means; length of the random sketch of the triangles.
+        linkage_method
+            Linkage method: ``"average"`` (default), ``"complete"``, ``"single"`` or ``"weighted"``.
+        key_added
+            Where to write the results into ``adata`` (None: write nothing).
+            Writes ``adata.obs[key_added]`` (categorical cell cluster labels ``"0"``, ``"1"``...)
+            and ``adata.uns[key_added]``: a dict with ``"distances"`` (n_clusters, S, S) mean
+            matrices, ``"samples"``, ``"clusters"``, ``"n_cells"``, ``"sample_clusters"``
+            (n_clusters, S), ``"linkage"`` (n_clusters, S-1, 4), ``"leaf_order"`` and
+            ``"params"``: the sample-level view downstream tools read.
+
+        Returns
+        -------
+        xarray.Dataset with ``cell_cluster`` (cell_name), ``distances`` (cluster, sample_x,
+        sample_y), ``n_cells`` (cluster), ``sample_cluster`` (cluster, sample; labels
+        1..n_sample_clusters), ``linkage`` (cluster, merge, linkage_field; scipy's format, for
+        :func:`scipy.cluster.hierarchy.dendrogram`) and ``leaf_order`` (cluster, leaf; sample
+        indices in dendrogram order).
+        """
+        adata = self.adata if adata is None else adata
+        data = self._cell_data(adata)
+        samples = [str(s) for s in self.registry.sample_categories]
+        n_samples = len(samples)
+        idx = np.arange(len(data))
+        if distances is not None:
+            cell = distances["cell"] if isinstance(distances, xr.Dataset) else distances
+            if not isinstance(cell, xr.DataArray) or tuple(cell.dims) != ("cell_name", "sample_x", "sample_y"):
+                raise ValueError(
+                    "distances must be the Dataset of get_local_sample_distances(keep_cell=True) or its "
+                    "'cell' DataArray with dims (cell_name, sample_x, sample_y)."
+                )
+            if [str(c) for c in cell["cell_name"].values] != [str(c) for c in data.obs_names]:
+                raise ValueError("distances must hold exactly the cells of adata, in the same order.")
+            if [str(s) for s in cell["sample_x"].values] != samples:
+                raise ValueError("distances must have the model's samples in the registry order.")
+
+            def blocks():
+                return (block for _, block in explore.iter_cell_blocks(cell, batch_size))
+        else:
+            explore.check_norm(norm)
+
+            def blocks():
+                return (
+                    dist.cpu().numpy()
+                    for _, dist in explore.iter_local_sample_distances(
+                        self.module, data, idx, batch_size=batch_size, use_mean=use_mean, mc_samples=mc_samples,
+                        normalize=normalize_distances, norm=norm, seed=seed,
+                    )
+                )
+
+        _warn_missing_samples(data, idx, samples)
+        features = explore.distance_features(blocks(), n_samples, sketch_dim=sketch_dim, seed=seed)
+        labels = explore.cluster_cells(features, n_clusters, n_components=n_components, seed=seed)
+        means = explore.GroupedMean(labels, n_clusters, n_samples)
+        start = 0
+        for block in blocks():
+            means.add(idx[start : start + len(block)], _as_tensor(block))
+            start += len(block)
+        matrices = means.mean()
+        counts = means.counts.numpy().astype(np.int64)
+        linkages, groups, orders = explore.stratify_samples(matrices, n_sample_clusters, linkage_method)
+        clusters = [str(k) for k in range(n_clusters)]
+        ds = xr.Dataset(
+            {
+                "cell_cluster": ("cell_name", labels),
+                "distances": (("cluster", "sample_x", "sample_y"), matrices),
+                "n_cells": ("cluster", counts),
+                "sample_cluster": (("cluster", "sample"), groups),
+                "linkage": (("cluster", "merge", "linkage_field"), linkages),
+                "leaf_order": (("cluster", "leaf"), orders),
+            },
+            coords={
+                "cell_name": np.asarray(data.obs_names, dtype=object), "cluster": clusters, "sample": samples,
+                "sample_x": samples, "sample_y": samples, "linkage_field": ["left", "right", "distance", "size"],
+            },
+            attrs={"norm": norm, "linkage_method": linkage_method, "n_sample_clusters": int(n_sample_clusters),
+                   "seed": int(seed)},
+        )
+        if key_added is not None:
+            adata.obs[key_added] = pd.Categorical.from_codes(labels, categories=clusters)
+            adata.uns[key_added] = {
+                "distances": matrices, "samples": samples, "clusters": clusters, "n_cells": counts,
+                "sample_clusters": groups, "linkage": linkages, "leaf_order": orders,
+                "params": {"n_clusters": int(n_clusters), "n_sample_clusters": int(n_sample_clusters),
+                           "linkage_method": linkage_method, "norm": norm, "use_mean": bool(use_mean),
+                           "normalize_distances": bool(normalize_distances), "precomputed": distances is not None},
+            }
+        return ds
+
+
+def _as_tensor(block: np.ndarray):
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(block))
+
+
+def demo_step(model, adata: AnnData, out_dir) -> list[str]:
+    """Exploratory step of ``mrvi-pyro demo``: sample distances of the planted grouping cell type.
+
+    Computes per-cell and per-cell-type local sample distances, draws the clustered heatmap of
+    the grouping cell type (colour bars: the planted ``hidden_group`` and ``disease``) and an
+    embedding of ``u`` coloured by each cell's mean between-sample distance, and checks the
+    planted truth. Writes ``sample_distances_<type>.png`` and ``local_distance_embedding.png``
+    into ``out_dir``; returns short summary lines.
+    """
+    from sklearn.metrics import adjusted_rand_score
+
+    from . import _plot_explore, plotting
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    truth = adata.uns.get("simulation", {})
+    group_type = truth.get("grouping_cell_type", "type_1")
+    group_key = truth.get("grouping_covariate", "hidden_group")
+    dists = model.get_local_sample_distances(adata, groupby="cell_type", keep_cell=True)
+    by_type = dists["cell_type"]
+    matrix = by_type.sel(cell_type_name=group_type).values
+    sample_groups = explore.sample_groups(explore.sample_linkage(matrix), 2)
+    info = model.sample_info
+    color_by = [c for c in (group_key, "disease") if c in info]
+    fig = _plot_explore.sample_distance_heatmap(
+        by_type, group=group_type, sample_info=info, color_by=color_by,
+        title=f"Local sample distances in {group_type}",
+    )
+    fig.savefig(out_dir / f"sample_distances_{group_type}.png", dpi=110)
+    coords = plotting.pca_2d(model.get_latent_representation(adata))
+    fig = _plot_explore.local_distance_embedding(coords, dists, title="Mean local sample distance (u PCA)")
+    fig.savefig(out_dir / "local_distance_embedding.png", dpi=110)
+    off = ~np.eye(by_type.sizes["sample_x"], dtype=bool)
+    spread = {str(name): float(by_type.sel(cell_type_name=name).values[off].mean())
+              for name in by_type["cell_type_name"].values}
+    lines = []
+    if group_key in info:
+        ari = adjusted_rand_score(info[group_key].astype(str), sample_groups)
+        lines.append(f"Explore: 2 sample clusters of {group_type}'s distances vs planted {group_key}: ARI {ari:.2f} "
+                     f"(figure: sample_distances_{group_type}.png)")
+    ranked = sorted(spread, key=spread.get, reverse=True)
+    lines.append(f"Explore: mean between-sample distance by cell type: "
+                 + ", ".join(f"{k} {spread[k]:.2f}" for k in ranked)
+                 + f" (largest: {ranked[0]}; planted: {group_type})")
+    return lines

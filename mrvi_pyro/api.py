@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
+import torch
 from anndata import AnnData
 
 from . import __version__
@@ -62,6 +63,9 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
     guide
         Optional custom guide program with the signature of :func:`mrvi_pyro.guide.guide`
         (sites ``u`` and ``z``). It is not saved: pass it again to :meth:`load`.
+    seed
+        Seeds the initial weights (ours; default: torch's global random state, as scvi-tools).
+        The caller's global random state is left unchanged when a seed is given.
     qu_kwargs, qz_kwargs, px_kwargs
         Options of the encoder, the sample mapper (``use_map``, ``stop_gradients``,
         ``stop_gradients_mlp``, ``dropout_rate``, ...) and the decoder (also
@@ -95,6 +99,7 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
         qz_kwargs: dict | None = None,
         px_kwargs: dict | None = None,
         guide=None,
+        seed: int | None = None,
     ):
         registry = get_registry(adata)
         self.init_params = {name: value for name, value in locals().items() if name in MODULE_ARGUMENTS}
@@ -102,10 +107,13 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
         self.registry: Registry = registry
         self.adata = adata
         self.scale_observations = scale_observations
-        self.module = MrVIModule(
-            len(registry.var_names), registry.n_samples, registry.n_batches, registry.n_labels,
-            **{k: v for k, v in self.init_params.items() if k in MODULE_ARGUMENTS}, guide=guide,
-        )
+        with torch.random.fork_rng():
+            if seed is not None:
+                torch.manual_seed(seed)
+            self.module = MrVIModule(
+                len(registry.var_names), registry.n_samples, registry.n_batches, registry.n_labels,
+                **{k: v for k, v in self.init_params.items() if k in MODULE_ARGUMENTS}, guide=guide,
+            )
         self.module.eval()
         self._data_cache: tuple[int, CellData] | None = None
         self.sample_info = build_sample_info(adata, registry)

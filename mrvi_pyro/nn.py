@@ -134,16 +134,18 @@ class AttentionBlock(nn.Module):
     def forward(self, query: torch.Tensor, kv: torch.Tensor):
         """Attend ``query`` (..., query_dim) to ``kv`` (..., kv_dim); leading dims broadcast."""
         shape = torch.broadcast_shapes(query.shape[:-1], kv.shape[:-1])
-        query = query.expand(*shape, query.shape[-1])
         attn_query = query.detach() if self.stop_gradients_mlp else query
-        q = self._heads(self.query_tokens(attn_query), self.q_lift)
-        kv_tok = self.kv_tokens(kv).expand(*shape, self.n_tokens)
+        # Project query and key/value before broadcasting them against each other (the
+        # projections run once per cell and once per sample, not once per pair), and fold the
+        # 1/sqrt(d) scale into q; the matmuls broadcast.
+        q = self._heads(self.query_tokens(attn_query), self.q_lift) / math.sqrt(self.n_channels // self.n_heads)
+        kv_tok = self.kv_tokens(kv)
         k = self._heads(kv_tok, self.k_lift)
         v = self._heads(kv_tok, self.v_lift)
-        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
-        weights = self.dropout(torch.softmax(scores, dim=-1))
+        weights = self.dropout(torch.softmax(q @ k.transpose(-1, -2), dim=-1))
         mixed = (weights @ v).transpose(-2, -3).flatten(-2)  # (..., T, C)
         summary = self.post(self.head_proj(mixed).flatten(-2))
+        query = query.expand(*shape, query.shape[-1])
         out = self.residual(torch.cat([query, summary], dim=-1))
         if self.use_map:
             return out

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import matplotlib
-
-matplotlib.use("Agg", force=False)
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 
 
 def pca_2d(values: np.ndarray) -> np.ndarray:
@@ -62,3 +59,12 @@ def training_history(history: pd.DataFrame):
     ax.legend(frameon=False)
     fig.tight_layout()
     return fig
+
+
+from ._plot_da import da_log_ratio, log_ratio_by_group, log_ratio_embedding, log_ratio_summary  # noqa: E402
+from ._plot_explore import local_distance_embedding, sample_distance_heatmap  # noqa: E402
+
+__all__ = [
+    "da_log_ratio", "embedding", "local_distance_embedding", "log_ratio_by_group", "log_ratio_embedding",
+    "log_ratio_summary", "pca_2d", "sample_distance_heatmap", "training_history",
+]

@@ -70,7 +70,7 @@ def test_constructor_validates_options(small_adata):
 
 def test_repr(trained_model):
     text = repr(trained_model)
-    assert "trained" in text and "12" in text and "mixture" in text and "40 epochs" in text
+    assert "trained" in text and "12" in text and "mixture" in text and "60 epochs" in text
 
 
 def test_reference_argument_names():

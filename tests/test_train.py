@@ -14,7 +14,7 @@ from .conftest import knn_accuracy
 def test_history_and_validation_elbo_decreases(trained_model):
     history = trained_model.history
     assert list(history.columns) == ["kl_weight", "elbo_train", "elbo_validation", "seconds"]
-    assert len(history) == 40
+    assert len(history) == 60
     assert history["kl_weight"].iloc[0] == 0 and history["kl_weight"].iloc[-1] == 1
     # after warm-up the validation loss keeps falling, and ends below where it started
     assert history["elbo_validation"].iloc[-1] < history["elbo_validation"].iloc[20]
@@ -130,3 +130,12 @@ def test_cuda_training(small_adata):
     model.train(max_epochs=1, device="cuda", progress_bar=False)
     assert next(model.module.parameters()).is_cuda
     assert model.get_latent_representation().shape == (small_adata.n_obs, 4)
+
+
+def test_seeded_initialisation(small_adata):
+    a = MRVI(small_adata, n_latent=8, n_latent_u=4, seed=5)
+    b = MRVI(small_adata, n_latent=8, n_latent_u=4, seed=5)
+    c = MRVI(small_adata, n_latent=8, n_latent_u=4, seed=6)
+    for key, value in a.module.state_dict().items():
+        torch.testing.assert_close(b.module.state_dict()[key], value, rtol=0, atol=0)
+    assert not torch.equal(a.module.encoder.loc.weight, c.module.encoder.loc.weight)

@@ -1,0 +1,111 @@
+"""Differential-abundance figures. Each function reads documented outputs and returns the figure.
+
+Inputs are the Datasets of :meth:`mrvi_pyro.MRVI.differential_abundance` (per-cell
+``"<key>_log_probs"``) and :meth:`mrvi_pyro.MRVI.differential_abundance_summary`
+(``log_ratio``, ``log_ratio_lower``/``_upper``, ``prob_positive`` and the per-group
+``"<groupby>_..."`` variables).
+"""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import xarray as xr
+from matplotlib.colors import TwoSlopeNorm
+
+
+def da_log_ratio(da_result: xr.Dataset, key: str, group1, group2) -> np.ndarray:
+    """Per-cell ``log q_{group1} - log q_{group2}`` from a :meth:`differential_abundance` result."""
+    name = f"{key}_log_probs"
+    if name not in da_result:
+        raise ValueError(f"{name!r} is not in the result; run differential_abundance(sample_cov_keys=[{key!r}]).")
+    values = da_result[name]
+    levels = [str(v) for v in values[key].values]
+    for level in (group1, group2):
+        if str(level) not in levels:
+            raise ValueError(f"{level!r} is not a level of {key!r} in the result (levels: {levels}).")
+    return (values.sel({key: group1}) - values.sel({key: group2})).values
+
+
+def log_ratio_embedding(log_ratio, coords: np.ndarray, *, title: str = "DA log-ratio", ax=None,
+                        point_size: float = 4.0, basis_name: str = "PC"):
+    """Cells on a 2-d embedding ``coords`` (n, 2) coloured by their log-ratio (diverging colours
+    centred at 0 and clipped at the 99th percentile of |log-ratio|; NaN cells in grey)."""
+    values = np.asarray(log_ratio, dtype=float)
+    coords = np.asarray(coords)
+    if coords.shape != (len(values), 2):
+        raise ValueError(f"coords must have shape ({len(values)}, 2); got {coords.shape}.")
+    fig, ax = (plt.subplots(figsize=(4.8, 4)) if ax is None else (ax.figure, ax))
+    finite = np.isfinite(values)
+    ax.scatter(coords[~finite, 0], coords[~finite, 1], s=point_size, color="lightgrey")
+    span = float(np.quantile(np.abs(values[finite]), 0.99)) if finite.any() else 1.0  # robust to a few extremes
+    norm = TwoSlopeNorm(vcenter=0.0, vmin=-span or -1.0, vmax=span or 1.0)
+    order = np.argsort(np.abs(np.where(finite, values, 0.0)))
+    order = order[finite[order]]
+    points = ax.scatter(coords[order, 0], coords[order, 1], s=point_size, c=values[order], cmap="RdBu_r", norm=norm)
+    fig.colorbar(points, ax=ax, shrink=0.8, label="log-ratio")
+    ax.set_title(title)
+    ax.set_xlabel(f"{basis_name}1")
+    ax.set_ylabel(f"{basis_name}2")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return fig
+
+
+def log_ratio_by_group(summary: xr.Dataset, groups, *, groupby: str | None = None, ax=None):
+    """Per-group distributions of the per-cell mean log-ratio (violins), with each group's
+    mean log-ratio and its highest-density interval (from ``"<groupby>_log_ratio"``,
+    ``"_lower"``, ``"_upper"`` when present) and ``prob_positive`` written above.
+
+    Parameters
+    ----------
+    summary
+        Result of :meth:`differential_abundance_summary`.
+    groups
+        Per-cell group labels (length n_cells), e.g. ``adata.obs["cell_type"]``.
+    groupby
+        The name used for ``groupby`` in the summary (for the per-group interval).
+    """
+    values = np.asarray(summary["log_ratio"].values, dtype=float)
+    labels = pd.Categorical(np.asarray(groups))
+    if len(labels) != len(values):
+        raise ValueError(f"groups has {len(labels)} entries for {len(values)} cells.")
+    names = list(labels.categories)
+    data = [values[(labels == g) & np.isfinite(values)] for g in names]
+    fig, ax = (plt.subplots(figsize=(1.1 * len(names) + 2.5, 3.8)) if ax is None else (ax.figure, ax))
+    positions = np.arange(len(names))
+    usable = [i for i, d in enumerate(data) if len(d) > 1]
+    if usable:
+        ax.violinplot([data[i] for i in usable], positions=positions[usable], showextrema=False, widths=0.8)
+    ax.axhline(0.0, color="grey", lw=0.8, ls="--")
+    if groupby is not None and f"{groupby}_log_ratio" in summary:
+        table = summary[[f"{groupby}_log_ratio", f"{groupby}_log_ratio_lower", f"{groupby}_log_ratio_upper",
+                         f"{groupby}_prob_positive"]].to_dataframe().reindex(names)
+        mean = table[f"{groupby}_log_ratio"].to_numpy()
+        low, high = table[f"{groupby}_log_ratio_lower"].to_numpy(), table[f"{groupby}_log_ratio_upper"].to_numpy()
+        ax.errorbar(positions, mean, yerr=[mean - low, high - mean], fmt="o", color="black", capsize=4,
+                    label=f"group mean, {100 * summary.attrs.get('hdi_prob', 0.95):.0f}% HDI")
+        top = ax.get_ylim()[1]
+        for x, p in zip(positions, table[f"{groupby}_prob_positive"].to_numpy()):
+            ax.text(x, top, f"P>0: {p:.2f}", ha="center", va="bottom", fontsize=7)
+        ax.legend(fontsize=7, frameon=False, loc="lower right")
+    ax.set_xticks(positions)
+    ax.set_xticklabels(names, rotation=45, ha="right")
+    g1, g2 = summary.attrs.get("group1", "group1"), summary.attrs.get("group2", "group2")
+    ax.set_ylabel(f"log q({g1}) - log q({g2})")
+    fig.tight_layout()
+    return fig
+
+
+def log_ratio_summary(summary: xr.Dataset, coords: np.ndarray, obs: pd.DataFrame, groupby: str):
+    """Two panels: the per-cell log-ratio on an embedding, and its per-group distributions
+    with intervals (see :func:`log_ratio_embedding` and :func:`log_ratio_by_group`)."""
+    if groupby not in obs:
+        raise ValueError(f"groupby {groupby!r} is not a column of obs (columns: {list(obs.columns)}).")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.3), gridspec_kw={"width_ratios": [1, 1.2]})
+    g1, g2 = summary.attrs.get("group1", "group1"), summary.attrs.get("group2", "group2")
+    log_ratio_embedding(summary["log_ratio"].values, coords, ax=axes[0], title=f"DA log-ratio, {g1} vs {g2}")
+    log_ratio_by_group(summary, obs[groupby].to_numpy(), groupby=groupby, ax=axes[1])
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,188 @@
+"""Figures of the exploratory analysis. Each function reads documented outputs and returns the figure.
+
+- :func:`sample_distance_heatmap`: a group's sample x sample distance matrix, reordered by a
+  hierarchical clustering (optimal leaf ordering), with its dendrogram and colour bars for
+  chosen ``sample_info`` columns.
+- :func:`local_distance_embedding`: a 2-d embedding of cells coloured by a per-cell summary of
+  their local sample distances.
+"""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.patches import Patch
+
+from . import explore
+
+
+def _square_matrix(distances, group):
+    """(values, sample names, title) of a 2-d matrix from a 2-d or grouped 3-d DataArray."""
+    dims = tuple(distances.dims)
+    if dims == ("sample_x", "sample_y"):
+        if group is not None:
+            raise ValueError("group is only used with a grouped (<key>_name, sample_x, sample_y) DataArray.")
+        return distances.values, [str(s) for s in distances["sample_x"].values], None
+    if len(dims) == 3 and dims[1:] == ("sample_x", "sample_y"):
+        names = [str(g) for g in distances[dims[0]].values]
+        if group is None or str(group) not in names:
+            raise ValueError(f"group must be one of {names} (the {dims[0]!r} coordinate), got {group!r}.")
+        values = distances.isel({dims[0]: names.index(str(group))}).values
+        return values, [str(s) for s in distances["sample_x"].values], str(group)
+    raise ValueError(
+        f"distances must have dims (sample_x, sample_y) or (<key>_name, sample_x, sample_y), got {dims}."
+    )
+
+
+PALETTES = ("tab10", "Set2", "Dark2", "Accent", "Pastel1")
+"""Qualitative colour maps of successive categorical colour bars (tab20 beyond 8 categories)."""
+
+
+def _colour_row(values: pd.Series, row: int = 0):
+    """RGBA colours (n, 4) of a sample_info column and legend handles (None for numeric)."""
+    if isinstance(values.dtype, pd.CategoricalDtype) or values.dtype == object or values.dtype == bool:
+        cats = pd.Categorical(values.astype(str))
+        cmap = plt.get_cmap("tab20" if len(cats.categories) > 8 else PALETTES[row % len(PALETTES)])
+        colours = np.array([cmap(code % cmap.N) for code in cats.codes])
+        handles = [Patch(color=cmap(i % cmap.N), label=str(c)) for i, c in enumerate(cats.categories)]
+        return colours, handles
+    numeric = values.to_numpy(dtype=float)
+    span = np.ptp(numeric) or 1.0
+    return plt.get_cmap("viridis")((numeric - np.min(numeric)) / span), None
+
+
+def sample_distance_heatmap(
+    distances,
+    group=None,
+    *,
+    sample_info: pd.DataFrame | None = None,
+    color_by: str | list[str] | None = None,
+    linkage: np.ndarray | None = None,
+    linkage_method: str = "average",
+    cmap: str = "magma_r",
+    title: str | None = None,
+    figsize: tuple[float, float] | None = None,
+):
+    """Clustered heatmap of a sample x sample distance matrix with its dendrogram.
+
+    Parameters
+    ----------
+    distances
+        ``xarray.DataArray`` with dims ``(sample_x, sample_y)``, or a grouped one
+        ``("<key>_name", sample_x, sample_y)`` (a ``groupby`` variable of
+        ``get_local_sample_distances``, or ``distances`` of ``cluster_cells_by_sample_distances``)
+        together with ``group``.
+    group
+        The group (coordinate value) to draw from a grouped DataArray.
+    sample_info
+        Per-sample table indexed by sample name (``model.sample_info``).
+    color_by
+        ``sample_info`` column(s) drawn as colour bars above the heatmap.
+    linkage
+        A precomputed scipy linkage of the samples; default: computed with ``linkage_method`` and
+        optimal leaf ordering (:func:`mrvi_pyro.explore.sample_linkage`).
+    linkage_method
+        Linkage method when ``linkage`` is None.
+    cmap, title, figsize
+        Appearance.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    from scipy.cluster.hierarchy import dendrogram
+
+    values, samples, group_name = _square_matrix(distances, group)
+    keys = [] if color_by is None else ([color_by] if isinstance(color_by, str) else list(color_by))
+    if keys:
+        if sample_info is None:
+            raise ValueError("color_by needs sample_info (e.g. model.sample_info).")
+        missing = [k for k in keys if k not in sample_info.columns]
+        if missing:
+            raise ValueError(f"color_by column(s) {missing} not in sample_info (columns: {list(sample_info.columns)}).")
+        absent = [s for s in samples if s not in set(map(str, sample_info.index))]
+        if absent:
+            raise ValueError(f"sample_info has no row for sample(s) {absent[:5]}.")
+    link = explore.sample_linkage(values, linkage_method) if linkage is None else np.asarray(linkage)
+    n = len(samples)
+    size = max(4.0, min(14.0, 2.5 + 0.28 * n))
+    fig = plt.figure(figsize=figsize or (size + 1.8, size + 1.2 + 0.25 * len(keys)))
+    heights = [1.3] + [0.22] * len(keys) + [size]
+    grid = fig.add_gridspec(len(heights), 2, height_ratios=heights, width_ratios=[size, 0.25],
+                            hspace=0.04, wspace=0.04)
+    ax_tree = fig.add_subplot(grid[0, 0])
+    tree = dendrogram(link, ax=ax_tree, no_labels=True, color_threshold=0, above_threshold_color="0.3")
+    order = np.asarray(tree["leaves"])
+    ax_tree.axis("off")
+    handles = []
+    info = None if sample_info is None else sample_info.set_axis(sample_info.index.map(str))
+    for row, key in enumerate(keys, start=1):
+        ax = fig.add_subplot(grid[row, 0])
+        colours, legend = _colour_row(info.loc[[samples[i] for i in order], key], row - 1)
+        ax.imshow(colours[None], aspect="auto", interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([0])
+        ax.set_yticklabels([key], fontsize=8)
+        if legend:
+            handles += [Patch(color="none", label=key)] + legend
+    ax_heat = fig.add_subplot(grid[-1, 0])
+    image = ax_heat.imshow(values[np.ix_(order, order)], cmap=cmap, aspect="auto", interpolation="nearest")
+    labels = [samples[i] for i in order]
+    fontsize = 8 if n <= 40 else 5
+    show_labels = n <= 80
+    ax_heat.set_xticks(np.arange(n) if show_labels else [])
+    ax_heat.set_yticks(np.arange(n) if show_labels else [])
+    if show_labels:
+        ax_heat.set_xticklabels(labels, rotation=90, fontsize=fontsize)
+        ax_heat.set_yticklabels(labels, fontsize=fontsize)
+    ax_bar = fig.add_subplot(grid[-1, 1])
+    fig.colorbar(image, cax=ax_bar, label="distance")
+    if handles:
+        fig.legend(handles=handles, loc="upper right", fontsize=7, frameon=False)
+    fig.suptitle(title or (f"Local sample distances: {group_name}" if group_name else "Local sample distances"))
+    return fig
+
+
+def local_distance_embedding(
+    coords: np.ndarray,
+    distances,
+    *,
+    stat: str = "mean",
+    title: str | None = None,
+    point_size: float = 4.0,
+    basis_name: str = "PC",
+):
+    """A 2-d embedding of cells coloured by a per-cell summary of their local sample distances.
+
+    Parameters
+    ----------
+    coords
+        (n_cells, 2) coordinates (e.g. :func:`mrvi_pyro.plotting.pca_2d` of ``u``).
+    distances
+        The Dataset of ``get_local_sample_distances(keep_cell=True)``, its ``"cell"`` DataArray
+        (in memory or lazily on disk; read in blocks), or a precomputed (n_cells,) summary.
+    stat
+        ``"mean"`` (average distance between two different samples) or ``"max"``.
+    title, point_size, basis_name
+        Appearance.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    from .plotting import embedding
+
+    if hasattr(distances, "data_vars"):
+        if "cell" not in distances:
+            raise ValueError("The distances Dataset has no 'cell' variable; compute it with keep_cell=True.")
+        distances = distances["cell"]
+    if getattr(distances, "ndim", np.ndim(distances)) == 1:
+        summary = np.asarray(distances, dtype=float)
+    else:
+        summary = explore.cell_distance_summary(distances, stat)
+    if len(summary) != len(coords):
+        raise ValueError(f"coords has {len(coords)} cells but the distances have {len(summary)}.")
+    label = f"{stat} local sample distance"
+    return embedding(np.asarray(coords), pd.DataFrame({label: summary}), label, title=title,
+                     point_size=point_size, basis_name=basis_name)
