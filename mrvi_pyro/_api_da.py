@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -342,39 +341,3 @@ class DAMixin:
                 raise ValueError(f"sample {sample!r} has no cells among the selected cells.")
         loc, scale, _ = da.posterior_parameters(self.module, data, idx, batch_size=batch_size)
         return da.aggregated_posterior(loc, scale)
-
-
-def demo_step(model, adata: AnnData, out_dir) -> list[str]:
-    """DA on the demo's simulated data: disease vs healthy, figure and per-cell-type table.
-
-    Writes ``da_log_ratio.png`` (log-ratio on a PCA of u; per-cell-type intervals) and
-    ``da_cell_types.csv``; returns summary lines checked against the planted DA cell type.
-    """
-    from . import _plot_da
-    from .plotting import pca_2d
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    truth = adata.uns.get("simulation", {})
-    key = truth.get("da_covariate", "disease")
-    planted = truth.get("da_cell_type", "type_2")
-    summary = model.differential_abundance_summary(
-        key, adata=adata, groupby="cell_type", n_draws=5, n_bootstrap=50, max_components_per_sample=500,
-    )
-    table = summary[[v for v in summary.data_vars if v.startswith("cell_type_")]].to_dataframe()
-    table.to_csv(out_dir / "da_cell_types.csv")
-    coords = pca_2d(model.get_latent_representation(adata))
-    fig = _plot_da.log_ratio_summary(summary, coords, adata.obs, groupby="cell_type")
-    fig.savefig(out_dir / "da_log_ratio.png", dpi=120)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    top = table["cell_type_log_ratio"].idxmax()
-    row = table.loc[top]
-    verdict = "matches" if top == planted else "does NOT match"
-    return [
-        f"DA ({summary.attrs['group1']} vs {summary.attrs['group2']}): {top} has the highest mean log-ratio "
-        f"{row['cell_type_log_ratio']:.2f} [{row['cell_type_log_ratio_lower']:.2f}, "
-        f"{row['cell_type_log_ratio_upper']:.2f}], P(>0) = {row['cell_type_prob_positive']:.2f}; "
-        f"{verdict} the planted {planted}."
-    ]

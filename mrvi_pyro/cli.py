@@ -16,6 +16,9 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
+
 
 def _demo(args: argparse.Namespace) -> int:
     from . import __version__, datasets
@@ -37,9 +40,43 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"u embedding: cell-type kNN agreement {score:.2f}, batch kNN agreement {batch_score:.2f} "
           f"(lower is better mixed; chance {adata.obs['batch'].value_counts(normalize=True).max():.2f}) "
           "(figure: u_embedding.png)")
-    print(f"planted truth: DE in {truth['de_cell_type']} by {truth['de_covariate']}, hidden sample grouping "
-          f"in {truth['grouping_cell_type']}, DA of {truth['da_cell_type']} by {truth['da_covariate']}")
+    results = analyze_model(model, adata, out, groupby="cell_type", de=truth["de_covariate"],
+                            da=truth["da_covariate"], quiet=args.quiet, mc_samples=10, seed=args.seed)
+    for line in check_against_truth(model, results, truth):
+        print(line)
+    print(f"report: {out / 'report.html'}")
     return 0
+
+
+def check_against_truth(model, results: dict, truth) -> list[str]:
+    """One line per analysis comparing its result with the simulation's planted truth."""
+    from . import explore
+    from ._metrics import adjusted_rand_index, auroc
+
+    lines = []
+    group_type, group_key = truth["grouping_cell_type"], truth["grouping_covariate"]
+    matrix = results["distances"]["cell_type"].sel(cell_type_name=group_type).values
+    clusters = explore.sample_groups(explore.sample_linkage(matrix), 2)
+    ari = adjusted_rand_index(model.sample_info[group_key].astype(str), clusters)
+    top_two = ", ".join(results["distance_spread"]["cell_type"].head(2))
+    lines.append(f"distances: largest between-sample spread in {top_two} (planted sample effects: "
+                 f"{truth['de_cell_type']} by {truth['de_covariate']}, {group_type} by {group_key}); "
+                 f"{group_type}'s 2 sample clusters vs the planted {group_key}: ARI {ari:.2f}")
+    if "de_table" in results:
+        table = results["de_table"]
+        effect = table.drop_duplicates("group").set_index("group")["effect_size_mean"].sort_values(ascending=False)
+        genes = table[table["group"] == truth["de_cell_type"]].set_index("gene")
+        planted = dict(zip(truth["de_genes"], truth["de_log_fold_changes"]))
+        score = auroc([g in planted for g in genes.index], genes["lfc_mean"].abs())
+        signs = np.mean([np.sign(genes.loc[g, "lfc_mean"]) == np.sign(v) for g, v in planted.items()])
+        lines.append(f"DE: highest effect size in {effect.index[0]} (planted: {truth['de_cell_type']}); planted genes "
+                     f"by |lfc|: AUROC {score:.2f}, signs agree {signs:.0%}")
+    if "da_table" in results:
+        table = results["da_table"]
+        top = table["cell_type_log_ratio"].idxmax()
+        lines.append(f"DA: highest log-ratio in {top} ({table.loc[top, 'cell_type_log_ratio']:.2f}, "
+                     f"P(>0) {table.loc[top, 'cell_type_prob_positive']:.2f}) (planted: {truth['da_cell_type']})")
+    return lines
 
 
 def _read_h5ad(path: str):
@@ -90,9 +127,134 @@ def _fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def analyze_model(model, adata, out: Path, *, groupby: str, de: str | None = None, da: str | None = None,
+                  quiet: bool = False, mc_samples: int = 20, seed: int = 0) -> dict:
+    """Run the analyses on a trained model and write arrays (zarr), tables (CSV), figures (PNG)
+    and ``report.html`` into ``out``. Returns the results by name."""
+    import matplotlib.pyplot as plt
+
+    from . import plotting
+    from .report import Section, write_html_report
+
+    if groupby not in adata.obs:
+        raise ValueError(f"--groupby {groupby!r} is not a column of obs (columns: {list(adata.obs.columns)})")
+    for flag, key in (("--de", de), ("--da", da)):
+        if key is not None and key not in adata.obs:
+            raise ValueError(f"{flag} {key!r} is not a column of obs (columns: {list(adata.obs.columns)})")
+    out = Path(out)
+    results_dir = out / "results"
+    results_dir.mkdir(parents=True, exist_ok=True)
+    results, sections = {}, []
+
+    def save_figure(fig, name):
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        return out / name
+
+    def step(message):
+        if not quiet:
+            print(f"[analyze] {message}", flush=True)
+
+    coords = plotting.pca_2d(model.get_latent_representation(adata))
+    overview = Section("Model", [repr(model)], [save_figure(plotting.training_history(model.history), "training_history.png")]
+                       if model.history is not None else [])
+    overview.figures.append(save_figure(plotting.embedding(coords, adata.obs, [groupby, model.registry.sample_key]),
+                                        "u_embedding.png"))
+    sections.append(overview)
+
+    step(f"local sample distances by {groupby}")
+    distances = model.get_local_sample_distances(adata, groupby=groupby, keep_cell=False)
+    _write_zarr(distances, results_dir / "local_sample_distances.zarr")
+    results["distances"] = distances
+    group_means = distances[groupby]
+    names = [str(v) for v in group_means[f"{groupby}_name"].values]
+    off_diagonal = ~np.eye(group_means.sizes["sample_x"], dtype=bool)
+    spread = pd.DataFrame({groupby: names,
+                           "mean_between_sample_distance": [float(group_means.values[i][off_diagonal].mean())
+                                                            for i in range(len(names))]})
+    spread = spread.sort_values("mean_between_sample_distance", ascending=False)
+    spread.to_csv(out / "sample_distance_spread.csv", index=False)
+    colour_by = [c for c in (de, da) if c is not None and c in model.sample_info][:2] or None
+    figures = [save_figure(plotting.sample_distance_heatmap(group_means, group=name, sample_info=model.sample_info,
+                                                            color_by=colour_by, title=f"{groupby} = {name}"),
+                           f"sample_distances_{_safe(name)}.png")
+               for name in spread[groupby].head(6)]
+    sections.append(Section(f"Local sample distances by {groupby}",
+                            ["Average distance between the counterfactual states of each pair of samples, over the "
+                             f"cells of each {groupby} (largest spread first; up to 6 groups shown)."],
+                            figures, [("Mean between-sample distance per group", spread)]))
+    results["distance_spread"] = spread
+
+    if de is not None:
+        step(f"differential expression for {de}")
+        de_result = model.differential_expression(adata, sample_cov_keys=[de], store_lfc=True, mc_samples=mc_samples,
+                                                  seed=seed)
+        _write_zarr(de_result, results_dir / "differential_expression.zarr")
+        table = model.differential_expression_summary(de_result, groupby=groupby, adata=adata, n_top_genes=None)
+        table.to_csv(out / "de_summary.csv", index=False)
+        column = str(de_result["covariate"].values[0])
+        figures = [
+            save_figure(plotting.effect_size_embedding(de_result, coords, covariate=column, obs=adata.obs,
+                                                       color=groupby), "de_effect_size.png"),
+            save_figure(plotting.top_genes_heatmap(table, covariate=column, n_genes=5), "de_top_genes.png"),
+            save_figure(plotting.volcano(table, covariate=column), "de_volcano.png"),
+        ]
+        top = table[table["rank"] <= 10] if "rank" in table else table
+        sections.append(Section(f"Differential expression: {column}",
+                                ["Per-cell regression of counterfactual states on the sample covariate; effect size = "
+                                 "chi-squared statistic; log fold-changes decoded with paired posterior draws."],
+                                figures, [(f"Top genes per {groupby}", top)]))
+        results["de"], results["de_table"] = de_result, table
+
+    if da is not None:
+        step(f"differential abundance for {da}")
+        da_result = model.differential_abundance(adata, sample_cov_keys=[da])
+        _write_zarr(da_result, results_dir / "differential_abundance.zarr")
+        summary = model.differential_abundance_summary(da, adata=adata, groupby=groupby, seed=seed)
+        per_group = summary[[v for v in summary.data_vars if v.startswith(f"{groupby}_")]].to_dataframe()
+        per_group.to_csv(out / "da_summary.csv")
+        figure = save_figure(plotting.log_ratio_summary(summary, coords, adata.obs, groupby=groupby), "da_log_ratio.png")
+        sections.append(Section(f"Differential abundance: {summary.attrs.get('group1')} vs {summary.attrs.get('group2')}",
+                                ["Log-ratio of the aggregated posteriors of the two sample groups at each cell, with "
+                                 "uncertainty from posterior draws and Bayesian-bootstrap weights over samples."],
+                                [figure], [(f"Per-{groupby} log-ratio", per_group.reset_index())]))
+        results["da"], results["da_summary"], results["da_table"] = da_result, summary, per_group
+
+    write_html_report(out / "report.html", "mrvi_pyro analysis report", sections)
+    step(f"report: {out / 'report.html'}")
+    return results
+
+
+def _write_zarr(dataset, path: Path) -> None:
+    """Write a Dataset as zarr format 2 (portable: its string coordinates have a stable spec)."""
+    dataset.to_zarr(path, mode="w", zarr_format=2, consolidated=True)
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name))
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    import json
+
+    from . import MRVI
+
+    run_dir = Path(args.dir)
+    data_path = args.data
+    if data_path is None:
+        fit_info = run_dir / "fit.json"
+        data_path = json.loads(fit_info.read_text()).get("data") if fit_info.is_file() else None
+        if data_path is None:
+            raise ValueError(f"no data file recorded in {run_dir}; pass --data DATA.h5ad")
+    adata = _read_h5ad(data_path)
+    model = MRVI.load(run_dir / "model", adata=adata)
+    analyze_model(model, adata, Path(args.out or run_dir), groupby=args.groupby, de=args.de, da=args.da,
+                  quiet=args.quiet, mc_samples=args.mc_samples, seed=args.seed)
+    return 0
+
+
 def _knn_agreement(coords, labels, k: int = 15) -> float:
     """Share of each cell's k nearest neighbours (in ``coords``) that share its label."""
-    import numpy as np
     from scipy.spatial import cKDTree
 
     _, neighbours = cKDTree(coords).query(coords, k=k + 1)
@@ -125,10 +287,25 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--quiet", action="store_true", help="no progress bar")
     fit.set_defaults(func=_fit)
+
+    analyze = sub.add_parser("analyze", help="run distances, DE and DA on a fitted model; write results and a report")
+    analyze.add_argument("dir", help="directory written by `mrvi-pyro fit`")
+    analyze.add_argument("--data", default=None, help="AnnData file (default: the one used by fit)")
+    analyze.add_argument("--groupby", required=True, help="obs column to group cells by (e.g. cell type)")
+    analyze.add_argument("--de", default=None, help="sample covariate for differential expression")
+    analyze.add_argument("--da", default=None, help="sample covariate for differential abundance")
+    analyze.add_argument("--out", default=None, help="output directory (default: DIR)")
+    analyze.add_argument("--mc-samples", type=int, default=20, help="posterior draws for DE log fold-changes")
+    analyze.add_argument("--seed", type=int, default=0)
+    analyze.add_argument("--quiet", action="store_true")
+    analyze.set_defaults(func=_analyze)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display needed
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

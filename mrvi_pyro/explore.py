@@ -467,18 +467,29 @@ def distance_features(blocks: Iterable[np.ndarray], n_samples: int, *, sketch_di
 
 
 def cluster_cells(features: np.ndarray, n_clusters: int, *, n_components: int = 10,
-                  seed: int | None = 0) -> np.ndarray:
+                  seed: int | None = 0, n_init: int = 10) -> np.ndarray:
     """k-means labels (N,) of cells on the first ``n_components`` principal components of
-    their distance features."""
-    from sklearn.cluster import KMeans
-    from sklearn.decomposition import PCA
+    their distance features (``scipy.cluster.vq.kmeans2`` with k-means++ starts, the best of
+    ``n_init`` seeded runs by within-cluster sum of squares)."""
+    from scipy.cluster.vq import kmeans2
 
     if n_clusters < 1 or n_clusters > len(features):
         raise ValueError(f"n_clusters must lie in [1, {len(features)}] (the number of cells), got {n_clusters}.")
+    features = np.asarray(features, dtype=np.float64)
     n_comp = min(n_components, features.shape[1], len(features))
-    reduced = PCA(n_comp, random_state=seed).fit_transform(features) if n_comp < features.shape[1] else features
-    seed = 0 if seed is None else int(seed)
-    return KMeans(n_clusters, n_init=10, random_state=seed).fit_predict(reduced).astype(np.int64)
+    reduced = features
+    if n_comp < features.shape[1]:
+        centered = features - features.mean(0)
+        _, _, vt = np.linalg.svd(centered, full_matrices=False)
+        reduced = centered @ vt[:n_comp].T
+    rng = np.random.default_rng(0 if seed is None else int(seed))
+    best, best_inertia = None, np.inf
+    for _ in range(n_init):
+        centroids, labels = kmeans2(reduced, n_clusters, minit="++", seed=rng)
+        inertia = float(((reduced - centroids[labels]) ** 2).sum())
+        if inertia < best_inertia:
+            best, best_inertia = labels, inertia
+    return best.astype(np.int64)
 
 
 LINKAGE_METHODS = ("average", "complete", "single", "weighted")

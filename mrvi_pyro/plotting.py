@@ -62,9 +62,10 @@ def training_history(history: pd.DataFrame):
 
 
 from ._plot_da import da_log_ratio, log_ratio_by_group, log_ratio_embedding, log_ratio_summary  # noqa: E402
+from ._plot_de import effect_size_embedding, top_genes_heatmap, volcano  # noqa: E402
 from ._plot_explore import local_distance_embedding, sample_distance_heatmap  # noqa: E402
 
 __all__ = [
-    "da_log_ratio", "embedding", "local_distance_embedding", "log_ratio_by_group", "log_ratio_embedding",
-    "log_ratio_summary", "pca_2d", "sample_distance_heatmap", "training_history",
+    "da_log_ratio", "effect_size_embedding", "embedding", "local_distance_embedding", "log_ratio_by_group", "log_ratio_embedding",
+    "log_ratio_summary", "pca_2d", "sample_distance_heatmap", "top_genes_heatmap", "training_history", "volcano",
 ]

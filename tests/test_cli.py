@@ -11,10 +11,28 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
                  "--max-epochs", "3", "--quiet"])
     assert code == 0
     out = capsys.readouterr().out
-    assert "trained 3 epochs" in out and "planted truth" in out
-    for name in ("u_embedding.png", "training_history.png", "simulated.h5ad", "model/model.pt", "model/model.json"):
-        assert (tmp_path / name).is_file(), name
+    assert "trained 3 epochs" in out
+    for prefix in ("distances: largest between-sample spread", "DE: highest effect size", "DA: highest log-ratio"):
+        assert prefix in out, prefix
+    for name in ("u_embedding.png", "training_history.png", "simulated.h5ad", "model/model.pt", "model/model.json",
+                 "de_summary.csv", "da_summary.csv", "sample_distance_spread.csv", "report.html",
+                 "results/local_sample_distances.zarr", "results/differential_expression.zarr",
+                 "results/differential_abundance.zarr"):
+        assert (tmp_path / name).exists(), name
     assert (tmp_path / "u_embedding.png").stat().st_size > 10_000
+    _check_report(tmp_path)
+
+
+def _check_report(out_dir):
+    """The report embeds every figure it references, and every figure written is in it."""
+    import re
+
+    text = (out_dir / "report.html").read_text()
+    referenced = set(re.findall(r'data-file="([^"]+)"', text))
+    written = {p.name for p in out_dir.glob("*.png")}
+    assert referenced == written and len(written) >= 8
+    assert text.count("data:image/png;base64,") == len(referenced)
+    assert "src=\"http" not in text and "<table" in text
 
 
 def test_bad_arguments_give_one_line_errors(tmp_path):
@@ -47,3 +65,23 @@ def test_fit_bad_input_gives_one_line_errors(tmp_path, small_adata, capsys):
     assert main(["fit", str(tmp_path / "ok.h5ad"), "--sample-key", "donor", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: sample_key 'donor' is not a column of adata.obs") and len(err.strip().splitlines()) == 1
+
+
+def test_analyze_command_and_its_errors(tmp_path, small_adata, capsys):
+    raw = small_adata.copy()
+    del raw.uns["_mrvi_pyro"]
+    raw.write_h5ad(tmp_path / "data.h5ad")
+    assert main(["fit", str(tmp_path / "data.h5ad"), "--sample-key", "sample", "--batch-key", "batch",
+                 "--out", str(tmp_path / "run"), "--max-epochs", "2", "--quiet"]) == 0
+    assert main(["analyze", str(tmp_path / "run"), "--groupby", "cell_type", "--de", "age", "--quiet",
+                 "--mc-samples", "3"]) == 0
+    assert (tmp_path / "run" / "de_summary.csv").is_file() and not (tmp_path / "run" / "da_summary.csv").exists()
+    _check_report(tmp_path / "run")
+    capsys.readouterr()
+    assert main(["analyze", str(tmp_path / "run"), "--groupby", "celltype"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --groupby 'celltype' is not a column of obs") and len(err.strip().splitlines()) == 1
+    assert main(["analyze", str(tmp_path / "nowhere"), "--groupby", "cell_type"]) == 2
+    assert "pass --data" in capsys.readouterr().err
+    assert main(["analyze", str(tmp_path / "run"), "--groupby", "cell_type", "--de", "cell_type"]) == 2
+    assert "not a sample-level covariate" in capsys.readouterr().err

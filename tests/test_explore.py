@@ -11,7 +11,6 @@ import xarray as xr
 from sklearn.metrics import adjusted_rand_score
 
 from mrvi_pyro import MRVI, datasets, explore
-from mrvi_pyro._api_explore import demo_step
 from mrvi_pyro._plot_explore import local_distance_embedding, sample_distance_heatmap
 from mrvi_pyro.posterior import iter_posterior_u
 
@@ -315,10 +314,3 @@ def test_plots(trained_model, sim_adata):
     )
     with pytest.raises(ValueError, match="coords has 3 cells"):
         local_distance_embedding(coords[:3], dists)
-
-
-def test_demo_step(trained_model, sim_adata, tmp_path):
-    lines = demo_step(trained_model, sim_adata, tmp_path)
-    assert 1 <= len(lines) <= 3 and all(isinstance(line, str) for line in lines)
-    assert (tmp_path / "sample_distances_type_1.png").exists()
-    assert (tmp_path / "local_distance_embedding.png").exists()

@@ -47,3 +47,7 @@ def summary() -> str:
         f"{mode}: {N_CELLS} cells, {N_GENES} genes, {N_SAMPLES} samples; "
         f"{MAX_EPOCHS} epochs (batch size {BATCH_SIZE}); {N_DRAWS} posterior draws"
     )
+
+VARIANT_N_CELLS: int = 400 if FAST else 1500
+VARIANT_MAX_EPOCHS: int = 2 if FAST else 40
+"""Cohort size and training length of each model variant in tutorial 3 (several models are trained)."""

@@ -1,0 +1,995 @@
+r"""Differential expression: counterfactual regression, exact tests and decoded log fold-changes.
+
+Every cell :math:`n` is re-imagined in every kept sample :math:`s` (the counterfactuals
+:math:`z_n^{(s)}`, computed at the posterior mean of :math:`u_n`; see
+:meth:`mrvi_pyro.module.MrVIModule.counterfactual_z`). Stacked over the :math:`S` kept samples
+they form a response matrix :math:`Z_n \in \mathbb{R}^{S \times L}` that is regressed on the
+sample design matrix :math:`X \in \mathbb{R}^{S \times P}` (:func:`design_matrix`: an
+intercept, optional per-batch offsets, and the covariates)
+
+.. math::
+
+    Z_n = X B_n + E_n, \qquad
+    \hat B_n = (X^\top W_n X + \Lambda)^{-1} X^\top W_n Z_n ,
+
+with per-cell sample weights :math:`W_n = \mathrm{diag}(w_{ns})` (1, or 0 for an inadmissible
+cell-sample pair when ``filter_inadmissible_samples``) and a ridge :math:`\Lambda = \lambda`
+on the covariate columns only (never on the intercept or the batch offsets). All cells of a
+chunk are solved at once as batched ``(P x P)`` systems; there is no loop over cells or samples.
+``beta`` (cell, covariate, latent_dim) are the covariate rows of :math:`\hat B_n`.
+
+Tests (one per covariate column ``j``)
+--------------------------------------
+Let :math:`\hat B_n` now be the unpenalised fit, :math:`V_n = (X^\top W_n X)^{-1}`,
+:math:`m_n` the number of samples with positive weight and :math:`\nu_n = m_n - P` the residual
+degrees of freedom. The hypothesis sum of squares of column ``j`` and the residual sum of
+squares are
+
+.. math::
+
+    H_{nj} = \frac{\lVert \hat b_{nj} \rVert^2}{[V_n]_{jj}}, \qquad
+    \mathrm{RSS}_n = \operatorname{tr}\big[(Z_n - X\hat B_n)^\top W_n (Z_n - X\hat B_n)\big],
+
+and ``effect_size`` is the chi-squared (Wald) statistic on the pooled residual scale,
+:math:`H_{nj} / \hat\sigma_n^2` with :math:`\hat\sigma_n^2 = \mathrm{RSS}_n / (\nu_n L)`: with
+independent, isotropic Gaussian sample-level noise it is :math:`L \cdot F(L, \nu_n L)`-distributed,
+close to :math:`\chi^2_L`.
+
+**Why not a chi-squared p-value.** The sample-to-sample variation of a cell's counterfactuals is
+far from isotropic: in trained models one or two directions of the 30-d latent space carry most
+of it (it is learned from a handful of sample embeddings), and :math:`L = 30` usually exceeds
+the residual degrees of freedom, so the residual covariance :math:`\Sigma_n` cannot be
+estimated and whitened. A :math:`\chi^2` reference with an arbitrary number of degrees of
+freedom (the reference uses the number of samples) is therefore miscalibrated, in either
+direction.
+
+**The null distribution used (``pvalue_method="chi2"``).** Write :math:`T = H_{nj} /
+(H_{nj} + \mathrm{RSS}_n)`, a monotone function of the effect size, and let :math:`G^0_{nj}` be
+the Gram matrix (over samples) of the weighted residuals of the fit *without* column ``j``;
+:math:`H + \mathrm{RSS} = \operatorname{tr} G^0`, and :math:`G^0` lives in the
+:math:`k_n = \nu_n + 1` dimensional space of sample contrasts orthogonal to the other columns.
+:math:`T` is the share of :math:`\operatorname{tr} G^0` carried by the direction of column ``j``
+in that space. If that direction is uniformly distributed on the unit sphere of the space given
+:math:`Z_n`, then with :math:`\mu_1..\mu_{k}` the eigenvalues of :math:`G^0 / \operatorname{tr}
+G^0` and :math:`y_i` iid standard normal,
+
+.. math::
+
+    T \overset{d}{=} \frac{\sum_i \mu_i y_i^2}{\sum_i y_i^2}, \qquad
+    p = P\Big(\sum_i (\mu_i - t)\, y_i^2 \ge 0\Big),
+
+a linear combination of :math:`\chi^2_1` variables evaluated by Imhof's (1961) inversion
+formula (numerical integration, absolute accuracy about :math:`10^{-7}`: smaller p-values are
+not resolved and may be reported as 0). This is the rotation
+test of Langsrud (2005) with the trace statistic, and the p-value is **exact** (conditionally on
+:math:`Z_n`, hence also unconditionally) under either of two assumptions:
+
+1. the rows of :math:`Z_n` are independent Gaussian given the design, with *any* covariance
+   :math:`\Sigma_n` (singular, anisotropic, :math:`L > \nu_n`: none of it matters), since their
+   law is then invariant under rotations of the sample space that fix the other columns; or
+2. the covariate values are themselves random with a spherical law given the other columns,
+   e.g. iid normal values assigned to samples independently of everything else (the
+   calibration check in the tests uses this).
+
+Discrete covariates (e.g. a binary disease status) and non-Gaussian counterfactuals only satisfy
+these approximately; ``pvalue_method="permutation"`` is exact for them when the samples are
+exchangeable under the null: the covariate column's values are permuted among the samples
+(within batches when ``add_batch_specific_offsets``), the same ``n_permutations`` relabellings
+for all cells, vectorised over permutations, and :math:`p = (1 + \#\{T^{\pi} \ge T\}) / (1 +
+R)`. With other covariates in the design, permuting one column keeps the others fixed (an
+approximation when they are correlated with it).
+
+**Cells share samples.** All cells are compared across the *same* samples, so their p-values
+for one covariate are strongly correlated (a single unlucky assignment of a null covariate
+lifts many cells at once). The p-values are calibrated per (cell, covariate) pair, but the share
+of significant cells for one covariate is far more variable than a binomial count suggests; check
+calibration over many independent null covariates, not one. ``padj`` is the Benjamini-Hochberg
+adjustment over all (cell, covariate) pairs (:func:`statsmodels.stats.multitest.multipletests`);
+BH is known to control the FDR under positive regression dependence (Benjamini and Yekutieli,
+2001), which is plausible for this sharing of samples but not proven.
+
+Decoded log fold-changes
+------------------------
+For each of ``mc_samples`` posterior draws :math:`u^{(d)}_n` and each nuisance level :math:`b`,
+both arms use the **same** draw (paired):
+
+.. math::
+
+    z_0 = z_{\mathrm{base}}(u^{(d)}_n) + \bar f_n + \delta_{nb}, \qquad
+    z_1 = z_0 + \hat b_{nj},
+
+where :math:`\bar f_n` is the (weighted) mean over kept samples of the counterfactual offsets
+:math:`f(\bar u_n, s) = z^{(s)}_n - z_{\mathrm{base}}(\bar u_n)` at the posterior mean, and
+:math:`\delta_{nb}` is the fitted batch-:math:`b` offset minus the sample-weighted average offset
+(0 without ``add_batch_specific_offsets``). Both arms are decoded with nuisance level :math:`b`;
+``lfc = log2(h_1 + eps_lfc) - log2(h_0 + eps_lfc)`` per draw is averaged over nuisance levels
+with weights :math:`\omega_b` = the mean over kept samples of the share of the sample's cells in
+level :math:`b` (the share of samples measured in :math:`b` when samples are nested in batches;
+levels with weight 0 are not decoded). The per-draw, level-averaged LFCs give ``lfc`` (mean),
+``lfc_std`` (standard deviation over draws), ``pde`` = :math:`P(|\mathrm{lfc}| \ge \delta)` and,
+on request, highest-density credible intervals (:func:`arviz.hdi`). Pairing removes the
+between-draw variation of :math:`u` from the contrast; the reference draws the two arms
+independently, which inflates ``lfc_std`` (``paired=False`` reproduces that for comparison).
+The uncertainty reported is posterior uncertainty of the cell state; :math:`\hat b_{nj}` enters
+as its estimate (its sampling uncertainty across samples is what the tests measure).
+
+Memory: one cell chunk at a time; decoded tensors are split further so that no intermediate
+exceeds a few tens of MB. ``(cell, covariate, gene)`` outputs larger than ``max_in_memory_gb``
+go to a chunked zarr store (``zarr_path``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .posterior import iter_posterior_u, make_generator, module_device
+
+LN2 = math.log(2.0)
+DECODE_MAX_ELEMENTS = 2**22
+"""Largest decoded tensor (draws x arms x cells x levels x genes) built at once."""
+LFC_MAX_ELEMENTS = 2**25
+"""Largest block of per-draw LFCs (draws x covariates x cells x genes) kept at once."""
+IMHOF_GRID = np.linspace(-24.0, 24.0, 161)
+"""Integration grid in log(u) for Imhof's formula (trapezoid rule)."""
+IMHOF_CHUNK = 512
+"""Cells per block of the Imhof integration (block x grid x samples doubles)."""
+PERMUTATION_CHUNK_ELEMENTS = 2**23
+"""Largest (cells x permutations x samples) block of the permutation test."""
+
+
+# ------------------------------------------------------------------------------------------
+# design matrix
+# ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Design:
+    """A sample design matrix and the meaning of its columns.
+
+    Attributes
+    ----------
+    matrix
+        (n_samples, n_columns) float64: ``intercept``, then batch offsets, then covariates.
+    columns
+        Names of all columns.
+    samples
+        Names of the rows (kept samples).
+    covariate_columns
+        Indices of the covariate columns (the tested ones, in the ``covariate`` coordinate).
+    column_keys
+        The ``sample_cov_keys`` entry of each covariate column.
+    offset_columns, offset_levels
+        Indices of the batch-offset columns and the nuisance code each one stands for.
+    sample_levels
+        Nuisance code of each sample (None when offsets are not used).
+    reference_levels
+        Reference (first) level of each categorical key.
+    """
+
+    matrix: np.ndarray
+    columns: list[str]
+    samples: list[str]
+    covariate_columns: list[int]
+    column_keys: list[str]
+    offset_columns: list[int] = field(default_factory=list)
+    offset_levels: list[int] = field(default_factory=list)
+    sample_levels: np.ndarray | None = None
+    reference_levels: dict = field(default_factory=dict)
+
+    @property
+    def covariate_names(self) -> list[str]:
+        return [self.columns[j] for j in self.covariate_columns]
+
+    @property
+    def residual_df(self) -> int:
+        return self.matrix.shape[0] - self.matrix.shape[1]
+
+    def penalty_mask(self) -> np.ndarray:
+        """1 for the columns the ridge penalises (the covariates), 0 elsewhere."""
+        mask = np.zeros(self.matrix.shape[1])
+        mask[self.covariate_columns] = 1.0
+        return mask
+
+
+def _kind(values: pd.Series) -> str:
+    if isinstance(values.dtype, pd.CategoricalDtype):
+        return "categorical"
+    if pd.api.types.is_bool_dtype(values.dtype):
+        return "boolean"
+    if pd.api.types.is_numeric_dtype(values.dtype):
+        return "numeric"
+    if all(isinstance(v, (bool, np.bool_)) for v in values):
+        return "boolean"
+    return "string"
+
+
+def _levels(values: pd.Series, kind: str) -> list:
+    present = set(values.tolist())
+    if kind == "categorical":
+        return [c for c in values.cat.categories if c in present]
+    if kind == "boolean":
+        return [v for v in (False, True) if v in present]
+    return sorted(present, key=str)
+
+
+def _collinear_columns(matrix: np.ndarray, names: list[str]) -> list[str] | None:
+    """Names of the columns involved in a linear dependence, or None if full column rank."""
+    scale = np.linalg.norm(matrix, axis=0)
+    scaled = matrix / np.where(scale > 0, scale, 1.0)
+    _, sv, vt = np.linalg.svd(scaled, full_matrices=True)
+    tol = max(matrix.shape) * np.finfo(float).eps * 1e3 * (sv[0] if len(sv) else 1.0)
+    rank = int(np.sum(sv > tol))
+    if rank == matrix.shape[1]:
+        return None
+    null = vt[rank:]
+    involved = np.abs(null).max(0) > 1e-6
+    return [n for n, bad in zip(names, involved) if bad]
+
+
+def design_matrix(
+    covariates: pd.DataFrame,
+    keys: Sequence[str],
+    *,
+    normalize_design_matrix: bool = True,
+    sample_levels: np.ndarray | None = None,
+    level_names: Sequence[str] | None = None,
+    add_batch_specific_offsets: bool = False,
+) -> Design:
+    """Design matrix of the samples (rows of ``covariates``) for the covariates ``keys``.
+
+    Columns, in order: ``intercept``; with ``add_batch_specific_offsets``, one
+    ``offset_batch_<level>`` column per nuisance level after the first (an indicator, so with
+    the intercept each level gets its own offset); then the covariates:
+
+    - categorical (pandas category, plain strings, booleans): one indicator column
+      ``"<key>_<level>"`` per level after the first, so each coefficient is the contrast of that
+      level against the first (reference) level: the first category of a pandas categorical
+      (reorder the categories to choose it), the alphabetically first string, ``False``;
+    - numeric: one column ``"<key>"``; with ``normalize_design_matrix`` it is standardised over
+      the samples (mean 0, sd 1) so its coefficient is the effect of one standard deviation,
+      otherwise it is used as is (the effect of one unit). Indicator columns are never rescaled.
+
+    Parameters
+    ----------
+    covariates
+        One row per kept sample (index: sample names), one column per key.
+    keys
+        Covariates to include.
+    normalize_design_matrix
+        Standardise numeric covariates.
+    sample_levels, level_names
+        Nuisance code of each sample and the names of the codes (needed for offsets).
+    add_batch_specific_offsets
+        Add per-batch offset columns.
+
+    Raises
+    ------
+    ValueError
+        For a covariate with a single level (or a constant numeric value) over the samples, a
+        collinear design (the message names the columns involved), or fewer samples than
+        columns + 1 (no residual degrees of freedom for the tests).
+    """
+    samples = [str(s) for s in covariates.index]
+    n = len(samples)
+    columns: list[np.ndarray] = [np.ones(n)]
+    names = ["intercept"]
+    offset_columns, offset_levels = [], []
+    if add_batch_specific_offsets:
+        if sample_levels is None:
+            raise ValueError("add_batch_specific_offsets=True needs the nuisance level of every sample.")
+        present = sorted(set(np.asarray(sample_levels).tolist()))
+        for level in present[1:]:
+            offset_columns.append(len(columns))
+            offset_levels.append(int(level))
+            columns.append((np.asarray(sample_levels) == level).astype(float))
+            label = level_names[level] if level_names is not None else level
+            names.append(f"offset_batch_{label}")
+    covariate_columns, column_keys, references = [], [], {}
+    for key in keys:
+        values = covariates[key]
+        kind = _kind(values)
+        if kind == "numeric":
+            x = values.to_numpy(dtype=float)
+            if np.ptp(x) == 0:
+                raise ValueError(
+                    f"Sample covariate {key!r} takes a single value ({x[0]:g}) over the {n} samples used; "
+                    "a covariate needs at least two distinct values (check sample_subset)."
+                )
+            if normalize_design_matrix:
+                x = (x - x.mean()) / x.std()
+            covariate_columns.append(len(columns))
+            column_keys.append(key)
+            columns.append(x)
+            names.append(str(key))
+            continue
+        levels = _levels(values, kind)
+        if len(levels) < 2:
+            raise ValueError(
+                f"Sample covariate {key!r} has a single level ({levels[0]!r}) over the {n} samples used; "
+                "a covariate needs at least two levels (check sample_subset)."
+            )
+        references[key] = str(levels[0])
+        raw = values.to_numpy()
+        for level in levels[1:]:
+            covariate_columns.append(len(columns))
+            column_keys.append(key)
+            columns.append((raw == level).astype(float))
+            names.append(f"{key}_{level}")
+    matrix = np.column_stack(columns)
+    duplicated = sorted({c for c in names if names.count(c) > 1})
+    if duplicated:
+        raise ValueError(f"Design column name(s) {duplicated} occur twice; give each sample covariate once.")
+    if n - matrix.shape[1] < 1:
+        raise ValueError(
+            f"{n} samples are too few for {matrix.shape[1]} design columns {names}: the tests need at least "
+            "one residual degree of freedom (n_samples >= n_columns + 1). Use fewer covariates or more samples."
+        )
+    collinear = _collinear_columns(matrix, names)
+    if collinear is not None:
+        raise ValueError(
+            f"The design matrix is collinear: columns {collinear} are linearly dependent over the {n} samples "
+            "(e.g. a covariate confounded with another or with the batch offsets). Drop one of them from "
+            "sample_cov_keys, or set add_batch_specific_offsets=False."
+        )
+    return Design(
+        matrix=matrix, columns=names, samples=samples, covariate_columns=covariate_columns,
+        column_keys=column_keys, offset_columns=offset_columns, offset_levels=offset_levels,
+        sample_levels=None if sample_levels is None else np.asarray(sample_levels),
+        reference_levels=references,
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# null distribution
+# ------------------------------------------------------------------------------------------
+def quadratic_ratio_upper_tail(mu: torch.Tensor, valid: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    r"""``P(sum_i mu_i y_i^2 / sum_i y_i^2 >= t)`` over the valid coordinates, ``y`` iid N(0, 1).
+
+    Equivalently :math:`P(\sum_i c_i y_i^2 \ge 0)` with :math:`c_i = \mu_i - t`, evaluated with
+    Imhof's formula :math:`\tfrac12 + \tfrac1\pi \int_0^\infty \sin\theta(u) / (u\rho(u))\,du`,
+    :math:`\theta = \tfrac12\sum_i \arctan(c_i u)`, :math:`\rho = \prod_i (1 + c_i^2u^2)^{1/4}`,
+    by the trapezoid rule in :math:`\log u` (the integrand is analytic in a strip there, so the
+    rule converges geometrically) plus the analytic lower tail.
+
+    Parameters
+    ----------
+    mu
+        (..., K) weights (eigenvalues).
+    valid
+        (..., K) bool: coordinates that take part (others are ignored).
+    t
+        (...) thresholds.
+
+    Returns
+    -------
+    (...) float64 probabilities in [0, 1].
+    """
+    mu, t = mu.double(), t.double()
+    shape = t.shape
+    mu, valid, t = mu.reshape(-1, mu.shape[-1]), valid.reshape(-1, valid.shape[-1]), t.reshape(-1)
+    grid = torch.as_tensor(IMHOF_GRID, dtype=torch.float64, device=mu.device)
+    u = grid.exp()
+    out = torch.empty_like(t)
+    for start in range(0, len(t), IMHOF_CHUNK):
+        sl = slice(start, start + IMHOF_CHUNK)
+        c = torch.where(valid[sl], mu[sl] - t[sl, None], torch.zeros((), dtype=torch.float64, device=mu.device))
+        scale = c.abs().amax(-1, keepdim=True)
+        c = c / torch.where(scale > 0, scale, torch.ones_like(scale))
+        cu = c[:, None, :] * u[None, :, None]  # (m, grid, K)
+        theta = 0.5 * torch.atan(cu).sum(-1)
+        log_rho = 0.25 * torch.log1p(cu * cu).sum(-1)
+        g = torch.sin(theta) * torch.exp(-log_rho)
+        integral = torch.trapezoid(g, grid, dim=-1) + g[:, 0]
+        out[sl] = (0.5 + integral / math.pi).clamp(0.0, 1.0)
+    return out.reshape(shape)
+
+
+# ------------------------------------------------------------------------------------------
+# per-cell regression and tests
+# ------------------------------------------------------------------------------------------
+def _weighted_normal_equations(Z: torch.Tensor, X: torch.Tensor, weights: torch.Tensor):
+    Xw = X[None] * weights[..., None]  # (n, S, P)
+    xtwx = torch.einsum("sp,nsq->npq", X, Xw)
+    xtwz = torch.einsum("nsp,nsl->npl", Xw, Z)
+    return xtwx, xtwz
+
+
+def _safe_inverse(xtwx: torch.Tensor, n_positive: torch.Tensor):
+    """Inverse of each (P x P) matrix and a flag of the usable cells: those whose matrix is
+    well conditioned (not e.g. every sample of a level inadmissible) and that keep at least one
+    residual degree of freedom. Flagged cells get a pseudo-inverse."""
+    P = xtwx.shape[-1]
+    diag = xtwx.diagonal(dim1=-2, dim2=-1).clamp_min(1e-300).sqrt()
+    scaled = xtwx / (diag[:, :, None] * diag[:, None, :])
+    chol, info = torch.linalg.cholesky_ex(scaled)
+    ok = (info == 0) & (n_positive - P >= 1)
+    if ok.any():
+        ok = ok & (chol.diagonal(dim1=-2, dim2=-1).amin(-1) > 1e-6)
+    inv = torch.empty_like(xtwx)
+    scale = diag[:, :, None] * diag[:, None, :]
+    if ok.any():
+        inv[ok] = torch.cholesky_inverse(chol[ok]) / scale[ok]
+    if not ok.all():
+        inv[~ok] = torch.linalg.pinv(xtwx[~ok], hermitian=True)
+    return inv, ok
+
+
+def regression_tests(
+    Z: torch.Tensor,
+    X: torch.Tensor | np.ndarray,
+    tested: Sequence[int],
+    weights: torch.Tensor | None = None,
+    *,
+    lambd: float = 0.0,
+    penalty_mask: torch.Tensor | np.ndarray | None = None,
+) -> dict[str, torch.Tensor]:
+    """Per-cell (weighted, ridge) regression of ``Z`` on ``X`` and exact tests of columns.
+
+    See the module docstring for the statistics and their null distribution.
+
+    Parameters
+    ----------
+    Z
+        (n, S, L) responses (counterfactuals of n cells in S samples).
+    X
+        (S, P) design.
+    tested
+        Columns to test.
+    weights
+        (n, S) non-negative sample weights per cell (None: all ones).
+    lambd, penalty_mask
+        Ridge penalty ``lambd`` on the columns where ``penalty_mask`` is 1 (default: all but the
+        first); only ``beta`` is penalised, the tests use the unpenalised fit.
+
+    Returns
+    -------
+    dict of float64 tensors: ``beta`` (n, P, L), ``effect_size``, ``pvalue``,
+    ``hypothesis_ss`` (n, len(tested)), ``rss``, ``df_residual`` (n,) and ``valid`` (n,) bool
+    (False where the cell has no residual degree of freedom or a singular design; its tests
+    are NaN).
+    """
+    Z = Z.double()
+    X = torch.as_tensor(X, dtype=torch.float64, device=Z.device)
+    n, S, L = Z.shape
+    P = X.shape[1]
+    w = torch.ones(n, S, dtype=torch.float64, device=Z.device) if weights is None else weights.double()
+    xtwx, xtwz = _weighted_normal_equations(Z, X, w)
+    n_positive = (w > 0).sum(1)
+    V, ok = _safe_inverse(xtwx, n_positive)
+    B_ols = V @ xtwz
+    if lambd > 0:
+        mask = torch.ones(P, dtype=torch.float64, device=Z.device) if penalty_mask is None else torch.as_tensor(
+            penalty_mask, dtype=torch.float64, device=Z.device)
+        if penalty_mask is None:
+            mask[0] = 0.0
+        beta = torch.linalg.solve(xtwx + lambd * torch.diag(mask), xtwz)
+    else:
+        beta = B_ols
+    sqrt_w = w.sqrt()
+    resid = sqrt_w[..., None] * (Z - torch.einsum("sp,npl->nsl", X, B_ols))  # (n, S, L)
+    rss = (resid * resid).sum((1, 2))
+    df = (n_positive - P).double()
+    nan = torch.full((n,), float("nan"), dtype=torch.float64, device=Z.device)
+    effects, pvalues, hss = [], [], []
+    for j in tested:
+        b2 = (B_ols[:, j] ** 2).sum(-1)
+        vjj = V[:, j, j]
+        H = b2 / vjj
+        # direction of column j orthogonal (in the W inner product) to the others: r = W^1/2 X V e_j / V_jj
+        r = sqrt_w * torch.einsum("sp,np->ns", X, V[:, :, j]) / vjj[:, None]
+        # weighted residuals of the fit without column j (Frisch-Waugh-Lovell)
+        resid0 = resid + r[:, :, None] * B_ols[:, j][:, None, :]
+        g0 = resid0 @ resid0.transpose(1, 2)
+        g0 = torch.where(ok[:, None, None] & torch.isfinite(g0).all(-1).all(-1)[:, None, None], g0, 0.0)
+        total = rss + H
+        k = (df + 1).clamp_min(0)
+        width = max(int(k.max()), 1)  # G0 has rank <= k: only the k largest eigenvalues matter
+        eig = torch.linalg.eigvalsh(g0).flip(-1)[:, :width]  # descending
+        valid = torch.arange(width, device=Z.device)[None] < k[:, None]
+        safe_total = torch.where(total > 0, total, torch.ones_like(total))
+        p = quadratic_ratio_upper_tail(eig / safe_total[:, None], valid, H / safe_total)
+        p = torch.where(total > 0, p, torch.ones_like(p))
+        sigma2 = rss / (df.clamp_min(1) * L)
+        effect = torch.where(sigma2 > 0, H / sigma2.clamp_min(1e-300), torch.full_like(H, float("inf")))
+        effect = torch.where(total > 0, effect, torch.zeros_like(effect))
+        effects.append(torch.where(ok, effect, nan))
+        pvalues.append(torch.where(ok, p, nan))
+        hss.append(H)
+    return {
+        "beta": beta,
+        "effect_size": torch.stack(effects, 1) if effects else torch.zeros(n, 0, dtype=torch.float64),
+        "pvalue": torch.stack(pvalues, 1) if pvalues else torch.zeros(n, 0, dtype=torch.float64),
+        "hypothesis_ss": torch.stack(hss, 1) if hss else torch.zeros(n, 0, dtype=torch.float64),
+        "rss": rss,
+        "df_residual": df,
+        "valid": ok,
+    }
+
+
+def sample_permutations(
+    n_samples: int, n_permutations: int, strata: np.ndarray | None = None, *, seed: int | None = 0
+) -> torch.Tensor:
+    """(n_permutations, n_samples) random permutations, within ``strata`` when given: row ``r``
+    maps position ``s`` to the sample whose value it receives."""
+    gen = make_generator(seed)
+    strata_t = torch.zeros(n_samples, dtype=torch.float64) if strata is None else torch.as_tensor(
+        np.asarray(strata), dtype=torch.float64)
+    keys = torch.rand(n_permutations, n_samples, generator=gen, dtype=torch.float64) + 2.0 * strata_t
+    shuffled = keys.argsort(dim=1)
+    grouped = torch.argsort(strata_t, stable=True)
+    perms = torch.empty_like(shuffled)
+    perms[:, grouped] = shuffled
+    return perms
+
+
+def permutation_pvalues(
+    Z: torch.Tensor,
+    X: torch.Tensor | np.ndarray,
+    tested: Sequence[int],
+    permutations: torch.Tensor,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Permutation p-values (n, len(tested)) of the trace statistic of each tested column.
+
+    For column ``j`` the other columns are kept and ``X[:, j]`` is relabelled by each row of
+    ``permutations`` (shared by all cells). With ``G0`` the Gram matrix of the weighted
+    residuals of the fit without ``j`` and ``r`` the weighted, residualised column, the
+    statistic is ``r' G0 r / r' r`` (the hypothesis sum of squares); ``p = (1 + #{H_perm >=
+    H}) / (1 + R)``. Cost ``n x R x S^2`` per column, vectorised over cells and permutations.
+    """
+    Z = Z.double()
+    X = torch.as_tensor(X, dtype=torch.float64, device=Z.device)
+    n, S, _ = Z.shape
+    P = X.shape[1]
+    permutations = permutations.to(Z.device)
+    R = permutations.shape[0]
+    w = torch.ones(n, S, dtype=torch.float64, device=Z.device) if weights is None else weights.double()
+    sqrt_w = w.sqrt()
+    out = torch.full((n, len(tested)), float("nan"), dtype=torch.float64, device=Z.device)
+    eye = torch.eye(S, dtype=torch.float64, device=Z.device)
+    for col, j in enumerate(tested):
+        others = [c for c in range(P) if c != j]
+        XN = X[:, others]
+        xtwx, _ = _weighted_normal_equations(Z, XN, w)
+        inv, ok = _safe_inverse(xtwx, (w > 0).sum(1) - 1)
+        # projector onto weighted residuals: W^1/2 (I - XN (XN'W XN)^-1 XN' W)
+        hat = torch.einsum("sp,npq,tq->nst", XN, inv, XN) * w[:, None, :]
+        proj = sqrt_w[:, :, None] * (eye[None] - hat)
+        R0 = proj @ Z
+        G0 = R0 @ R0.transpose(1, 2)
+        column = X[:, j]
+        values = torch.cat([column[None], column[permutations]], 0)  # (1 + R, S)
+        chunk = max(1, PERMUTATION_CHUNK_ELEMENTS // max(1, (R + 1) * S))
+        for start in range(0, n, chunk):
+            sl = slice(start, start + chunk)
+            r = torch.einsum("nst,rt->nrs", proj[sl], values)
+            num = torch.einsum("nrs,nst,nrt->nr", r, G0[sl], r)
+            den = (r * r).sum(-1)
+            H = torch.where(den > 1e-12, num / den.clamp_min(1e-300), torch.zeros_like(num))
+            observed = H[:, :1]
+            count = (H[:, 1:] >= observed * (1 - 1e-9) - 1e-12).sum(1)
+            p = (1.0 + count.double()) / (1.0 + R)
+            out[sl, col] = torch.where(ok[sl], p, torch.full_like(p, float("nan")))
+    return out
+
+
+def benjamini_hochberg(pvalues: np.ndarray) -> np.ndarray:
+    """BH-adjusted p-values over all finite entries (NaN stays NaN)."""
+    from statsmodels.stats.multitest import multipletests
+
+    padj = np.full(pvalues.shape, np.nan)
+    finite = np.isfinite(pvalues)
+    if finite.any():
+        padj[finite] = multipletests(pvalues[finite], method="fdr_bh")[1]
+    return padj
+
+
+# ------------------------------------------------------------------------------------------
+# decoded log fold-changes
+# ------------------------------------------------------------------------------------------
+def nuisance_level_weights(sample_level_counts: np.ndarray) -> np.ndarray:
+    """Weights of the nuisance levels: the mean over samples of each sample's share of cells
+    in each level. ``sample_level_counts`` is (n_samples, n_levels) cell counts."""
+    counts = np.asarray(sample_level_counts, dtype=float)
+    totals = counts.sum(1, keepdims=True)
+    shares = np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
+    used = totals[:, 0] > 0
+    weights = shares[used].mean(0) if used.any() else np.full(counts.shape[1], 1.0 / counts.shape[1])
+    return weights / weights.sum()
+
+
+def decoded_lfc_draws(
+    module,
+    z_base: torch.Tensor,
+    mean_offset: torch.Tensor,
+    effects: torch.Tensor,
+    levels: torch.Tensor,
+    level_weights: torch.Tensor,
+    *,
+    level_offsets: torch.Tensor | None = None,
+    eps_lfc: float = 1e-4,
+    paired: bool = True,
+    with_baseline: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-draw log2 fold-changes of decoded expression, averaged over nuisance levels.
+
+    Parameters
+    ----------
+    module
+        Implements ``decode(z, batch_index)``.
+    z_base
+        (D, n, L) ``z_base(u)`` of D posterior draws of u for n cells.
+    mean_offset
+        (n, L) mean counterfactual offset over the kept samples.
+    effects
+        (n, C, L) the coefficients whose effects are decoded.
+    levels, level_weights
+        (B,) nuisance codes decoded and their weights (summing to 1).
+    level_offsets
+        Optional (n, B, L) per-level offsets added to both arms.
+    eps_lfc
+        Added to the normalised expression before the log.
+    paired
+        Same draw on both arms (True); False uses draw ``d - 1`` for the baseline arm.
+    with_baseline
+        Also return the level-averaged baseline expression summed over draws, (n, G) float64.
+
+    Returns
+    -------
+    ``lfc`` (D, C, n, G) float32 and the baseline sum (or None). The decoded tensors are built
+    in slices of draws of at most ``DECODE_MAX_ELEMENTS`` entries.
+    """
+    D, n, L = z_base.shape
+    C = effects.shape[1]
+    B = len(levels)
+    base1 = z_base + mean_offset
+    base0 = base1 if paired else z_base.roll(1, dims=0) + mean_offset
+    weights = level_weights.to(torch.float32)
+    log_eps = torch.tensor(math.log(eps_lfc), dtype=z_base.dtype, device=z_base.device)
+    lfc, baseline = None, None
+    step = 1
+    start = 0
+    while start < D:
+        sl = slice(start, start + step)
+        d = base1[sl].shape[0]
+        z = torch.empty((d, 1 + C, n, B, L), dtype=base1.dtype, device=base1.device)
+        z[:, 0] = base0[sl, :, None, :]
+        z[:, 1:] = (base1[sl, None] + effects.transpose(0, 1)[None])[:, :, :, None, :]
+        if level_offsets is not None:
+            z += level_offsets[None, None]
+        log_h = module.decode(z, levels)  # (d, 1 + C, n, B, G)
+        if lfc is None:
+            G = log_h.shape[-1]
+            lfc = torch.empty((D, C, n, G), dtype=torch.float32, device=z.device)
+            baseline = torch.zeros((n, G), dtype=torch.float64, device=z.device) if with_baseline else None
+        if with_baseline:
+            baseline += torch.einsum("dnbg,b->ng", log_h[:, 0].exp(), weights).double()
+        logs = torch.logaddexp(log_h, log_eps)  # log(h + eps_lfc)
+        lfc[sl] = torch.einsum("dcnbg,b->dcng", logs[:, 1:] - logs[:, :1], weights / LN2)
+        start += d
+        step = max(1, DECODE_MAX_ELEMENTS // max(1, log_h[0].numel()))
+    return lfc, baseline
+
+
+def summarize_lfc_draws(lfc: torch.Tensor, delta: float | None, credible_interval: float | None) -> dict:
+    """Mean, sd, P(|lfc| >= delta) and HDI bounds over the draws (first axis) of ``lfc``."""
+    mean = lfc.mean(0)
+    centered = lfc - mean
+    spread = (centered * centered).sum(0) / max(lfc.shape[0] - 1, 1)
+    del centered
+    out = {"lfc": mean, "lfc_std": spread.sqrt_()}
+    if delta is not None:
+        out["pde"] = (lfc.abs() >= delta).float().mean(0)
+    if credible_interval is not None:
+        import arviz as az
+
+        bounds = az.hdi(lfc.cpu().numpy()[None], hdi_prob=float(credible_interval))
+        out["lfc_lower"] = torch.as_tensor(np.asarray(bounds)[..., 0])
+        out["lfc_upper"] = torch.as_tensor(np.asarray(bounds)[..., 1])
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# outputs
+# ------------------------------------------------------------------------------------------
+class LfcSink:
+    """Where ``(cell, covariate, gene)`` outputs go: numpy arrays, or a chunked zarr store.
+
+    The zarr store (format 2, one chunk per ``chunk_cells`` cells) starts with the
+    coordinates; the caller appends the other variables and opens it with
+    :func:`xarray.open_zarr`.
+    """
+
+    def __init__(self, names: Sequence[str], shape: tuple, dims: tuple, coords: dict, *, zarr_path=None,
+                 chunk_cells: int = 128, baseline_shape: tuple | None = None):
+        self.names, self.shape, self.dims, self.zarr_path = list(names), shape, dims, zarr_path
+        self.arrays: dict = {}
+        if zarr_path is None:
+            self.arrays = {name: np.full(shape, np.nan, dtype=np.float32) for name in self.names}
+            if baseline_shape is not None:
+                self.arrays["baseline_expression"] = np.full(baseline_shape, np.nan, dtype=np.float32)
+            return
+        import xarray as xr
+        import zarr
+
+        xr.Dataset(coords=coords).to_zarr(zarr_path, mode="w", zarr_format=2, consolidated=False)
+        group = zarr.open_group(str(zarr_path), mode="a", zarr_format=2)
+        for name in self.names:
+            arr = group.create_array(name, shape=shape, chunks=(chunk_cells, *shape[1:]), dtype="float32",
+                                     fill_value=np.nan)
+            arr.attrs["_ARRAY_DIMENSIONS"] = list(dims)
+            self.arrays[name] = arr
+        if baseline_shape is not None:
+            arr = group.create_array("baseline_expression", shape=baseline_shape,
+                                     chunks=(chunk_cells, baseline_shape[1]), dtype="float32", fill_value=np.nan)
+            arr.attrs["_ARRAY_DIMENSIONS"] = [dims[0], dims[2]]
+            self.arrays["baseline_expression"] = arr
+
+    @property
+    def on_disk(self) -> bool:
+        return self.zarr_path is not None
+
+    def write(self, name: str, rows: slice, values: np.ndarray) -> None:
+        self.arrays[name][rows] = values
+
+
+def group_summary(
+    result,
+    groups: pd.Series,
+    *,
+    covariates: Sequence[str] | None = None,
+    n_top_genes: int | None = 10,
+    interval: tuple[float, float] = (0.05, 0.95),
+    padj_threshold: float = 0.05,
+    max_cells_per_group: int = 5000,
+    chunk_cells: int = 4096,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Per-group summary of a differential-expression Dataset (see
+    :meth:`mrvi_pyro.MRVI.differential_expression_summary`). Reads the per-cell arrays group by
+    group and chunk by chunk, so it works on results stored on disk."""
+    has_lfc = "lfc" in result
+    lfc_dim = result["lfc"].dims[1] if has_lfc else "covariate"
+    available = [str(c) for c in result[lfc_dim].values]
+    chosen = available if covariates is None else list(covariates)
+    unknown = [c for c in chosen if c not in available]
+    if unknown:
+        raise ValueError(f"covariate {unknown} not among the summarised covariates {available}.")
+    all_covariates = [str(c) for c in result["covariate"].values]
+    test_pos = np.array([all_covariates.index(c) for c in chosen])
+    lfc_pos = np.array([available.index(c) for c in chosen])
+    values = groups.to_numpy()
+    if isinstance(groups.dtype, pd.CategoricalDtype):
+        levels = [c for c in groups.cat.categories if c in set(values)]
+    else:
+        levels = sorted(set(values), key=str)
+    genes = np.asarray(result["gene"].values).astype(str) if has_lfc else None
+    rng = np.random.default_rng(seed)
+    frames = []
+    for level in levels:
+        idx = np.flatnonzero(values == level)
+        effect = np.asarray(result["effect_size"].values)[idx][:, test_pos]
+        padj = np.asarray(result["padj"].values)[idx][:, test_pos]
+        per_covariate = pd.DataFrame({
+            "group": level, "covariate": chosen, "n_cells": len(idx),
+            "effect_size_mean": np.nanmean(effect, 0), "frac_significant": np.mean(padj < padj_threshold, 0),
+        })
+        if not has_lfc:
+            frames.append(per_covariate)
+            continue
+        sums = {name: 0.0 for name in ("lfc", "lfc_std", "pde") if name in result}
+        counts = 0.0
+        for start in range(0, len(idx), chunk_cells):
+            rows = idx[start:start + chunk_cells]
+            for name in sums:
+                block = result[name].isel({"cell_name": rows, lfc_dim: lfc_pos}).values
+                sums[name] = sums[name] + np.nansum(block, 0)
+            counts = counts + np.sum(np.isfinite(result["lfc"].isel({"cell_name": rows, lfc_dim: lfc_pos}).values), 0)
+        means = {name: total / np.maximum(counts, 1) for name, total in sums.items()}
+        subset = idx if len(idx) <= max_cells_per_group else np.sort(rng.choice(idx, max_cells_per_group, replace=False))
+        lfc_cells = result["lfc"].isel({"cell_name": subset, lfc_dim: lfc_pos}).values
+        lower, upper = np.nanquantile(lfc_cells, interval, axis=0)
+        for c, name in enumerate(chosen):
+            table = pd.DataFrame({
+                "group": level, "covariate": name, "gene": genes, "lfc_mean": means["lfc"][c],
+                "lfc_lower": lower[c], "lfc_upper": upper[c], "lfc_std_mean": means["lfc_std"][c],
+            })
+            if "pde" in means:
+                table["pde_mean"] = means["pde"][c]
+            order = np.argsort(-np.abs(table["lfc_mean"].to_numpy()), kind="stable")
+            table = table.iloc[order]
+            table.insert(3, "rank", np.arange(1, len(table) + 1))
+            if n_top_genes is not None:
+                table = table.iloc[:n_top_genes]
+            frames.append(table.merge(per_covariate, on=["group", "covariate"]))
+    return pd.concat(frames, ignore_index=True)
+
+
+def lfc_output_bytes(n_cells: int, n_covariates: int, n_genes: int, n_arrays: int, store_baseline: bool) -> int:
+    """Bytes of the float32 ``(cell, covariate, gene)`` outputs (and the baseline)."""
+    return 4 * n_cells * n_genes * (n_covariates * n_arrays + int(store_baseline))
+
+
+# ------------------------------------------------------------------------------------------
+# the analysis
+# ------------------------------------------------------------------------------------------
+def differential_expression(
+    module,
+    data,
+    design: Design,
+    sample_codes: Sequence[int],
+    indices: np.ndarray | None = None,
+    *,
+    weights: np.ndarray | None = None,
+    batch_size: int = 128,
+    lambd: float = 0.0,
+    pvalue_method: str = "chi2",
+    n_permutations: int = 999,
+    store_lfc: bool = False,
+    lfc_columns: Sequence[int] | None = None,
+    mc_samples: int = 50,
+    level_weights: np.ndarray | None = None,
+    eps_lfc: float = 1e-4,
+    delta: float | None = 0.3,
+    credible_interval: float | None = None,
+    store_baseline: bool = False,
+    sink: LfcSink | None = None,
+    paired: bool = True,
+    seed: int | None = 0,
+) -> dict:
+    """Counterfactual regression, tests and (optionally) decoded LFCs for the cells ``indices``.
+
+    Parameters
+    ----------
+    module
+        Implements the analysis protocol (``encode_u``, ``counterfactual_z``, ``z_base``,
+        ``decode``).
+    data
+        :class:`mrvi_pyro.data.CellData`.
+    design
+        :func:`design_matrix` over the kept samples, whose module codes are ``sample_codes``.
+    indices
+        Cells (default all).
+    weights
+        (n_cells, n_kept_samples) per-cell sample weights (e.g. admissibility as 0/1).
+    batch_size
+        Cells per chunk.
+    lambd
+        Ridge penalty on the covariate coefficients (``beta`` and the LFCs only).
+    pvalue_method
+        ``"chi2"`` (exact rotation null of the chi-squared statistic, Imhof) or
+        ``"permutation"``.
+    n_permutations
+        Relabellings for ``"permutation"``.
+    store_lfc, lfc_columns
+        Decode LFCs for these design columns (default: all covariate columns).
+    mc_samples
+        Posterior draws of u per cell for the LFCs.
+    level_weights
+        (n_batches,) weights of the nuisance levels (zeros are skipped).
+    eps_lfc, delta, credible_interval, store_baseline
+        See the module docstring.
+    sink
+        Destination of the LFC outputs (:class:`LfcSink`); required with ``store_lfc``.
+    paired
+        Pair the draws of the two arms (False: the reference's unpaired comparison).
+    seed
+        Seeds the posterior draws and the permutations.
+
+    Returns
+    -------
+    dict with numpy arrays ``beta`` (n, C, L), ``nuisance_beta`` (n, P - C, L),
+    ``effect_size``, ``pvalue``, ``padj`` (n, C), ``df_residual``, ``n_samples`` (n,).
+    """
+    if pvalue_method not in ("chi2", "permutation"):
+        raise ValueError(f"pvalue_method must be 'chi2' or 'permutation'; got {pvalue_method!r}.")
+    device = module_device(module)
+    indices = np.arange(len(data)) if indices is None else np.asarray(indices, dtype=np.int64)
+    X = torch.as_tensor(design.matrix, dtype=torch.float64, device=device)
+    P = X.shape[1]
+    tested = list(design.covariate_columns)
+    nuisance = [c for c in range(P) if c not in tested]
+    codes = torch.as_tensor(np.asarray(sample_codes), dtype=torch.long, device=device)
+    penalty = torch.as_tensor(design.penalty_mask(), device=device)
+    permutations = None
+    if pvalue_method == "permutation":
+        strata = design.sample_levels if design.offset_columns else None
+        permutations = sample_permutations(len(design.samples), int(n_permutations), strata, seed=seed)
+    lfc_columns = tested if lfc_columns is None else list(lfc_columns)
+    if store_lfc:
+        if level_weights is None:
+            level_weights = np.full(module.n_batches, 1.0 / module.n_batches)
+        level_weights = np.asarray(level_weights, dtype=float)
+        used_levels = np.flatnonzero(level_weights > 0)
+        levels_t = torch.as_tensor(used_levels, dtype=torch.long, device=device)
+        lw_t = torch.as_tensor(level_weights[used_levels] / level_weights[used_levels].sum(), device=device)
+        level_pos = {int(b): i for i, b in enumerate(used_levels)}
+        sample_level_pos = None
+        if design.offset_columns:
+            sample_level_pos = torch.as_tensor(
+                [level_pos.get(int(b), -1) for b in design.sample_levels], device=device)
+
+    n = len(indices)
+    C = len(tested)
+    L = None
+    out = {"effect_size": np.empty((n, C)), "pvalue": np.empty((n, C)), "df_residual": np.empty(n),
+           "n_samples": np.empty(n, dtype=np.int64)}
+    position = 0
+    for chunk, _batch, loc, _scale, draws in iter_posterior_u(
+        module, data, indices, batch_size=batch_size, n_draws=mc_samples if store_lfc else None, seed=seed
+    ):
+        m = len(chunk)
+        rows = slice(position, position + m)
+        with torch.no_grad():
+            Z = module.counterfactual_z(loc[:, None, :], codes)  # (m, S, L)
+            w = None if weights is None else torch.as_tensor(weights[position:position + m], device=device).double()
+            fit = regression_tests(Z, X, tested, w, lambd=lambd, penalty_mask=penalty)
+            if L is None:
+                L = Z.shape[-1]
+                out["beta"] = np.empty((n, C, L), dtype=np.float32)
+                out["nuisance_beta"] = np.empty((n, len(nuisance), L), dtype=np.float32)
+            out["beta"][rows] = fit["beta"][:, tested].cpu().numpy()
+            out["nuisance_beta"][rows] = fit["beta"][:, nuisance].cpu().numpy()
+            out["effect_size"][rows] = fit["effect_size"].cpu().numpy()
+            out["df_residual"][rows] = fit["df_residual"].cpu().numpy()
+            ww = torch.ones(Z.shape[:2], dtype=torch.float64, device=device) if w is None else w
+            out["n_samples"][rows] = (ww > 0).sum(1).cpu().numpy()
+            if permutations is None:
+                out["pvalue"][rows] = fit["pvalue"].cpu().numpy()
+            else:
+                out["pvalue"][rows] = permutation_pvalues(Z, X, tested, permutations, w).cpu().numpy()
+            if store_lfc:
+                _store_lfc_chunk(
+                    module, sink, rows, loc, draws, Z, ww, fit["beta"], design, lfc_columns, levels_t, lw_t,
+                    sample_level_pos, eps_lfc=eps_lfc, delta=delta, credible_interval=credible_interval,
+                    store_baseline=store_baseline, paired=paired,
+                )
+        position += m
+    out["padj"] = benjamini_hochberg(out["pvalue"])
+    return out
+
+
+def _store_lfc_chunk(module, sink, rows, loc, draws, Z, w, beta, design, lfc_columns, levels, level_weights,
+                     sample_level_pos, *, eps_lfc, delta, credible_interval, store_baseline, paired):
+    """Decode the LFCs of one cell chunk and write their summaries to ``sink``."""
+    wsum = w.sum(1, keepdim=True)
+    z_base_mean = module.z_base(loc).double()
+    mean_z = (w[..., None] * Z.double()).sum(1) / wsum.clamp_min(1e-300)
+    mean_offset = (mean_z - z_base_mean).float()
+    level_offsets = None
+    if design.offset_columns:
+        B = len(levels)
+        offsets = torch.zeros(beta.shape[0], B, beta.shape[-1], dtype=torch.float64, device=beta.device)
+        for col, level in zip(design.offset_columns, design.offset_levels):
+            pos = int((levels == level).nonzero()[0, 0]) if (levels == level).any() else None
+            if pos is not None:
+                offsets[:, pos] = beta[:, col]
+        # sample-weighted average offset of the cell's kept samples
+        valid = sample_level_pos >= 0
+        per_sample = torch.zeros(beta.shape[0], len(sample_level_pos), beta.shape[-1], dtype=torch.float64,
+                                 device=beta.device)
+        per_sample[:, valid] = offsets[:, sample_level_pos[valid]]
+        average = (w[..., None] * per_sample).sum(1) / wsum.clamp_min(1e-300)
+        level_offsets = (offsets - average[:, None]).float()
+    effects = beta[:, lfc_columns].float()
+    D = draws.shape[0]
+    n = loc.shape[0]
+    # split the cells so that the per-draw LFC block kept for the summaries stays bounded
+    sub = max(1, LFC_MAX_ELEMENTS // max(1, D * len(lfc_columns) * sink.shape[-1]))
+    for start in range(0, n, sub):
+        sl = slice(start, start + sub)
+        lfc, baseline = decoded_lfc_draws(
+            module, module.z_base(draws[:, sl]), mean_offset[sl], effects[sl], levels, level_weights,
+            level_offsets=None if level_offsets is None else level_offsets[sl], eps_lfc=eps_lfc, paired=paired,
+            with_baseline=store_baseline,
+        )
+        summary = summarize_lfc_draws(lfc, delta, credible_interval)
+        target = slice(rows.start + start, rows.start + start + lfc.shape[2])
+        for name, values in summary.items():
+            sink.write(name, target, values.transpose(0, 1).cpu().numpy() if values.dim() == 3 else values)
+        if store_baseline:
+            sink.write("baseline_expression", target, (baseline / D).float().cpu().numpy())
