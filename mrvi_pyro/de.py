@@ -785,10 +785,10 @@ def group_summary(
         counts = 0.0
         for start in range(0, len(idx), chunk_cells):
             rows = idx[start:start + chunk_cells]
-            for name in sums:
-                block = result[name].isel({"cell_name": rows, lfc_dim: lfc_pos}).values
+            blocks = {name: result[name].isel({"cell_name": rows, lfc_dim: lfc_pos}).values for name in sums}
+            for name, block in blocks.items():
                 sums[name] = sums[name] + np.nansum(block, 0)
-            counts = counts + np.sum(np.isfinite(result["lfc"].isel({"cell_name": rows, lfc_dim: lfc_pos}).values), 0)
+            counts = counts + np.isfinite(blocks["lfc"]).sum(0)
         means = {name: total / np.maximum(counts, 1) for name, total in sums.items()}
         subset = idx if len(idx) <= max_cells_per_group else np.sort(rng.choice(idx, max_cells_per_group, replace=False))
         lfc_cells = result["lfc"].isel({"cell_name": subset, lfc_dim: lfc_pos}).values

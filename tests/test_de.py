@@ -4,6 +4,7 @@ decoded LFCs, planted truth, options and bad input."""
 import warnings
 
 import matplotlib
+import matplotlib.pyplot
 import numpy as np
 import pandas as pd
 import pytest
@@ -12,7 +13,7 @@ import xarray as xr
 from scipy import stats
 from sklearn.metrics import roc_auc_score
 
-from mrvi_pyro import MRVI, de
+from mrvi_pyro import MRVI, de, plotting
 from mrvi_pyro.posterior import iter_posterior_u
 
 matplotlib.use("Agg")
@@ -31,8 +32,7 @@ def _one_thread():
 def de_model(sim_adata):
     """A model trained long enough to learn the planted disease effect (about 30 s on one core;
     checked over five initialisations: AUROC >= 0.96, type_0 effect size >= 15x the others)."""
-    torch.manual_seed(0)  # MRVI() initialises its parameters from the global torch generator
-    model = MRVI(sim_adata)
+    model = MRVI(sim_adata, seed=0)
     model.train(max_epochs=100, batch_size=256, lr=4e-3, seed=0, progress_bar=False)
     return model
 
@@ -389,7 +389,7 @@ def test_inadmissible_samples_get_zero_weight(de_model, sim_adata):
 # ------------------------------------------------------------------------------------------
 def test_lfc_options_and_disk_store(de_model, sim_adata, tmp_path):
     cells = sim_adata[:64].copy()
-    kwargs = dict(sample_cov_keys=["disease", "age"], store_lfc=True, mc_samples=6, batch_size=32)
+    kwargs = {"sample_cov_keys": ["disease", "age"], "store_lfc": True, "mc_samples": 6, "batch_size": 32}
     full = de_model.differential_expression(cells, **kwargs, store_baseline=True, credible_interval=0.9)
     assert full["lfc"].dims == ("cell_name", "covariate", "gene")
     assert full["baseline_expression"].dims == ("cell_name", "gene")
@@ -410,6 +410,37 @@ def test_lfc_options_and_disk_store(de_model, sim_adata, tmp_path):
         np.testing.assert_allclose(on_disk[name].values, full[name].values, rtol=1e-5, atol=1e-6)
     reopened = xr.open_zarr(store, chunks=None, consolidated=False)
     np.testing.assert_allclose(reopened["baseline_expression"].values, full["baseline_expression"].values, rtol=1e-5)
+
+
+def test_summary_and_plots(de_model, disease_de, sim_adata):
+    table = de_model.differential_expression_summary(disease_de, groupby="cell_type", n_top_genes=None)
+    truth = sim_adata.uns["simulation"]
+    assert set(table["group"]) == {"type_0", "type_1", "type_2", "type_3"}
+    assert {"gene", "rank", "lfc_mean", "lfc_lower", "lfc_upper", "lfc_std_mean", "pde_mean", "n_cells",
+            "effect_size_mean", "frac_significant"} <= set(table.columns)
+    type0 = table[table["group"] == truth["de_cell_type"]]
+    mask = (sim_adata.obs["cell_type"] == truth["de_cell_type"]).to_numpy()
+    gene = type0["gene"].iloc[0]
+    assert type0["lfc_mean"].iloc[0] == pytest.approx(disease_de["lfc"].sel(gene=gene).values[mask, 0].mean(), rel=1e-5)
+    assert type0["n_cells"].iloc[0] == mask.sum()
+    assert (type0["lfc_lower"] <= type0["lfc_mean"] + 1e-6).all() and (type0["lfc_mean"] <= type0["lfc_upper"] + 1e-6).all()
+    assert len(set(type0.nsmallest(10, "rank")["gene"]) & set(truth["de_genes"])) >= 8
+    top = de_model.differential_expression_summary(disease_de, n_top_genes=3)
+    assert len(top) == 4 * 3 and top["rank"].max() == 3
+    tests_only = de_model.differential_expression_summary(disease_de.drop_vars(["lfc", "lfc_std", "pde"]))
+    assert len(tests_only) == 4 and "gene" not in tests_only
+    assert tests_only.set_index("group")["effect_size_mean"].idxmax() == truth["de_cell_type"]
+    with pytest.raises(ValueError, match="groupby key 'tissue'"):
+        de_model.differential_expression_summary(disease_de, groupby="tissue")
+    with pytest.raises(ValueError, match="covariate \\['age'\\] not among"):
+        de_model.differential_expression_summary(disease_de, covariate="age")
+    coords = np.random.default_rng(0).standard_normal((sim_adata.n_obs, 2))
+    figures = [plotting.effect_size_embedding(disease_de, coords, obs=sim_adata.obs, color="cell_type"),
+               plotting.top_genes_heatmap(table), plotting.volcano(table, highlight=list(truth["de_genes"]))]
+    assert [len(f.axes) for f in figures] == [3 + 2, 2, 4]  # panels (+ colour bars)
+    with pytest.raises(ValueError, match="covariate 'age' not among"):
+        plotting.volcano(table, covariate="age")
+    matplotlib.pyplot.close("all")
 
 
 def test_bad_input(de_model, sim_adata):
