@@ -42,6 +42,15 @@ class DAMixin:
     """Methods of :class:`mrvi_pyro.MRVI` for differential abundance and admissibility."""
 
     # ----- helpers ------------------------------------------------------------------------
+    def _da_inputs(self, adata, sample_subset, max_components_per_sample):
+        """Validated ``(data, adata, present sample codes, their names, subset)`` of a DA call."""
+        _check_cap(max_components_per_sample)
+        data = self._cell_data(adata)
+        adata = self.adata if adata is None else adata
+        present = self._present_samples(data)
+        names = [self.registry.sample_categories[s] for s in present]
+        return data, adata, present, names, self._check_sample_subset(sample_subset, names)
+
     def _present_samples(self, data) -> np.ndarray:
         """Codes of the registry samples that have cells in ``data`` (registry order)."""
         return np.flatnonzero(np.bincount(data.sample_index, minlength=self.registry.n_samples) > 0)
@@ -180,12 +189,7 @@ class DAMixin:
         Dataset: ``log_probs`` (cell_name, sample); ``"<key>_log_probs"`` (cell_name, <key>);
         ``"<key>_log_enrichs"`` (cell_name, <key>) with ``compute_log_enrichment``.
         """
-        _check_cap(max_components_per_sample)
-        data = self._cell_data(adata)
-        adata = self.adata if adata is None else adata
-        present = self._present_samples(data)
-        names = [self.registry.sample_categories[s] for s in present]
-        subset = self._check_sample_subset(sample_subset, names)
+        data, adata, present, names, subset = self._da_inputs(adata, sample_subset, max_components_per_sample)
         keys = [] if sample_cov_keys is None else ([sample_cov_keys] if isinstance(sample_cov_keys, str)
                                                     else list(sample_cov_keys))
         groups = {key: self._sample_groups(adata, key, names, subset) for key in keys}  # validates first
@@ -266,12 +270,7 @@ class DAMixin:
         (``ds[[...]].to_dataframe()`` gives the per-group table). ``attrs`` record the
         comparison.
         """
-        _check_cap(max_components_per_sample)
-        data = self._cell_data(adata)
-        adata = self.adata if adata is None else adata
-        present = self._present_samples(data)
-        names = [self.registry.sample_categories[s] for s in present]
-        subset = self._check_sample_subset(sample_subset, names)
+        data, adata, present, names, subset = self._da_inputs(adata, sample_subset, max_components_per_sample)
         levels, membership = self._sample_groups(adata, sample_cov_key, names, subset)
         if group1 is None and group2 is None:
             if len(levels) != 2:
