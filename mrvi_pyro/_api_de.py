@@ -143,7 +143,8 @@ class DEMixin:
             Ours: probability of highest-density intervals of the LFCs (``lfc_lower``,
             ``lfc_upper``; :func:`arviz.hdi`, about 10 microseconds per cell and gene).
         max_in_memory_gb
-            Ours: the (cell, covariate, gene) outputs larger than this need ``zarr_path``.
+            Ours: (cell, covariate, gene) outputs larger than this are written to a zarr store
+            (``zarr_path``, or a temporary directory named in a warning) and returned lazily.
         zarr_path
             Ours: write the LFC outputs (and then the whole result) to this zarr store, chunk by
             chunk, and return the Dataset opened lazily from it.
@@ -265,10 +266,15 @@ class DEMixin:
             shape = (n_cells, len(lfc_columns), n_genes)
             size = de.lfc_output_bytes(n_cells, len(lfc_columns), n_genes, len(lfc_names), store_baseline)
             if zarr_path is None and size > max_in_memory_gb * 1e9:
-                raise ValueError(
-                    f"The LFC outputs need {size / 1e9:.1f} GB, more than max_in_memory_gb={max_in_memory_gb}. "
-                    "Pass zarr_path= to write them to disk, analyse fewer cells (adata=...), or restrict "
-                    "store_lfc_metadata_subset."
+                import tempfile
+
+                zarr_path = Path(tempfile.mkdtemp(prefix="mrvi_de_")) / "differential_expression.zarr"
+                warnings.warn(
+                    f"The LFC outputs need {size / 1e9:.1f} GB, more than max_in_memory_gb={max_in_memory_gb}; "
+                    f"they are written chunk by chunk to {zarr_path} and returned lazily. Pass zarr_path= to "
+                    "choose the location.",
+                    UserWarning,
+                    stacklevel=2,
                 )
             sink_coords = {k: coords[k] for k in ("cell_name", lfc_dim, "gene")}
             sink = de.LfcSink(lfc_names, shape, ("cell_name", lfc_dim, "gene"), sink_coords, zarr_path=zarr_path,

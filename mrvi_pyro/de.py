@@ -115,7 +115,7 @@ as its estimate (its sampling uncertainty across samples is what the tests measu
 
 Memory: one cell chunk at a time; decoded tensors are split further so that no intermediate
 exceeds a few tens of MB. ``(cell, covariate, gene)`` outputs larger than ``max_in_memory_gb``
-go to a chunked zarr store (``zarr_path``).
+go to a chunked zarr store (``zarr_path``, or a temporary directory named in a warning).
 """
 
 from __future__ import annotations
