@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
@@ -34,19 +35,28 @@ def iter_posterior_u(
     batch_size: int = 256,
     n_draws: int | None = None,
     seed: int | None = 0,
+    progress_bar: bool | None = None,
 ) -> Iterator[tuple[np.ndarray, dict, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
     """Yield ``(indices, batch, loc, scale, draws)`` chunk by chunk.
 
     ``loc`` and ``scale`` are the posterior ``q(u | x, s)`` parameters (n, L_u); ``draws`` is
-    ``None`` when ``n_draws`` is None, else (n_draws, n, L_u) reparameterised draws.
+    ``None`` when ``n_draws`` is None, else (n_draws, n, L_u) reparameterised draws. Every
+    analysis passes through here, so this is where its progress bar lives: ``progress_bar=None``
+    shows one on an interactive terminal when there is more than one chunk (tqdm's rule), True
+    always, False never.
     """
     device = module_device(module)
     gen = make_generator(seed, device)
     was_training = module.training
     module.eval()
+    n_cells = len(data) if indices is None else len(indices)
+    n_chunks = -(-n_cells // batch_size)
+    disable = (n_chunks < 2 or None) if progress_bar is None else not progress_bar
+    bar = tqdm(total=n_cells, unit="cells", desc="mrvi_pyro", disable=disable, leave=False)
     try:
         with torch.no_grad():
             for chunk, batch in data.iter_batches(indices, batch_size, device):
+                bar.update(len(chunk))
                 loc, scale = module.encode_u(batch["x"], batch["sample_index"])
                 draws = None
                 if n_draws is not None:
@@ -54,6 +64,7 @@ def iter_posterior_u(
                     draws = loc + scale * noise
                 yield chunk, batch, loc, scale, draws
     finally:
+        bar.close()
         module.train(was_training)
 
 

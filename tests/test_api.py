@@ -95,3 +95,14 @@ def test_public_methods_are_documented():
     for name, member in inspect.getmembers(MRVI, inspect.isfunction):
         if not name.startswith("_"):
             assert member.__doc__ and len(member.__doc__.strip()) > 20, name
+
+
+def test_analyses_show_progress(trained_model, capsys):
+    from mrvi_pyro.posterior import iter_posterior_u
+
+    data = trained_model._cell_data()
+    list(iter_posterior_u(trained_model.module, data, batch_size=500, progress_bar=True))
+    err = capsys.readouterr().err
+    assert "mrvi_pyro:" in err and "/2000" in err and "cells/s" in err
+    list(iter_posterior_u(trained_model.module, data, batch_size=500, progress_bar=False))
+    assert capsys.readouterr().err == ""
