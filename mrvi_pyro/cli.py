@@ -99,7 +99,7 @@ def fit_and_save(adata, out: Path, *, sample_key: str, batch_key=None, labels_ke
     from . import MRVI, plotting
 
     MRVI.setup_anndata(adata, sample_key=sample_key, batch_key=batch_key, labels_key=labels_key, layer=layer)
-    model = MRVI(adata)
+    model = MRVI(adata, seed=seed)
     start = time.perf_counter()
     model.train(max_epochs=max_epochs, batch_size=batch_size, seed=seed, progress_bar=not quiet)
     seconds = time.perf_counter() - start
@@ -269,9 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--n-cells", type=int, default=3000)
     demo.add_argument("--n-genes", type=int, default=200)
     demo.add_argument("--n-samples", type=int, default=12)
-    demo.add_argument("--max-epochs", type=int, default=60)
+    demo.add_argument("--max-epochs", type=int, default=100)
     demo.add_argument("--batch-size", type=int, default=256)
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=int, default=3, help="seeds the simulation, initialisation and training")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(func=_demo)
 
