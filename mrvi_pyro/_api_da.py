@@ -59,12 +59,7 @@ class DAMixin:
         if sample_subset is None:
             return None
         subset = [sample_subset] if isinstance(sample_subset, str) else [str(s) for s in sample_subset]
-        unknown = [s for s in subset if s not in self.registry.sample_categories]
-        if unknown:
-            raise ValueError(
-                f"sample_subset has unknown sample(s) {unknown[:10]}; known samples of "
-                f"{self.registry.sample_key!r}: {self.registry.sample_categories[:20]}."
-            )
+        self.registry.check_samples(subset)
         missing = [s for s in subset if s not in present_names]
         if missing:
             warnings.warn(f"sample_subset sample(s) {missing[:10]} have no cells in adata and are ignored.",

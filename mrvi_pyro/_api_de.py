@@ -204,12 +204,7 @@ class DEMixin:
         names = list(self.registry.sample_categories)
         if sample_subset is not None:
             subset = _as_list(sample_subset, "sample_subset")
-            unknown = [s for s in subset if s not in names]
-            if unknown:
-                raise ValueError(
-                    f"sample_subset has unknown sample(s) {unknown[:10]}; known samples of "
-                    f"{self.registry.sample_key!r}: {names[:20]}{'...' if len(names) > 20 else ''}."
-                )
+            self.registry.check_samples(subset)
             kept = [s for s in names if s in set(subset)]
         else:
             kept = names

@@ -46,6 +46,16 @@ class Registry:
     def from_json(cls, text: str) -> "Registry":
         return cls(**json.loads(text))
 
+    def check_samples(self, names: list, argument: str = "sample_subset") -> None:
+        """Raise ``ValueError`` naming any of ``names`` that is not a registered sample."""
+        unknown = [s for s in names if s not in self.sample_categories]
+        if unknown:
+            known = self.sample_categories
+            raise ValueError(
+                f"{argument} has unknown sample(s) {unknown[:10]}; known samples of {self.sample_key!r}: "
+                f"{known[:20]}{'...' if len(known) > 20 else ''}."
+            )
+
     @property
     def n_samples(self) -> int:
         return len(self.sample_categories)
