@@ -27,6 +27,10 @@ de         train untimed, then time ``model.differential_expression(sample_cov_k
            store_lfc=True, mc_samples=N)`` (``--no-lfc`` -> ``store_lfc=False``).
 da         train untimed, then time ``model.differential_abundance(sample_cov_keys=["disease"])``.
 
+``--save-model DIR`` trains and saves the model, then stops (no analysis step);
+``--load-model DIR`` loads it (``MRVI.load(DIR, adata=adata)``) instead of constructing and
+training, so an analysis step can be measured in a process that never trained.
+
 Notes on scvi-tools 1.4.2's ``TorchMRVI.train``: explicit arguments override MRVI's
 ``DEFAULT_TRAIN_KWARGS`` (max_epochs=100, early_stopping=True, train_size=0.9, batch_size=256,
 check_val_every_n_epoch=1), and the signature defaults (batch_size=128, early_stopping=False,
@@ -84,6 +88,10 @@ def parse_args(argv=None):
                    help="distances/de/da: time the call this many times; 'seconds' is the "
                         "minimum, 'seconds_all' lists all (default 1)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-model", default=None,
+                   help="after training, save the model to this directory and stop (no analysis step)")
+    p.add_argument("--load-model", default=None,
+                   help="load a model saved with --save-model instead of constructing and training one")
     p.add_argument("--progress", action="store_true", help="show progress bars")
     p.add_argument("--model-kwargs", default="{}",
                    help='JSON dict passed to MRVI(adata, **kw) (default {}: default architecture)')
@@ -145,62 +153,73 @@ def main(argv=None) -> int:
                 n_samples=int(adata.obs["sample"].nunique()),
                 n_batches=int(adata.obs["batch"].nunique()))
 
-    t0 = time.perf_counter()
-    try:
-        MRVI.setup_anndata(adata, sample_key="sample", batch_key="batch",
-                           backend=args.backend)
-        model = MRVI(adata, **json.loads(args.model_kwargs))
-    except ImportError as e:  # e.g. backend="jax" without scvi-tools[jax]
-        emit_result({**base, "seconds": None, "error": f"ImportError: {e}"})
-        print(f"backend {args.backend!r} unavailable: {e}", file=sys.stderr)
-        return 3
-    base["setup_seconds"] = time.perf_counter() - t0
-    base["model_class"] = type(model).__name__
+    if args.load_model:
+        t0 = time.perf_counter()
+        model = MRVI.load(args.load_model, adata=adata)
+        base.update(load_model_seconds=time.perf_counter() - t0, model_class=type(model).__name__,
+                    loaded_model=os.path.abspath(args.load_model))
+    else:
+        t0 = time.perf_counter()
+        try:
+            MRVI.setup_anndata(adata, sample_key="sample", batch_key="batch",
+                               backend=args.backend)
+            model = MRVI(adata, **json.loads(args.model_kwargs))
+        except ImportError as e:  # e.g. backend="jax" without scvi-tools[jax]
+            emit_result({**base, "seconds": None, "error": f"ImportError: {e}"})
+            print(f"backend {args.backend!r} unavailable: {e}", file=sys.stderr)
+            return 3
+        base["setup_seconds"] = time.perf_counter() - t0
+        base["model_class"] = type(model).__name__
 
-    # ---------------------------------------------------------------- training
-    epoch_times: list[float] = []
-    train_kwargs = dict(max_epochs=max_epochs, batch_size=args.batch_size,
-                        train_size=args.train_size, early_stopping=False,
-                        accelerator=args.accelerator, devices=1)
-    if base["model_class"] == "TorchMRVI":
-        from lightning.pytorch.callbacks import Callback
+        # ---------------------------------------------------------------- training
+        epoch_times: list[float] = []
+        train_kwargs = dict(max_epochs=max_epochs, batch_size=args.batch_size,
+                            train_size=args.train_size, early_stopping=False,
+                            accelerator=args.accelerator, devices=1)
+        if base["model_class"] == "TorchMRVI":
+            from lightning.pytorch.callbacks import Callback
 
-        class EpochTimer(Callback):
-            def on_train_epoch_start(self, trainer, pl_module):
-                sync()
-                self._t = time.perf_counter()
+            class EpochTimer(Callback):
+                def on_train_epoch_start(self, trainer, pl_module):
+                    sync()
+                    self._t = time.perf_counter()
 
-            def on_train_epoch_end(self, trainer, pl_module):
-                sync()
-                epoch_times.append(time.perf_counter() - self._t)
+                def on_train_epoch_end(self, trainer, pl_module):
+                    sync()
+                    epoch_times.append(time.perf_counter() - self._t)
 
-        # None -> sys.maxsize inside scvi's Trainer: never run the validation loop
-        train_kwargs.update(check_val_every_n_epoch=None, enable_progress_bar=args.progress,
-                            callbacks=[EpochTimer()])
-    sync()
-    t0 = time.perf_counter()
-    model.train(**train_kwargs)
-    sync()
-    train_seconds = time.perf_counter() - t0
-    train_idx = getattr(model, "train_indices", None)
-    n_train = int(len(train_idx)) if train_idx is not None else int(
-        round(adata.n_obs * args.train_size))
-    base.update(train_seconds=train_seconds, n_train_cells=n_train, train_size=args.train_size)
-    if epoch_times:
-        base["epoch_seconds"] = epoch_times
+            # None -> sys.maxsize inside scvi's Trainer: never run the validation loop
+            train_kwargs.update(check_val_every_n_epoch=None, enable_progress_bar=args.progress,
+                                callbacks=[EpochTimer()])
+        sync()
+        t0 = time.perf_counter()
+        model.train(**train_kwargs)
+        sync()
+        train_seconds = time.perf_counter() - t0
+        train_idx = getattr(model, "train_indices", None)
+        n_train = int(len(train_idx)) if train_idx is not None else int(
+            round(adata.n_obs * args.train_size))
+        base.update(train_seconds=train_seconds, n_train_cells=n_train, train_size=args.train_size)
+        if epoch_times:
+            base["epoch_seconds"] = epoch_times
 
-    if args.task == "train":
-        epochs_run = len(epoch_times) or max_epochs
-        res = {**base, "seconds": train_seconds, "epochs": epochs_run,
-               "cells_per_s": n_train * epochs_run / train_seconds}
-        if len(epoch_times) > 1:
-            steady = epoch_times[1:]
-            res["steady_cells_per_s"] = n_train * len(steady) / sum(steady)
-        hist = getattr(model, "history", None) or {}
-        for k in ("elbo_train", "reconstruction_loss_train"):
-            if k in hist and len(hist[k]):
-                res[f"final_{k}"] = float(np.asarray(hist[k]).ravel()[-1])
-        emit_result(res)
+        if args.task == "train":
+            epochs_run = len(epoch_times) or max_epochs
+            res = {**base, "seconds": train_seconds, "epochs": epochs_run,
+                   "cells_per_s": n_train * epochs_run / train_seconds}
+            if len(epoch_times) > 1:
+                steady = epoch_times[1:]
+                res["steady_cells_per_s"] = n_train * len(steady) / sum(steady)
+            hist = getattr(model, "history", None) or {}
+            for k in ("elbo_train", "reconstruction_loss_train"):
+                if k in hist and len(hist[k]):
+                    res[f"final_{k}"] = float(np.asarray(hist[k]).ravel()[-1])
+            emit_result(res)
+            return 0
+
+    if args.save_model:
+        model.save(args.save_model, overwrite=True)
+        emit_result({**base, "seconds": None, "saved_model": os.path.abspath(args.save_model)})
         return 0
 
     # ---------------------------------------------------------------- analysis steps

@@ -23,7 +23,8 @@ from scipy import sparse
 
 REGISTRY_KEY = "_mrvi_pyro"
 NO_BATCH = "_no_batch_"
-VALIDATION_CHUNK = 10_000
+VALIDATION_ELEMENTS = 1 << 21
+"""Entries per block when validating counts (bounds the temporary copies to a few MB)."""
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,9 @@ def _count_matrix(adata: AnnData, layer: str | None):
     return adata.layers[layer]
 
 
-def _row_chunks(matrix, chunk: int = VALIDATION_CHUNK) -> Iterator[np.ndarray | sparse.spmatrix]:
+def _row_chunks(matrix, chunk: int | None = None) -> Iterator[np.ndarray | sparse.spmatrix]:
+    if chunk is None:
+        chunk = max(1, VALIDATION_ELEMENTS // max(1, matrix.shape[1]))
     for start in range(0, matrix.shape[0], chunk):
         yield matrix[start : start + chunk]
 

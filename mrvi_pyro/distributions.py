@@ -17,6 +17,7 @@ which equals ``scipy.stats.nbinom(n=theta, p=theta / (theta + mu))``.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from pyro import distributions as dist
 from torch.distributions import constraints
@@ -131,7 +132,7 @@ class NegativeBinomialLogMean(dist.TorchDistribution):
         # theta is kept at its own (usually per-gene) shape so that per-gene terms are computed
         # once per gene, not once per cell and gene.
         self.log_mu, self.theta = log_mu, theta
-        batch_shape = torch.broadcast_shapes(log_mu.shape, theta.shape)
+        batch_shape = torch.Size(np.broadcast_shapes(log_mu.shape, theta.shape))
         super().__init__(batch_shape=batch_shape, validate_args=validate_args)
 
     @property

@@ -63,7 +63,7 @@ from .posterior import iter_posterior_u
 NORMS = {"l2": 2.0, "l1": 1.0, "linf": float("inf")}
 """Supported norms and their ``p`` for :func:`torch.cdist`."""
 
-BYTES_PER_PAIR_WORKSPACE = 6144
+BYTES_PER_PAIR_WORKSPACE = 1024
 """Approximate transient bytes per (cell, sample) pair inside ``counterfactual_z`` (attention
 tokens and scores of the sample mapper); used to check that one chunk fits the memory budget."""
 

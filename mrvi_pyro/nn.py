@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -126,18 +127,20 @@ class AttentionBlock(nn.Module):
         )
 
     def _heads(self, tokens: torch.Tensor, lift: nn.Linear) -> torch.Tensor:
-        # tokens (..., T) -> (..., H, T, C/H)
+        # tokens (..., T) -> (..., H, T, C/H); used by :meth:`forward_unfactored`.
         x = tokens.unsqueeze(-1) * lift.weight[:, 0] + lift.bias
         x = x.unflatten(-1, (self.n_heads, self.n_channels // self.n_heads))
         return x.transpose(-2, -3)
 
-    def forward(self, query: torch.Tensor, kv: torch.Tensor):
-        """Attend ``query`` (..., query_dim) to ``kv`` (..., kv_dim); leading dims broadcast."""
-        shape = torch.broadcast_shapes(query.shape[:-1], kv.shape[:-1])
+    def forward_unfactored(self, query: torch.Tensor, kv: torch.Tensor):
+        """The block written out literally (q, k, v tensors, dot products, projections).
+
+        :meth:`forward` computes the same function (values and gradients, up to float
+        rounding, and the same dropout draws) with far fewer operations; this form is kept as
+        its specification and is what the tests compare it against.
+        """
+        shape = torch.Size(np.broadcast_shapes(query.shape[:-1], kv.shape[:-1]))
         attn_query = query.detach() if self.stop_gradients_mlp else query
-        # Project query and key/value before broadcasting them against each other (the
-        # projections run once per cell and once per sample, not once per pair), and fold the
-        # 1/sqrt(d) scale into q; the matmuls broadcast.
         q = self._heads(self.query_tokens(attn_query), self.q_lift) / math.sqrt(self.n_channels // self.n_heads)
         kv_tok = self.kv_tokens(kv)
         k = self._heads(kv_tok, self.k_lift)
@@ -146,11 +149,99 @@ class AttentionBlock(nn.Module):
         mixed = (weights @ v).transpose(-2, -3).flatten(-2)  # (..., T, C)
         summary = self.post(self.head_proj(mixed).flatten(-2))
         query = query.expand(*shape, query.shape[-1])
-        out = self.residual(torch.cat([query, summary], dim=-1))
+        return self._output(self.residual(torch.cat([query, summary], dim=-1)))
+
+    def _output(self, out: torch.Tensor):
         if self.use_map:
             return out
         loc, scale = out.chunk(2, dim=-1)
         return loc, F.softplus(scale) + 1e-5
+
+    inference_block_pairs: int = 1024
+    """Without autograd, (query, key) pairs are processed in blocks of about this many along the
+    first leading dimension: the (H, T, T) workspace of a block stays in cache and the memory
+    of a large broadcast (every cell against every sample) stays bounded."""
+
+    def forward(self, query: torch.Tensor, kv: torch.Tensor):
+        """Attend ``query`` (..., query_dim) to ``kv`` (..., kv_dim); leading dims broadcast."""
+        shape = torch.Size(np.broadcast_shapes(query.shape[:-1], kv.shape[:-1]))
+        n_pairs = math.prod(shape)
+        if torch.is_grad_enabled() or not shape or shape[0] < 2 or n_pairs <= self.inference_block_pairs:
+            return self._forward(query, kv)
+        folded = self._folded()
+        step = max(1, self.inference_block_pairs * shape[0] // n_pairs)
+
+        def rows(t: torch.Tensor, i: int) -> torch.Tensor:
+            # Slice the first broadcast dimension where ``t`` has it; otherwise ``t`` broadcasts.
+            if t.dim() - 1 == len(shape) and t.shape[0] > 1:
+                return t[i : i + step]
+            return t
+
+        parts = [self._forward(rows(query, i), rows(kv, i), folded) for i in range(0, shape[0], step)]
+        if self.use_map:
+            return torch.cat(parts)
+        return tuple(torch.cat(side) for side in zip(*parts))
+
+    def _forward(self, query: torch.Tensor, kv: torch.Tensor, folded: dict | None = None):
+        """The computation of :meth:`forward` on one block.
+
+        Tokens are scalars lifted linearly to channels, so everything but the softmax
+        factorises. With query token ``x_i`` and key/value token ``y_j``, head ``h``'s score is
+        ``(x_i w_qh + b_qh) . (y_j w_kh + b_kh) / sqrt(d)``; the terms constant in ``j`` cancel
+        in the softmax, leaving ``a_hi y_j`` with ``a_hi = (x_i w_qh.w_kh + b_qh.w_kh) / sqrt(d)``.
+        The attention output of a token is ``m_hi w_vh + r_hi b_vh`` with
+        ``m_hi = sum_j p_hij y_j`` and ``r_hi = sum_j p_hij`` (1 without dropout), and the head
+        projection and the first linear layer of ``post`` are linear, so they fold into one
+        (2 H T -> n_hidden) map. The per-pair work is one (H, T, T) softmax and a weighted sum;
+        no q/k/v tensors are built and nothing per query is broadcast to every key. The first
+        layer of ``residual`` is split the same way: its query part runs once per query.
+        """
+        folded = self._folded() if folded is None else folded
+        attn_query = query.detach() if self.stop_gradients_mlp else query
+        x = self.query_tokens(attn_query)  # (..., T)
+        y = self.kv_tokens(kv).unsqueeze(-2).unsqueeze(-2)  # (..., 1, 1, T)
+        a = x.unsqueeze(-2) * folded["slope"] + folded["intercept"]  # (..., H, T)
+        dropped = self.training and self.dropout.p > 0
+        weights = torch.softmax(a.unsqueeze(-1) * y, dim=-1)  # (..., H, T, T)
+        if dropped:
+            weights = self.dropout(weights)
+        # Without autograd the weights are not needed afterwards: multiply in place.
+        weighted = weights * y if torch.is_grad_enabled() else weights.mul_(y)
+        m = weighted.sum(-1).flatten(-2)  # (..., H * T), index h * T + i
+        if dropped:
+            hidden = torch.addmm(folded["bias"], m.flatten(0, -2), folded["k_m"]).view(*m.shape[:-1], -1)
+            hidden = hidden + weights.sum(-1).flatten(-2) @ folded["k_r"]
+        else:
+            hidden = torch.addmm(folded["bias_r1"], m.flatten(0, -2), folded["k_m"]).view(*m.shape[:-1], -1)
+        summary = self.post[2](self.post[1](hidden))  # (..., T)
+        res_first = self.residual[0]
+        n_query = query.shape[-1]
+        from_query = F.linear(query, res_first.weight[:, :n_query], res_first.bias)  # once per query
+        hidden = from_query + summary @ res_first.weight[:, n_query:].T
+        return self._output(self.residual[2](self.residual[1](hidden)))
+
+    def _folded(self) -> dict:
+        """Parameters of :meth:`_forward` folded from the block's weights (see its docstring)."""
+        n_heads, head_dim, n_tokens = self.n_heads, self.n_channels // self.n_heads, self.n_tokens
+        w_q = self.q_lift.weight[:, 0].view(n_heads, head_dim)
+        b_q = self.q_lift.bias.view(n_heads, head_dim)
+        w_k = self.k_lift.weight[:, 0].view(n_heads, head_dim)
+        # Fold v-lift -> head_proj -> post[0] into weights on m (and on r under dropout).
+        first = self.post[0]
+        w_first = first.weight.view(first.out_features, n_tokens, -1)  # (k, T, O)
+        w_proj = self.head_proj.weight.view(-1, n_heads, head_dim)  # (O, H, d)
+        via_v = torch.einsum("ohd,hd->ho", w_proj, self.v_lift.weight[:, 0].view(n_heads, head_dim))
+        via_b = torch.einsum("ohd,hd->ho", w_proj, self.v_lift.bias.view(n_heads, head_dim))
+        k_r = torch.einsum("kio,ho->hik", w_first, via_b).reshape(n_heads * n_tokens, -1)
+        bias = first.bias + torch.einsum("kio,o->k", w_first, self.head_proj.bias)
+        return {
+            "slope": ((w_q * w_k).sum(-1) / math.sqrt(head_dim)).unsqueeze(-1),  # (H, 1)
+            "intercept": ((b_q * w_k).sum(-1) / math.sqrt(head_dim)).unsqueeze(-1),
+            "k_m": torch.einsum("kio,ho->hik", w_first, via_v).reshape(n_heads * n_tokens, -1),
+            "k_r": k_r,
+            "bias": bias,
+            "bias_r1": bias + k_r.sum(0),  # r = 1 without dropout
+        }
 
 
 class EncoderU(nn.Module):
@@ -284,7 +375,7 @@ class MLPSampleMapper(nn.Module):
             keys, query = self.sample_embedding.weight, query.unsqueeze(-2)
         else:
             keys = self.sample_embedding(sample_index)
-        shape = torch.broadcast_shapes(query.shape[:-1], keys.shape[:-1])
+        shape = torch.Size(np.broadcast_shapes(query.shape[:-1], keys.shape[:-1]))
         joint = torch.cat([query.expand(*shape, query.shape[-1]), keys.expand(*shape, keys.shape[-1])], dim=-1)
         return self.mlp(joint)
 

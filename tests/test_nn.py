@@ -1,0 +1,77 @@
+"""The factorised attention block computes the same function as its literal form."""
+
+import pytest
+import torch
+
+from mrvi_pyro.nn import AttentionBlock, SampleMapper
+
+
+def _block(use_map: bool, stop_gradients_mlp: bool = False, dropout_rate: float = 0.03) -> AttentionBlock:
+    torch.manual_seed(0)
+    block = AttentionBlock(10, 16, 30, use_map=use_map, stop_gradients_mlp=stop_gradients_mlp,
+                           dropout_rate=dropout_rate).double()
+    # Weights of order 1 (not the small default init) so that every term of the scores matters.
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0.0, 0.5)
+    return block
+
+
+def _flat(out):
+    return torch.cat(out, -1) if isinstance(out, tuple) else out
+
+
+def _grads(block, out, inputs):
+    params = list(block.parameters())
+    grads = torch.autograd.grad(_flat(out).square().sum(), inputs + params, allow_unused=True)
+    # A parameter the factorised form never touches (the key bias only shifts every score of a
+    # row equally) must have zero gradient in the literal form.
+    return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs + params)]
+
+
+@pytest.mark.parametrize("use_map", [True, False])
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("stop_gradients_mlp", [False, True])
+def test_factorised_forward_matches_literal_values_and_gradients(use_map, training, stop_gradients_mlp):
+    block = _block(use_map, stop_gradients_mlp).train(training)
+    query = torch.randn(64, 10, dtype=torch.float64, requires_grad=True)
+    kv = torch.randn(64, 16, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(5)
+    literal = block.forward_unfactored(query, kv)
+    torch.manual_seed(5)  # same dropout draws: the weights tensor has the same shape in both
+    fast = block(query, kv)
+    scale = _flat(literal).abs().max()
+    assert torch.allclose(_flat(fast), _flat(literal), rtol=0, atol=1e-10 * scale.item())
+    for g_fast, g_literal in zip(_grads(block, fast, [query, kv]), _grads(block, literal, [query, kv])):
+        assert torch.allclose(g_fast, g_literal, rtol=1e-7, atol=1e-7 * max(1.0, g_literal.abs().max().item()))
+    if training:  # dropout really acted (otherwise the test above says nothing about it)
+        block.eval()
+        assert not torch.allclose(_flat(block(query, kv)), _flat(fast))
+
+
+@pytest.mark.parametrize("use_map", [True, False])
+def test_blocked_inference_matches_one_pass(use_map, monkeypatch):
+    block = _block(use_map).eval()
+    query = torch.randn(37, 1, 10, dtype=torch.float64)
+    kv = torch.randn(9, 16, dtype=torch.float64)
+    with torch.no_grad():
+        literal = _flat(block.forward_unfactored(query, kv))
+        monkeypatch.setattr(AttentionBlock, "inference_block_pairs", 10**9)
+        one_pass = _flat(block(query, kv))
+        monkeypatch.setattr(AttentionBlock, "inference_block_pairs", 40)  # blocks of 4 queries
+        blocked = _flat(block(query, kv))
+    assert blocked.shape == literal.shape == (37, 9, 60 if not use_map else 30)
+    # Equal up to the rounding of matrix products of different row counts.
+    assert torch.allclose(blocked, one_pass, rtol=0, atol=1e-12 * one_pass.abs().max().item())
+    assert torch.allclose(blocked, literal, rtol=0, atol=1e-10 * literal.abs().max().item())
+
+
+def test_sample_mapper_all_samples_equals_each_sample():
+    torch.manual_seed(1)
+    mapper = SampleMapper(10, 30, n_samples=7).eval()
+    u = torch.randn(20, 10)
+    with torch.no_grad():
+        every = mapper(u)  # (20, 7, 30), blocked cross attention
+        for s in range(7):
+            one = mapper(u, torch.full((20,), s))
+            assert torch.allclose(every[:, s], one, atol=1e-5)
