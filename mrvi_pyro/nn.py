@@ -230,14 +230,14 @@ class AttentionBlock(nn.Module):
         first = self.post[0]
         w_first = first.weight.view(first.out_features, n_tokens, -1)  # (k, T, O)
         w_proj = self.head_proj.weight.view(-1, n_heads, head_dim)  # (O, H, d)
-        via_v = torch.einsum("ohd,hd->ho", w_proj, self.v_lift.weight[:, 0].view(n_heads, head_dim))
-        via_b = torch.einsum("ohd,hd->ho", w_proj, self.v_lift.bias.view(n_heads, head_dim))
-        k_r = torch.einsum("kio,ho->hik", w_first, via_b).reshape(n_heads * n_tokens, -1)
-        bias = first.bias + torch.einsum("kio,o->k", w_first, self.head_proj.bias)
+        v_lift = torch.stack([self.v_lift.weight[:, 0], self.v_lift.bias]).view(2, n_heads, head_dim)
+        via = torch.einsum("ohd,rhd->rho", w_proj, v_lift)  # through the value weight (r=0) or bias (r=1)
+        k_m, k_r = torch.einsum("kio,rho->rhik", w_first, via).reshape(2, n_heads * n_tokens, -1)
+        bias = torch.addmv(first.bias, first.weight, self.head_proj.bias.repeat(n_tokens))  # post[0] of the proj bias
         return {
             "slope": ((w_q * w_k).sum(-1) / math.sqrt(head_dim)).unsqueeze(-1),  # (H, 1)
             "intercept": ((b_q * w_k).sum(-1) / math.sqrt(head_dim)).unsqueeze(-1),
-            "k_m": torch.einsum("kio,ho->hik", w_first, via_v).reshape(n_heads * n_tokens, -1),
+            "k_m": k_m,
             "k_r": k_r,
             "bias": bias,
             "bias_r1": bias + k_r.sum(0),  # r = 1 without dropout
