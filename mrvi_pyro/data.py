@@ -23,7 +23,7 @@ from scipy import sparse
 
 REGISTRY_KEY = "_mrvi_pyro"
 NO_BATCH = "_no_batch_"
-VALIDATION_ELEMENTS = 1 << 21
+VALIDATION_ELEMENTS = 1 << 19
 """Entries per block when validating counts (bounds the temporary copies to a few MB)."""
 
 

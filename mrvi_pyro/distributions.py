@@ -113,23 +113,24 @@ class _NegativeBinomialLogProb(torch.autograd.Function):
     def forward(ctx, x, log_mu, theta):
         size = COUNT_TABLE_SIZE
         log_theta = theta.log()
-        per_gene = theta * log_theta
-        table = count_tables(theta, size).view(-1)
+        # theta * log(theta) is per gene: fold it into the table of count terms.
+        table = count_tables(theta, size).add_((theta * log_theta).detach().unsqueeze(-1)).view(-1)
         out = torch.empty_like(log_mu)
         log_theta_mu = torch.empty_like(log_mu)  # log(theta + mu), kept for the backward pass
         index = _NegativeBinomialLogProb._table_index(x, size).view(x.shape)  # kept as well
         for start in range(0, x.shape[0], _NegativeBinomialLogProb.ROWS):
             rows = slice(start, start + _NegativeBinomialLogProb.ROWS)
-            xb, lmb, ltm = x[rows], log_mu[rows], log_theta_mu[rows]
+            xb, lmb, ltm, ob = x[rows], log_mu[rows], log_theta_mu[rows], out[rows]
             counts = table.index_select(0, index[rows].reshape(-1)).view_as(xb)
             torch.logaddexp(log_theta, lmb, out=ltm)
-            out[rows] = counts + per_gene - (theta + xb) * ltm + xb * lmb
+            # counts + theta log theta + x (log mu - log(theta + mu)) - theta log(theta + mu)
+            torch.addcmul(counts, xb, lmb - ltm, out=ob).addcmul_(ltm, theta, value=-1.0)
         # Counts at or above the table size: replace the table's last column by the exact terms.
         large = (x >= size).nonzero(as_tuple=True)
         if len(large[0]):
             xl, tl = x[large], theta[large[1]]
             exact = torch.lgamma(xl + tl) - torch.lgamma(tl) - torch.lgamma(xl + 1.0)
-            out[large] += exact - table.view(-1, size)[large[1], size - 1]
+            out[large] += exact - (table.view(-1, size)[large[1], size - 1] - (tl * tl.log()))
         ctx.large = large
         ctx.save_for_backward(x, log_mu, theta, log_theta_mu, index)
         return out
@@ -145,14 +146,14 @@ class _NegativeBinomialLogProb(torch.autograd.Function):
         for start in range(0, x.shape[0], _NegativeBinomialLogProb.ROWS):
             rows = slice(start, start + _NegativeBinomialLogProb.ROWS)
             xb, lmb, gb, ltm = x[rows], log_mu[rows], grad_out[rows], log_theta_mu[rows]
-            theta_x = theta + xb
-            inv = torch.exp(-ltm)  # 1 / (theta + mu); mu / (theta + mu) = 1 - theta * inv
+            # q = (theta + x) / (theta + mu); then d/dlog_mu = x - (theta + x) mu / (theta + mu)
+            # = theta (q - 1) and the per-element part of d/dtheta is psi-difference - ltm - q.
+            q = torch.add(xb, theta).mul_(torch.neg(ltm).exp_())
             if want_mu:
-                grad_log_mu[rows] = gb * (xb - theta_x * (1.0 - theta * inv))
+                torch.sub(q, 1.0, out=grad_log_mu[rows]).mul_(theta).mul_(gb)
             if want_theta:
-                psi_diff = table.index_select(0, index[rows].reshape(-1)).view_as(xb)
-                per_element = psi_diff - ltm - theta_x * inv
-                grad_theta += (gb * per_element).sum(0)
+                per_element = table.index_select(0, index[rows].reshape(-1)).view_as(xb).sub_(ltm).sub_(q)
+                grad_theta += per_element.mul_(gb).sum(0)
         if want_theta:
             grad_theta += grad_out.sum(0) * (1.0 + theta.log())
             large = ctx.large
