@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ._malloc import tune_malloc
+
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
     """A torch generator seeded with ``seed`` (0 when None, so results are reproducible)."""
@@ -41,10 +43,12 @@ def iter_posterior_u(
 
     ``loc`` and ``scale`` are the posterior ``q(u | x, s)`` parameters (n, L_u); ``draws`` is
     ``None`` when ``n_draws`` is None, else (n_draws, n, L_u) reparameterised draws. Every
-    analysis passes through here, so this is where its progress bar lives: ``progress_bar=None``
+    analysis passes through here, so this is where its progress bar lives (and where the
+    allocator is tuned once, :func:`mrvi_pyro._malloc.tune_malloc`): ``progress_bar=None``
     shows one on an interactive terminal when there is more than one chunk (tqdm's rule), True
     always, False never.
     """
+    tune_malloc()
     device = module_device(module)
     gen = make_generator(seed, device)
     was_training = module.training

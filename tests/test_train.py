@@ -209,7 +209,7 @@ def test_malloc_tuning_applies_once_and_can_be_turned_off():
     import subprocess
     import sys
 
-    code = "from mrvi_pyro.train import tune_malloc; print(tune_malloc(), tune_malloc())"
+    code = "from mrvi_pyro._malloc import tune_malloc; print(tune_malloc(), tune_malloc())"
     on = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**__import__("os").environ, "MRVI_PYRO_TUNE_MALLOC": "0"})
