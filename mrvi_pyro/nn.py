@@ -73,6 +73,10 @@ class AttentionBlock(nn.Module):
     channels, flattened, passed through a small MLP to ``n_tokens`` values, and a residual MLP
     maps ``[query, those values]`` to the output.
 
+    :meth:`forward_unfactored` computes exactly that; :meth:`forward` computes the same function
+    in a factorised form that builds no q/k/v tensors (see :meth:`_forward`), and falls back to
+    the literal form when parts of the block have been replaced (:meth:`factorisable`).
+
     Parameters
     ----------
     query_dim, kv_dim, out_dim
@@ -162,8 +166,20 @@ class AttentionBlock(nn.Module):
     first leading dimension: the (H, T, T) workspace of a block stays in cache and the memory
     of a large broadcast (every cell against every sample) stays bounded."""
 
+    def factorisable(self) -> bool:
+        """Whether :meth:`forward` can use the factorised form: the lifts, the head projection and
+        the first layers of ``post`` and ``residual`` are the linear layers it folds. A block whose
+        parts were replaced by other modules runs :meth:`forward_unfactored` instead."""
+        lifts = all(isinstance(m, nn.Linear) and m.in_features == 1 and m.bias is not None
+                    for m in (self.q_lift, self.k_lift, self.v_lift))
+        mlps = all(isinstance(seq, nn.Sequential) and len(seq) == 3 and isinstance(seq[0], nn.Linear)
+                   and seq[0].bias is not None for seq in (self.post, self.residual))
+        return lifts and mlps and isinstance(self.head_proj, nn.Linear) and self.head_proj.bias is not None
+
     def forward(self, query: torch.Tensor, kv: torch.Tensor):
         """Attend ``query`` (..., query_dim) to ``kv`` (..., kv_dim); leading dims broadcast."""
+        if not self.factorisable():
+            return self.forward_unfactored(query, kv)
         shape = torch.Size(np.broadcast_shapes(query.shape[:-1], kv.shape[:-1]))
         n_pairs = math.prod(shape)
         if torch.is_grad_enabled() or not shape or shape[0] < 2 or n_pairs <= self.inference_block_pairs:
@@ -205,8 +221,9 @@ class AttentionBlock(nn.Module):
         weights = torch.softmax(a.unsqueeze(-1) * y, dim=-1)  # (..., H, T, T)
         if dropped:
             weights = self.dropout(weights)
-        # Without autograd the weights are not needed afterwards: multiply in place.
-        weighted = weights * y if torch.is_grad_enabled() else weights.mul_(y)
+        # Without autograd (and without dropout, whose r needs them) the weights are not needed
+        # afterwards: multiply in place.
+        weighted = weights * y if torch.is_grad_enabled() or dropped else weights.mul_(y)
         m = weighted.sum(-1).flatten(-2)  # (..., H * T), index h * T + i
         if dropped:
             hidden = torch.addmm(folded["bias"], m.flatten(0, -2), folded["k_m"]).view(*m.shape[:-1], -1)

@@ -75,3 +75,27 @@ def test_sample_mapper_all_samples_equals_each_sample():
         for s in range(7):
             one = mapper(u, torch.full((20,), s))
             assert torch.allclose(every[:, s], one, atol=1e-5)
+
+
+def test_replaced_parts_fall_back_to_the_literal_form():
+    from torch import nn
+
+    block = _block(True).eval()
+    assert block.factorisable()
+    block.post = nn.Sequential(nn.Linear(16 * 4, 8), nn.Tanh(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 16)).double()
+    assert not block.factorisable()
+    query, kv = torch.randn(5, 10, dtype=torch.float64), torch.randn(5, 16, dtype=torch.float64)
+    torch.testing.assert_close(block(query, kv), block.forward_unfactored(query, kv))
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_no_grad_path_matches_literal(training):
+    # Without autograd the factorised form works in place; with dropout it must not.
+    block = _block(True).train(training)
+    query, kv = torch.randn(64, 10, dtype=torch.float64), torch.randn(64, 16, dtype=torch.float64)
+    with torch.no_grad():
+        torch.manual_seed(7)
+        literal = block.forward_unfactored(query, kv)
+        torch.manual_seed(7)
+        fast = block(query, kv)
+    torch.testing.assert_close(fast, literal, rtol=0, atol=1e-10 * literal.abs().max().item())
