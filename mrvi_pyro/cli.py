@@ -92,7 +92,7 @@ def _read_h5ad(path: str):
 
 
 def fit_and_save(adata, out: Path, *, sample_key: str, batch_key=None, labels_key=None, layer=None,
-                 max_epochs=None, batch_size=256, seed=0, quiet=False, data_path=None):
+                 max_epochs=None, batch_size=128, seed=0, quiet=False, data_path=None):
     """Register ``adata``, train MrVI, save it to ``out/model`` with history and figures."""
     import json
 
@@ -270,7 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--n-genes", type=int, default=200)
     demo.add_argument("--n-samples", type=int, default=12)
     demo.add_argument("--max-epochs", type=int, default=100)
-    demo.add_argument("--batch-size", type=int, default=256)
+    demo.add_argument("--batch-size", type=int, default=128,
+                      help="cells per step (default 128, as MRVI.train; with 256 the hidden grouping was "
+                           "recovered for 2 of 5 simulation seeds in 100 epochs, with 128 for all 5)")
     demo.add_argument("--seed", type=int, default=3, help="seeds the simulation, initialisation and training")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(func=_demo)
@@ -283,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--layer", default=None, help="layer holding the raw counts (default X)")
     fit.add_argument("--out", required=True, help="output directory")
     fit.add_argument("--max-epochs", type=int, default=None, help="default: min(round(20000 / n_cells * 400), 400)")
-    fit.add_argument("--batch-size", type=int, default=256)
+    fit.add_argument("--batch-size", type=int, default=128, help="cells per step (default 128, as MRVI.train)")
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--quiet", action="store_true", help="no progress bar")
     fit.set_defaults(func=_fit)
