@@ -26,39 +26,6 @@ LABEL_LOGIT_BOOST = 10.0
 """Added to the prior logit of a cell's own label component (label-guided prior)."""
 
 
-def digamma_positive(x: torch.Tensor) -> torch.Tensor:
-    """Digamma for positive arguments, vectorised (several times faster than ``torch.digamma``
-    on CPU): shift by 6 with the recurrence (its six terms summed in pairs), then the
-    asymptotic series (error < 1e-10 in float64 for 0 < x < 1e15)."""
-    a, b, c = x * (x + 1.0), (x + 2.0) * (x + 3.0), (x + 4.0) * (x + 5.0)
-    shift = (2.0 * x + 1.0) / a + (2.0 * x + 5.0) / b + (2.0 * x + 9.0) / c
-    y = x + 6.0
-    inv = 1.0 / y
-    inv2 = inv * inv
-    series = inv2 * (1.0 / 12 - inv2 * (1.0 / 120 - inv2 * (1.0 / 252 - inv2 * (1.0 / 240 - inv2 / 132))))
-    return torch.log(y) - 0.5 * inv - series - shift
-
-
-_LOG_FACTORIAL_TABLE: dict[tuple, torch.Tensor] = {}
-_LOG_FACTORIAL_SIZE = 4096
-
-
-def log_factorial(x: torch.Tensor) -> torch.Tensor:
-    """``lgamma(x + 1)`` for non-negative integer-valued ``x``: a table lookup below 4096
-    (exact, much cheaper than ``lgamma``), ``lgamma`` above."""
-    key = (x.dtype, x.device)
-    table = _LOG_FACTORIAL_TABLE.get(key)
-    if table is None:
-        table = torch.lgamma(torch.arange(_LOG_FACTORIAL_SIZE, dtype=torch.float64) + 1).to(x.dtype).to(x.device)
-        _LOG_FACTORIAL_TABLE[key] = table
-    index = x.to(torch.int64)
-    big = index >= _LOG_FACTORIAL_SIZE
-    out = table[index.clamp_(max=_LOG_FACTORIAL_SIZE - 1)]
-    if bool(big.any()):
-        out = torch.where(big, torch.lgamma(x + 1.0), out)
-    return out
-
-
 COUNT_TABLE_SIZE = 32
 """Counts below this use per-gene tables of the count-dependent terms (see :func:`count_tables`)."""
 

@@ -89,8 +89,8 @@ class FlatParameters:
     (the u and z prior parameters while the KL weight is 0 in the first warm-up epoch, or a
     parameter the forward pass does not use) is not skipped but steps with a zero gradient --
     weight decay still applies and the step count is shared -- which is how optax, and so the
-    reference's JAX backend, treats it. When every parameter gets a gradient the two agree
-    exactly (tested).
+    reference's JAX backend, treats it. When every parameter gets a gradient the two agree to
+    float rounding (tested).
 
     Parameters
     ----------
@@ -128,7 +128,7 @@ class FlatParameters:
 
     def check_grads(self) -> None:
         """Re-attach gradients that autograd replaced instead of accumulating in place."""
-        for i, (p, view) in enumerate(zip(self.params, self.grads)):
+        for p, view in zip(self.params, self.grads):
             if p.grad is not view:
                 if p.grad is not None:
                     view.copy_(p.grad)

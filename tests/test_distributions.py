@@ -71,26 +71,6 @@ def test_fused_negative_binomial_gradients_match_autograd():
     assert torch.autograd.gradcheck(lambda m, t: NegativeBinomialLogMean(m, t).log_prob(x), (log_mu, theta))
 
 
-def test_fast_digamma_matches_scipy():
-    from scipy import special
-
-    from mrvi_pyro.distributions import digamma_positive
-
-    x = np.concatenate([np.logspace(-5, 5, 400), [0.5, 1.0, 2.0, 6.0, 7.5]])
-    np.testing.assert_allclose(digamma_positive(torch.tensor(x)).numpy(), special.digamma(x), rtol=1e-10, atol=1e-10)
-    x32 = torch.tensor(x, dtype=torch.float32)
-    np.testing.assert_allclose(digamma_positive(x32).numpy(), special.digamma(x), rtol=2e-5, atol=2e-5)
-
-
-def test_log_factorial_table_and_fallback():
-    from mrvi_pyro.distributions import log_factorial
-
-    x = torch.tensor([[0.0, 1.0, 7.0, 4095.0], [4096.0, 12345.0, 3.0, 2.0]])
-    torch.testing.assert_close(log_factorial(x), torch.lgamma(x + 1.0))
-    x64 = x.double()
-    torch.testing.assert_close(log_factorial(x64), torch.lgamma(x64 + 1.0))
-
-
 def test_count_tables_match_lgamma_and_digamma():
     from mrvi_pyro.distributions import count_tables
 
