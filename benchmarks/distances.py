@@ -51,6 +51,8 @@ def parse_args(argv=None):
     parser.add_argument("--scale", action="store_true", help="200,000 cells x 200 samples, ours only")
     parser.add_argument("--with-reference", action="store_true", help="also run the reference with --scale")
     parser.add_argument("--no-reference", action="store_true", help="skip scvi-tools' MRVI")
+    parser.add_argument("--reference-python", default=str(REFERENCE_PYTHON),
+                        help="python of the venv with scvi-tools (default /work/bench-venv/bin/python)")
     parser.add_argument("--backed", action="store_true", help="read counts backed from disk (default with --scale)")
     parser.add_argument("--train-in-process", action="store_true",
                         help="train in the measured process instead of loading a saved model")
@@ -142,13 +144,14 @@ def main(argv=None) -> int:
         ours_cmd.append("--backed")
     runs = [("mrvi_pyro", ours_cmd, sys.executable)]
     run_reference = not args.no_reference and (not args.scale or args.with_reference)
-    if run_reference and REFERENCE_PYTHON.exists():
-        ref_cmd = [str(REFERENCE_PYTHON), str(HERE / "reference_mrvi.py"), "--data", str(data), "--task", "distances",
+    reference_python = Path(args.reference_python)
+    if run_reference and reference_python.exists():
+        ref_cmd = [str(reference_python), str(HERE / "reference_mrvi.py"), "--data", str(data), "--task", "distances",
                    "--threads", str(args.threads), "--max-epochs", str(max(args.epochs, 1)),
                    "--eval-batch-size", str(args.batch_size)]
-        runs.insert(0, ("scvi-tools MRVI", ref_cmd, str(REFERENCE_PYTHON)))
+        runs.insert(0, ("scvi-tools MRVI", ref_cmd, str(reference_python)))
     elif run_reference:
-        print(f"reference skipped: {REFERENCE_PYTHON} not found", flush=True)
+        print(f"reference skipped: {reference_python} not found", flush=True)
 
     if not args.train_in_process:
         # Train and save in unmeasured processes; the measured ones load the saved models.
