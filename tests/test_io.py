@@ -73,3 +73,24 @@ def test_load_never_unpickles_code(small_adata, tmp_path):
         pickle.dump({"x": _Evil()}, f)
     with pytest.raises(ValueError, match="cannot|can be loaded safely|not a mrvi_pyro weights"):
         MRVI.load(tmp_path / "m", adata=small_adata)
+
+
+LEGACY_MODEL = __import__("pathlib").Path(__file__).resolve().parent / "data" / "model_stop7"
+
+
+def test_model_saved_by_an_earlier_version_loads_and_gives_the_same_outputs():
+    """A model saved by commit 1c11752 (before the factorised attention, the NB count tables and
+    the flat-buffer training; made as ``tests/data/README.md`` says) loads
+    with the current code and reproduces the outputs that version computed."""
+    before = {p.name: p.stat().st_mtime_ns for p in LEGACY_MODEL.iterdir()}
+    model = MRVI.load(LEGACY_MODEL)  # the AnnData was saved with it
+    expected = np.load(LEGACY_MODEL / "expected_outputs.npz")
+    np.testing.assert_allclose(model.get_latent_representation(), expected["u"], rtol=1e-5, atol=1e-6)
+    z = model.get_local_sample_representation().values  # (cell, sample, latent)
+    np.testing.assert_allclose(z, expected["z"], rtol=1e-4, atol=1e-5)
+    # the sample-specific part alone (small after 2 epochs), so the attention is really compared
+    offsets, expected_offsets = z - z.mean(1, keepdims=True), expected["z"] - expected["z"].mean(1, keepdims=True)
+    np.testing.assert_allclose(offsets, expected_offsets, rtol=0, atol=1e-3 * np.abs(expected_offsets).max())
+    expr = np.asarray(model.get_normalized_expression())[:40]
+    np.testing.assert_allclose(expr, expected["expr"], rtol=1e-4, atol=1e-7)
+    assert {p.name: p.stat().st_mtime_ns for p in LEGACY_MODEL.iterdir()} == before  # read only
