@@ -30,6 +30,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import _harness  # noqa: E402
+import _ours  # noqa: E402
 
 DEFAULT_REFERENCE = "/work/bench-venv/bin/python"
 
@@ -38,21 +39,14 @@ def child(args: argparse.Namespace) -> None:
     """Train ours on ``args.data`` (untimed), time DA, optionally measure the cap's error."""
     import time
 
-    import anndata
     import numpy as np
     import torch
 
-    torch.set_num_threads(args.threads)
-    from mrvi_pyro import MRVI, da
+    from mrvi_pyro import da
 
-    adata = anndata.read_h5ad(args.data)
-    MRVI.setup_anndata(adata, sample_key="sample", batch_key="batch")
-    model = MRVI(adata)
-    start = time.perf_counter()
+    adata = _ours.read_counts(args.data, threads=args.threads)
     warmup = {} if args.kl_warmup is None else {"n_epochs_kl_warmup": args.kl_warmup}
-    model.train(max_epochs=args.epochs, batch_size=args.train_batch_size, train_size=1.0, progress_bar=False,
-                **warmup)
-    train_seconds = time.perf_counter() - start
+    model, train_seconds = _ours.train_model(adata, epochs=args.epochs, batch_size=args.train_batch_size, **warmup)
     cap = args.cap if args.cap and args.cap > 0 else None
     start = time.perf_counter()
     result = model.differential_abundance(sample_cov_keys=["disease"], max_components_per_sample=cap, seed=0)
@@ -124,12 +118,9 @@ def main() -> None:
     cap = args.cap if args.cap is not None else (500 if args.scale else 0)
     kl_warmup = args.kl_warmup if args.kl_warmup is not None else (0 if args.scale else None)
 
-    import mrvi_pyro
-
     tmp = tempfile.mkdtemp(prefix="mrvi_bench_da_")
     data = os.path.join(tmp, "da.h5ad")
-    mrvi_pyro.datasets.simulate(n_cells=n_cells, n_genes=args.n_genes, n_samples=n_samples,
-                                n_batches=args.n_batches, seed=0, sparse=True).write_h5ad(data)
+    _ours.simulate_h5ad(data, n_cells=n_cells, n_genes=args.n_genes, n_samples=n_samples, n_batches=args.n_batches)
     print(f"data: {n_cells} cells x {args.n_genes} genes, {n_samples} samples, {args.n_batches} batches; "
           f"{args.epochs} untimed training epoch(s); {args.threads} torch thread(s); "
           f"ours: {'cap ' + str(cap) + ' components per sample' if cap else 'exact'}"

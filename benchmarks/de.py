@@ -32,6 +32,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import _harness  # noqa: E402
+import _ours  # noqa: E402
 
 DEFAULT_REFERENCE = "/work/bench-venv/bin/python"
 
@@ -40,18 +41,8 @@ def child(args: argparse.Namespace) -> None:
     """Train ours on ``args.data`` (untimed), then time DE with LFCs."""
     import time
 
-    import anndata
-    import torch
-
-    torch.set_num_threads(args.threads)
-    from mrvi_pyro import MRVI
-
-    adata = anndata.read_h5ad(args.data)
-    MRVI.setup_anndata(adata, sample_key="sample", batch_key="batch")
-    model = MRVI(adata)
-    start = time.perf_counter()
-    model.train(max_epochs=args.epochs, batch_size=args.train_batch_size, train_size=1.0, progress_bar=False)
-    train_seconds = time.perf_counter() - start
+    adata = _ours.read_counts(args.data, threads=args.threads)
+    model, train_seconds = _ours.train_model(adata, epochs=args.epochs, batch_size=args.train_batch_size)
     start = time.perf_counter()
     result = model.differential_expression(sample_cov_keys=["disease"], store_lfc=True, mc_samples=args.mc_samples,
                                            batch_size=args.batch_size)
@@ -88,13 +79,10 @@ def main() -> None:
         child(args)
         return
 
-    import mrvi_pyro
-
     tmp = tempfile.mkdtemp(prefix="mrvi_bench_de_")
     data = os.path.join(tmp, "de.h5ad")
-    adata = mrvi_pyro.datasets.simulate(n_cells=args.n_cells, n_genes=args.n_genes, n_samples=args.n_samples,
-                                        n_batches=args.n_batches, seed=0, sparse=True)
-    adata.write_h5ad(data)
+    adata = _ours.simulate_h5ad(data, n_cells=args.n_cells, n_genes=args.n_genes, n_samples=args.n_samples,
+                                n_batches=args.n_batches)
     ref_cells = args.n_cells if args.reference_cells <= 0 else min(args.reference_cells, args.n_cells)
     ref_data = data
     if ref_cells < args.n_cells:

@@ -28,7 +28,6 @@ training (``--epochs 0``), reading the counts backed from disk, and skips the re
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -78,26 +77,19 @@ def child(args) -> int:
     sys.path.insert(0, str(HERE))
     import warnings
 
-    import anndata as ad
     import torch
 
+    import _ours
     from _harness import emit_result
 
-    torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     from mrvi_pyro import MRVI
 
-    adata = ad.read_h5ad(args.data, backed="r" if args.backed else None)
-    train_seconds = 0.0
+    adata = _ours.read_counts(args.data, threads=args.threads, backed=args.backed)
     if args.load_model:
-        model = MRVI.load(args.load_model, adata=adata)
+        model, train_seconds = MRVI.load(args.load_model, adata=adata), 0.0
     else:
-        MRVI.setup_anndata(adata, sample_key="sample", batch_key="batch")
-        model = MRVI(adata)
-        if args.epochs > 0:
-            start = time.perf_counter()
-            model.train(max_epochs=args.epochs, batch_size=128, train_size=1.0, progress_bar=False)
-            train_seconds = time.perf_counter() - start
+        model, train_seconds = _ours.train_model(adata, epochs=args.epochs, batch_size=128)
     if args.save_model:
         model.save(args.save_model, overwrite=True)
         emit_result({"implementation": "mrvi_pyro", "seconds": None, "train_seconds": train_seconds})
@@ -114,12 +106,11 @@ def child(args) -> int:
 
 
 def simulate_to(path: Path, args) -> None:
-    from mrvi_pyro import datasets
+    from _ours import simulate_h5ad
 
     start = time.perf_counter()
-    adata = datasets.simulate(n_cells=args.n_cells, n_genes=args.n_genes, n_samples=args.n_samples,
-                              n_batches=args.n_batches, seed=0, sparse=True)
-    adata.write_h5ad(path)
+    adata = simulate_h5ad(path, n_cells=args.n_cells, n_genes=args.n_genes, n_samples=args.n_samples,
+                          n_batches=args.n_batches)
     print(f"simulated {adata.n_obs:,} cells x {adata.n_vars:,} genes, {args.n_samples} samples, "
           f"{args.n_batches} batches in {time.perf_counter() - start:.1f} s -> {path}", flush=True)
 

@@ -22,28 +22,19 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import _harness  # noqa: E402
+import _ours  # noqa: E402
 
 DEFAULT_REFERENCE = "/work/bench-venv/bin/python"
 
 
 def child(args: argparse.Namespace) -> None:
     """Train ours on ``args.data`` and emit a RESULT line."""
-    import time
 
-    import anndata
     import torch
 
-    torch.set_num_threads(args.threads)
-    from mrvi_pyro import MRVI
-
     torch.optim.Adam([torch.zeros(1, requires_grad=True)])  # one-time torch._dynamo import, not training
-    adata = anndata.read_h5ad(args.data)
-    MRVI.setup_anndata(adata, sample_key="sample", batch_key="batch")
-    model = MRVI(adata)
-    start = time.perf_counter()
-    model.train(max_epochs=args.epochs, batch_size=args.batch_size, train_size=1.0, progress_bar=False,
-                device=args.device)
-    seconds = time.perf_counter() - start
+    adata = _ours.read_counts(args.data, threads=args.threads)
+    model, seconds = _ours.train_model(adata, epochs=args.epochs, batch_size=args.batch_size, device=args.device)
     per_epoch = model.history["seconds"].tolist()
     steady = per_epoch[1:] or per_epoch
     _harness.emit_result({
@@ -74,12 +65,10 @@ def main() -> None:
         child(args)
         return
 
-    import mrvi_pyro
-
     tmp = tempfile.mkdtemp(prefix="mrvi_bench_")
     data = os.path.join(tmp, "train.h5ad")
-    mrvi_pyro.datasets.simulate(n_cells=args.n_cells, n_genes=args.n_genes, n_samples=args.n_samples,
-                                n_batches=args.n_batches, seed=0).write_h5ad(data)
+    _ours.simulate_h5ad(data, n_cells=args.n_cells, n_genes=args.n_genes, n_samples=args.n_samples,
+                        n_batches=args.n_batches, sparse=False)
     print(f"data: {args.n_cells} cells x {args.n_genes} genes, {args.n_samples} samples, {args.n_batches} batches; "
           f"{args.epochs} epochs; {args.threads} torch thread(s)")
     run_reference = not args.no_reference and os.path.exists(args.reference_python)
