@@ -23,14 +23,14 @@ from ._api_explore import ExploreMixin
 from .data import CellData, Registry, build_sample_info, get_registry
 from .data import setup_anndata as _setup_anndata
 from .io import history_from_json, history_to_json, read_model, write_model
-from .module import MrVIModule, default_max_epochs
+from .module import ARCHITECTURE, MrVIModule, default_max_epochs
 from .posterior import latent_representation, normalized_expression
 from .train import TrainingResult, resolve_device, train_svi
 
 MODULE_ARGUMENTS = (
     "n_latent", "n_latent_u", "encoder_n_hidden", "encoder_n_layers", "z_u_prior", "z_u_prior_scale",
     "u_prior_scale", "u_prior_mixture", "u_prior_mixture_k", "learn_z_u_prior_scale", "likelihood", "sample_mapper",
-    "qu_kwargs", "qz_kwargs", "px_kwargs",
+    "qu_kwargs", "qz_kwargs", "px_kwargs", "architecture",
 )
 
 
@@ -64,8 +64,9 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
         Optional custom guide program with the signature of :func:`mrvi_pyro.guide.guide`
         (sites ``u`` and ``z``). It is not saved: pass it again to :meth:`load`.
     seed
-        Seeds the initial weights (ours; default: torch's global random state, as scvi-tools).
-        The caller's global random state is left unchanged when a seed is given.
+        Seeds the initial weights (default 0, as scvi-tools seeds with ``scvi.settings.seed = 0``:
+        the same script gives the same model). ``None`` draws them from torch's global random
+        state. The caller's global random state is left unchanged either way.
     qu_kwargs, qz_kwargs, px_kwargs
         Options of the encoder, the sample mapper (``use_map``, ``stop_gradients``,
         ``stop_gradients_mlp``, ``dropout_rate``, ...) and the decoder (also
@@ -99,10 +100,11 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
         qz_kwargs: dict | None = None,
         px_kwargs: dict | None = None,
         guide=None,
-        seed: int | None = None,
+        seed: int | None = 0,
     ):
         registry = get_registry(adata)
         self.init_params = {name: value for name, value in locals().items() if name in MODULE_ARGUMENTS}
+        self.init_params["architecture"] = ARCHITECTURE
         self.init_params["scale_observations"] = scale_observations
         self.registry: Registry = registry
         self.adata = adata
@@ -307,7 +309,7 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
         model = cls.__new__(cls)
         model.registry, model.adata, model._data_cache = registry, adata, None
         model._cell_data(adata)  # genes and categories must match
-        model.init_params = metadata["init_params"]
+        model.init_params = {"architecture": 1, **metadata["init_params"]}  # saved before versions: 1
         model.scale_observations = model.init_params.get("scale_observations", False)
         model.module = MrVIModule(
             len(registry.var_names), registry.n_samples, registry.n_batches, registry.n_labels,

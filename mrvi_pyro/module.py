@@ -49,6 +49,12 @@ PX_KWARGS = {
     "n_hidden": 32,
 }
 LIKELIHOODS = ("nb", "poisson")
+ARCHITECTURE = 2
+"""Architecture version of new models. 2: the reference's blocks (residual MLPs with layer
+norms in the attention blocks, the reference's encoder blocks, ``z_base`` with bias, inverse
+dispersion initialised at ``exp(N(0, 1))``). 1: models saved before (files without the field
+load as 1 and compute what they computed then)."""
+ARCHITECTURES = (1, 2)
 SAMPLE_MAPPERS = ("attention", "mlp", "linear")
 
 
@@ -63,10 +69,17 @@ def resolve_kwargs(name: str, given: dict | None, defaults: dict) -> dict:
     return {**defaults, **given}
 
 
-def build_sample_mapper(kind: str, n_latent_u: int, n_latent: int, n_samples: int, options: dict) -> nn.Module:
+def attention_mlp(architecture: int) -> str:
+    """The attention blocks' MLP kind of an architecture version."""
+    return "simple" if architecture == 1 else "resnet"
+
+
+def build_sample_mapper(kind: str, n_latent_u: int, n_latent: int, n_samples: int, options: dict,
+                        architecture: int = ARCHITECTURE) -> nn.Module:
     """The sample mapper ``f_phi(u, s)`` of the given kind (``"attention"``, ``"mlp"``, ``"linear"``)."""
     if kind == "attention":
         attention = {k: v for k, v in options.items() if k not in ("embedding_dim", "stop_gradients")}
+        attention["mlp"] = attention_mlp(architecture)
         return SampleMapper(n_latent_u, n_latent, n_samples, embedding_dim=options["embedding_dim"],
                             stop_gradients=options["stop_gradients"], **attention)
     if not options["use_map"]:
@@ -113,6 +126,9 @@ class MrVIModule(nn.Module):
     qu_kwargs, qz_kwargs, px_kwargs
         Block options of the encoder, the sample mapper and the decoder (see the ``*_KWARGS``
         defaults in this module).
+    architecture
+        Version of the network blocks (:data:`ARCHITECTURE` for new models; 1 rebuilds models
+        saved before version 2).
     """
 
     def __init__(
@@ -138,8 +154,14 @@ class MrVIModule(nn.Module):
         qz_kwargs: dict | None = None,
         px_kwargs: dict | None = None,
         guide=None,
+        architecture: int = ARCHITECTURE,
     ):
         super().__init__()
+        if architecture not in ARCHITECTURES:
+            raise ValueError(
+                f"architecture={architecture!r} is not known to this mrvi_pyro (known: {ARCHITECTURES}); "
+                "a model saved by a newer version needs that version."
+            )
         self.guide_program = guide_program if guide is None else guide
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood={likelihood!r} is not supported; use one of {LIKELIHOODS}.")
@@ -155,6 +177,7 @@ class MrVIModule(nn.Module):
             u_prior_scale=u_prior_scale, u_prior_mixture=u_prior_mixture,
             u_prior_mixture_k=u_prior_mixture_k, learn_z_u_prior_scale=learn_z_u_prior_scale,
             likelihood=likelihood, sample_mapper=sample_mapper, qu_kwargs=qu, qz_kwargs=qz, px_kwargs=px,
+            architecture=architecture,
         )
         self.n_samples, self.n_batches, self.n_labels = n_samples, n_batches, n_labels
         self.z_u_prior, self.likelihood = z_u_prior, likelihood
@@ -162,16 +185,20 @@ class MrVIModule(nn.Module):
 
         self.encoder = EncoderU(
             n_genes, n_latent_u, n_samples, n_hidden=encoder_n_hidden, n_layers=encoder_n_layers,
-            n_residual=qu["n_residual"],
+            n_residual=qu["n_residual"], architecture=architecture,
         )
-        self.sample_mapper = build_sample_mapper(sample_mapper, n_latent_u, n_latent, n_samples, qz)
+        self.sample_mapper = build_sample_mapper(sample_mapper, n_latent_u, n_latent, n_samples, qz, architecture)
         decoder_opts = {k: v for k, v in px.items() if k not in ("embedding_dim", "stop_gradients", "low_dim_batch")}
+        decoder_opts["mlp"] = attention_mlp(architecture)
         self.decoder = DecoderX(
             n_latent, n_genes, n_batches, low_dim_batch=px["low_dim_batch"],
             embedding_dim=px["embedding_dim"], stop_gradients=px["stop_gradients"], **decoder_opts,
         )
-        self.z_base_map = nn.Linear(n_latent_u, n_latent, bias=False) if n_latent != n_latent_u else nn.Identity()
-        self.log_theta = nn.Parameter(torch.zeros(n_genes))
+        if n_latent != n_latent_u:
+            self.z_base_map = nn.Linear(n_latent_u, n_latent, bias=architecture >= 2)
+        else:
+            self.z_base_map = nn.Identity()
+        self.log_theta = nn.Parameter(torch.zeros(n_genes) if architecture == 1 else torch.randn(n_genes))
         z_scale = torch.full((n_latent,), float(z_u_prior_scale))
         if learn_z_u_prior_scale:
             self.z_u_log_scale = nn.Parameter(z_scale)
@@ -257,4 +284,4 @@ def default_max_epochs(n_cells: int) -> int:
     return int(min(round(20000 / max(n_cells, 1) * 400), 400))
 
 
-__all__ = ["MrVIModule", "default_max_epochs", "resolve_kwargs"]
+__all__ = ["ARCHITECTURE", "MrVIModule", "default_max_epochs", "resolve_kwargs"]

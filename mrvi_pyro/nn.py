@@ -28,7 +28,7 @@ from torch.nn import functional as F
 
 
 class ConditionalLayerNorm(nn.Module):
-    """Layer norm (no affine parameters, eps 1e-6) with a learned scale and shift per condition.
+    """Layer norm (no affine parameters) with a learned scale and shift per condition.
 
     Parameters
     ----------
@@ -36,23 +36,25 @@ class ConditionalLayerNorm(nn.Module):
         Size of the last dimension.
     n_conditions
         Number of conditions (e.g. samples).
+    eps
+        Layer-norm epsilon (1e-6 in architecture 1, torch's 1e-5 in architecture 2).
     """
 
-    def __init__(self, n_features: int, n_conditions: int):
+    def __init__(self, n_features: int, n_conditions: int, eps: float = 1e-6):
         super().__init__()
-        self.n_features = n_features
+        self.n_features, self.eps = n_features, eps
         self.scale = nn.Embedding(n_conditions, n_features)
         self.shift = nn.Embedding(n_conditions, n_features)
         nn.init.normal_(self.scale.weight, mean=1.0, std=0.02)
         nn.init.zeros_(self.shift.weight)
 
     def forward(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        x = F.layer_norm(x, (self.n_features,), eps=1e-6)
+        x = F.layer_norm(x, (self.n_features,), eps=self.eps)
         return x * self.scale(condition) + self.shift(condition)
 
 
 class ResidualBlock(nn.Module):
-    """``x + ReLU(LayerNorm(Linear(x)))``."""
+    """``x + ReLU(LayerNorm(Linear(x)))`` (the encoder's block in architecture 1)."""
 
     def __init__(self, n_features: int):
         super().__init__()
@@ -63,6 +65,103 @@ class ResidualBlock(nn.Module):
         return x + F.relu(self.norm(self.linear(x)))
 
 
+class ResnetBlock(nn.Module):
+    """The reference's residual block (architecture 2).
+
+    ``act(LayerNorm(fc2(act(LayerNorm(fc1(x))) + skip(x))))`` with ``skip`` the identity when
+    ``n_in == n_hidden`` and a linear map otherwise.
+
+    Parameters
+    ----------
+    n_in, n_out, n_hidden
+        Input, output and inner widths.
+    activation
+        ``"relu"`` (the encoder's) or ``"gelu"`` (the attention MLPs').
+    """
+
+    def __init__(self, n_in: int, n_out: int, n_hidden: int = 128, activation: str = "relu"):
+        super().__init__()
+        if activation not in ("relu", "gelu"):
+            raise ValueError(f"activation must be 'relu' or 'gelu', not {activation!r}.")
+        self.activation = activation
+        self.fc1 = nn.Linear(n_in, n_hidden)
+        self.norm1 = nn.LayerNorm(n_hidden)
+        self.fc_match = nn.Linear(n_in, n_hidden) if n_in != n_hidden else None
+        self.fc2 = nn.Linear(n_hidden, n_out)
+        self.norm2 = nn.LayerNorm(n_out)
+
+    def act(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x) if self.activation == "relu" else F.gelu(x)
+
+    def first_linear(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weight and bias of the block's input maps, ``fc1`` stacked on the skip: (2 n_hidden, n_in).
+
+        Both are linear in the input, so callers whose input is itself a linear function of
+        something else can fold them (see :meth:`AttentionBlock._forward`)."""
+        if self.fc_match is None:
+            eye = torch.eye(self.fc1.in_features, dtype=self.fc1.weight.dtype, device=self.fc1.weight.device)
+            return torch.cat([self.fc1.weight, eye]), torch.cat([self.fc1.bias, torch.zeros_like(self.fc1.bias)])
+        return torch.cat([self.fc1.weight, self.fc_match.weight]), torch.cat([self.fc1.bias, self.fc_match.bias])
+
+    def tail(self, first: torch.Tensor) -> torch.Tensor:
+        """The block given ``first`` = the output of :meth:`first_linear` on its input."""
+        inner, skip = first.chunk(2, dim=-1)
+        h = self.act(self.norm1(inner)) + skip
+        return self.act(self.norm2(self.fc2(h)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skip = x if self.fc_match is None else self.fc_match(x)
+        h = self.act(self.norm1(self.fc1(x))) + skip
+        return self.act(self.norm2(self.fc2(h)))
+
+
+class ResnetMLP(nn.Module):
+    """The reference's MLP of the attention blocks (architecture 2): one :class:`ResnetBlock`
+    (inner width 128, output ``n_hidden``, GELU) followed by ``Linear(n_hidden, n_out)``.
+
+    :meth:`first_linear` and :meth:`tail` split it after its first linear maps, which is what
+    the factorised attention folds.
+    """
+
+    def __init__(self, n_in: int, n_out: int, n_hidden: int = 32, n_block_hidden: int = 128):
+        super().__init__()
+        self.block = ResnetBlock(n_in, n_hidden, n_block_hidden, activation="gelu")
+        self.fc = nn.Linear(n_hidden, n_out)
+
+    def first_linear(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.block.first_linear()
+
+    def tail(self, first: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.block.tail(first))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.block(x))
+
+
+def _simple_mlp(n_in: int, n_out: int, n_hidden: int) -> nn.Sequential:
+    """``Linear - GELU - Linear``: the attention MLPs of architecture 1."""
+    return nn.Sequential(nn.Linear(n_in, n_hidden), nn.GELU(), nn.Linear(n_hidden, n_out))
+
+
+def _mlp_first_linear(mlp: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(mlp, ResnetMLP):
+        return mlp.first_linear()
+    return mlp[0].weight, mlp[0].bias
+
+
+def _mlp_tail(mlp: nn.Module, first: torch.Tensor) -> torch.Tensor:
+    if isinstance(mlp, ResnetMLP):
+        return mlp.tail(first)
+    return mlp[2](mlp[1](first))
+
+
+def _foldable_mlp(mlp: nn.Module) -> bool:
+    if type(mlp) is ResnetMLP:
+        return type(mlp.block) is ResnetBlock
+    return (isinstance(mlp, nn.Sequential) and len(mlp) == 3 and type(mlp[0]) is nn.Linear
+            and mlp[0].bias is not None)
+
+
 class AttentionBlock(nn.Module):
     """Tokenised multi-head attention of a query vector against a key/value embedding.
 
@@ -70,8 +169,12 @@ class AttentionBlock(nn.Module):
     token of dimension 1; the key/value embedding (size ``kv_dim``) likewise. Tokens are lifted
     to ``n_channels`` channels, ``n_heads``-head scaled dot-product attention mixes them
     (dropout on the attention weights), each token's output is projected to ``head_out``
-    channels, flattened, passed through a small MLP to ``n_tokens`` values, and a residual MLP
-    maps ``[query, those values]`` to the output.
+    channels, flattened, passed through an MLP (``post``) to ``n_tokens`` values, and a second
+    MLP (``residual``) maps ``[query, those values]`` to the output. With ``mlp="resnet"`` (the
+    default, architecture 2) both MLPs are the reference's (:class:`ResnetMLP`: a residual block
+    with layer norms, width 128, then ``n_hidden`` -> output), the lifts start without bias and
+    the head projection is square, as scvi-tools' ``nn.MultiheadAttention`` parametrises them;
+    ``mlp="simple"`` (architecture 1, models saved before) is ``Linear - GELU - Linear``.
 
     :meth:`forward_unfactored` computes exactly that; :meth:`forward` computes the same function
     in a factorised form that builds no q/k/v tensors (see :meth:`_forward`), and falls back to
@@ -82,8 +185,11 @@ class AttentionBlock(nn.Module):
     query_dim, kv_dim, out_dim
         Sizes of the query, the key/value embedding and the output.
     n_tokens, n_channels, n_heads, head_out, n_hidden
-        Attention geometry (defaults follow the reference: 16 tokens, 8 channels, 2 heads, 4
-        output channels per token, hidden width 32 in the MLPs).
+        Attention geometry (defaults follow the reference: 16 tokens, 8 channels in 2 heads,
+        ``head_out`` output channels per token (default ``n_channels`` for ``mlp="resnet"``, 4
+        for ``"simple"``), hidden width 32 in the MLPs).
+    mlp
+        ``"resnet"`` (the reference's MLPs) or ``"simple"`` (architecture 1).
     dropout_rate
         Dropout on the attention weights.
     stop_gradients_mlp
@@ -102,15 +208,19 @@ class AttentionBlock(nn.Module):
         n_tokens: int = 16,
         n_channels: int = 8,
         n_heads: int = 2,
-        head_out: int = 4,
+        head_out: int | None = None,
         n_hidden: int = 32,
         dropout_rate: float = 0.03,
         stop_gradients_mlp: bool = True,
         use_map: bool = True,
+        mlp: str = "resnet",
     ):
         super().__init__()
         if n_channels % n_heads:
             raise ValueError(f"n_channels ({n_channels}) must be divisible by n_heads ({n_heads}).")
+        if mlp not in ("resnet", "simple"):
+            raise ValueError(f"mlp must be 'resnet' or 'simple', not {mlp!r}.")
+        head_out = (n_channels if mlp == "resnet" else 4) if head_out is None else head_out
         self.n_tokens, self.n_channels, self.n_heads = n_tokens, n_channels, n_heads
         self.stop_gradients_mlp, self.use_map = stop_gradients_mlp, use_map
         self.query_tokens = nn.Linear(query_dim, n_tokens, bias=False)
@@ -122,13 +232,30 @@ class AttentionBlock(nn.Module):
         self.v_lift = nn.Linear(1, n_channels)
         self.head_proj = nn.Linear(n_channels, head_out)
         self.dropout = nn.Dropout(dropout_rate)
-        self.post = nn.Sequential(
-            nn.Linear(n_tokens * head_out, n_hidden), nn.GELU(), nn.Linear(n_hidden, n_tokens)
-        )
         n_out = out_dim if use_map else 2 * out_dim
-        self.residual = nn.Sequential(
-            nn.Linear(query_dim + n_tokens, n_hidden), nn.GELU(), nn.Linear(n_hidden, n_out)
-        )
+        make_mlp = ResnetMLP if mlp == "resnet" else _simple_mlp
+        self.post = make_mlp(n_tokens * head_out, n_tokens, n_hidden)
+        self.residual = make_mlp(query_dim + n_tokens, n_out, n_hidden)
+        if mlp == "resnet":
+            self._reference_init()
+
+    def _reference_init(self) -> None:
+        """Start the lifts and the head projection where scvi-tools' block starts.
+
+        There, a token is lifted by a bias-free ``Linear(1, C)`` (one for the query, one shared
+        by keys and values) and then by ``nn.MultiheadAttention``'s input projection (Xavier
+        uniform, zero bias); the composition is our lift. Its output projection starts with
+        zero bias."""
+        n = self.n_channels
+        with torch.no_grad():
+            in_proj = nn.init.xavier_uniform_(torch.empty(3 * n, n))
+            token_q = torch.empty(n).uniform_(-1.0, 1.0)
+            token_kv = torch.empty(n).uniform_(-1.0, 1.0)
+            for lift, rows, token in ((self.q_lift, slice(0, n), token_q), (self.k_lift, slice(n, 2 * n), token_kv),
+                                      (self.v_lift, slice(2 * n, 3 * n), token_kv)):
+                lift.weight.copy_((in_proj[rows] @ token).unsqueeze(-1))
+                lift.bias.zero_()
+            self.head_proj.bias.zero_()
 
     def _heads(self, tokens: torch.Tensor, lift: nn.Linear) -> torch.Tensor:
         # tokens (..., T) -> (..., H, T, C/H); used by :meth:`forward_unfactored`.
@@ -170,11 +297,10 @@ class AttentionBlock(nn.Module):
         """Whether :meth:`forward` can use the factorised form: the lifts, the head projection and
         the first layers of ``post`` and ``residual`` are the linear layers it folds. A block whose
         parts were replaced by other modules runs :meth:`forward_unfactored` instead."""
-        lifts = all(isinstance(m, nn.Linear) and m.in_features == 1 and m.bias is not None
+        lifts = all(type(m) is nn.Linear and m.in_features == 1 and m.bias is not None
                     for m in (self.q_lift, self.k_lift, self.v_lift))
-        mlps = all(isinstance(seq, nn.Sequential) and len(seq) == 3 and isinstance(seq[0], nn.Linear)
-                   and seq[0].bias is not None for seq in (self.post, self.residual))
-        return lifts and mlps and isinstance(self.head_proj, nn.Linear) and self.head_proj.bias is not None
+        mlps = all(_foldable_mlp(mlp) for mlp in (self.post, self.residual))
+        return lifts and mlps and type(self.head_proj) is nn.Linear and self.head_proj.bias is not None
 
     def forward(self, query: torch.Tensor, kv: torch.Tensor):
         """Attend ``query`` (..., query_dim) to ``kv`` (..., kv_dim); leading dims broadcast."""
@@ -207,10 +333,11 @@ class AttentionBlock(nn.Module):
         in the softmax, leaving ``a_hi y_j`` with ``a_hi = (x_i w_qh.w_kh + b_qh.w_kh) / sqrt(d)``.
         The attention output of a token is ``m_hi w_vh + r_hi b_vh`` with
         ``m_hi = sum_j p_hij y_j`` and ``r_hi = sum_j p_hij`` (1 without dropout), and the head
-        projection and the first linear layer of ``post`` are linear, so they fold into one
-        (2 H T -> n_hidden) map. The per-pair work is one (H, T, T) softmax and a weighted sum;
-        no q/k/v tensors are built and nothing per query is broadcast to every key. The first
-        layer of ``residual`` is split the same way: its query part runs once per query.
+        projection and the first linear maps of ``post`` (for :class:`ResnetMLP`, its ``fc1``
+        and its skip, stacked) are linear, so they fold into one (2 H T -> width) map. The
+        per-pair work is one (H, T, T) softmax and a weighted sum; no q/k/v tensors are built
+        and nothing per query is broadcast to every key. The first linear maps of ``residual``
+        are split the same way: their query part runs once per query.
         """
         folded = self._folded() if folded is None else folded
         attn_query = query.detach() if self.stop_gradients_mlp else query
@@ -230,12 +357,12 @@ class AttentionBlock(nn.Module):
             hidden = hidden + weights.sum(-1).flatten(-2) @ folded["k_r"]
         else:
             hidden = torch.addmm(folded["bias_r1"], m.flatten(0, -2), folded["k_m"]).view(*m.shape[:-1], -1)
-        summary = self.post[2](self.post[1](hidden))  # (..., T)
-        res_first = self.residual[0]
+        summary = _mlp_tail(self.post, hidden)  # (..., T)
+        res_weight, res_bias = folded["residual_first"]
         n_query = query.shape[-1]
-        from_query = F.linear(query, res_first.weight[:, :n_query], res_first.bias)  # once per query
-        hidden = from_query + summary @ res_first.weight[:, n_query:].T
-        return self._output(self.residual[2](self.residual[1](hidden)))
+        from_query = F.linear(query, res_weight[:, :n_query], res_bias)  # once per query
+        hidden = from_query + summary @ res_weight[:, n_query:].T
+        return self._output(_mlp_tail(self.residual, hidden))
 
     def _folded(self) -> dict:
         """Parameters of :meth:`_forward` folded from the block's weights (see its docstring)."""
@@ -243,14 +370,15 @@ class AttentionBlock(nn.Module):
         w_q = self.q_lift.weight[:, 0].view(n_heads, head_dim)
         b_q = self.q_lift.bias.view(n_heads, head_dim)
         w_k = self.k_lift.weight[:, 0].view(n_heads, head_dim)
-        # Fold v-lift -> head_proj -> post[0] into weights on m (and on r under dropout).
-        first = self.post[0]
-        w_first = first.weight.view(first.out_features, n_tokens, -1)  # (k, T, O)
+        # Fold v-lift -> head_proj -> the first linear maps of post into weights on m (and on r
+        # under dropout).
+        first_weight, first_bias = _mlp_first_linear(self.post)
+        w_first = first_weight.view(first_weight.shape[0], n_tokens, -1)  # (k, T, O)
         w_proj = self.head_proj.weight.view(-1, n_heads, head_dim)  # (O, H, d)
         v_lift = torch.stack([self.v_lift.weight[:, 0], self.v_lift.bias]).view(2, n_heads, head_dim)
         via = torch.einsum("ohd,rhd->rho", w_proj, v_lift)  # through the value weight (r=0) or bias (r=1)
         k_m, k_r = torch.einsum("kio,rho->rhik", w_first, via).reshape(2, n_heads * n_tokens, -1)
-        bias = torch.addmv(first.bias, first.weight, self.head_proj.bias.repeat(n_tokens))  # post[0] of the proj bias
+        bias = torch.addmv(first_bias, first_weight, self.head_proj.bias.repeat(n_tokens))  # of the proj bias
         return {
             "slope": ((w_q * w_k).sum(-1) / math.sqrt(head_dim)).unsqueeze(-1),  # (H, 1)
             "intercept": ((b_q * w_k).sum(-1) / math.sqrt(head_dim)).unsqueeze(-1),
@@ -258,14 +386,19 @@ class AttentionBlock(nn.Module):
             "k_r": k_r,
             "bias": bias,
             "bias_r1": bias + k_r.sum(0),  # r = 1 without dropout
+            "residual_first": _mlp_first_linear(self.residual),
         }
 
 
 class EncoderU(nn.Module):
     """Amortised encoder of ``q(u | x, s)``.
 
-    ``log1p(x)`` -> ``n_layers`` x (Linear -> sample-conditional LayerNorm -> GELU(tanh)) ->
+    ``log1p(x)`` -> ``n_layers`` x (Linear -> sample-conditional LayerNorm -> GELU) ->
     + sample embedding -> ``n_residual`` residual blocks -> mean and softplus scale heads.
+
+    Architecture 2 (default) uses the reference's blocks: :class:`ResnetBlock` (two linear maps,
+    two layer norms, ReLU), exact GELU and layer-norm epsilon 1e-5. Architecture 1 (models
+    saved before) uses :class:`ResidualBlock`, tanh-approximated GELU and epsilon 1e-6.
 
     Parameters
     ----------
@@ -281,6 +414,8 @@ class EncoderU(nn.Module):
         Size of the sample embedding (must equal ``n_hidden``: it is added to the hidden state).
     n_residual
         Number of residual blocks.
+    architecture
+        2 (the reference's blocks) or 1 (see above).
     """
 
     def __init__(
@@ -292,15 +427,22 @@ class EncoderU(nn.Module):
         n_hidden: int = 128,
         n_layers: int = 2,
         n_residual: int = 2,
+        architecture: int = 2,
     ):
         super().__init__()
+        self.gelu_approximate = "tanh" if architecture == 1 else "none"
         self.linears = nn.ModuleList(
             nn.Linear(n_input if i == 0 else n_hidden, n_hidden) for i in range(n_layers)
         )
-        self.norms = nn.ModuleList(ConditionalLayerNorm(n_hidden, n_samples) for _ in range(n_layers))
+        eps = 1e-6 if architecture == 1 else 1e-5
+        self.norms = nn.ModuleList(ConditionalLayerNorm(n_hidden, n_samples, eps) for _ in range(n_layers))
         self.sample_embedding = nn.Embedding(n_samples, n_hidden)
         nn.init.normal_(self.sample_embedding.weight, std=0.1)
-        self.residuals = nn.Sequential(*(ResidualBlock(n_hidden) for _ in range(n_residual)))
+        if architecture == 1:
+            blocks = [ResidualBlock(n_hidden) for _ in range(n_residual)]
+        else:
+            blocks = [ResnetBlock(n_hidden, n_hidden, n_hidden) for _ in range(n_residual)]
+        self.residuals = nn.Sequential(*blocks)
         self.loc = nn.Linear(n_hidden, n_output)
         self.scale = nn.Linear(n_hidden, n_output)
 
@@ -308,7 +450,7 @@ class EncoderU(nn.Module):
         """Return ``(loc, scale)`` of ``q(u | x, s)`` from raw counts ``x`` (n, G)."""
         h = torch.log1p(x)
         for linear, norm in zip(self.linears, self.norms):
-            h = F.gelu(norm(linear(h), sample_index), approximate="tanh")
+            h = F.gelu(norm(linear(h), sample_index), approximate=self.gelu_approximate)
         h = self.residuals(h + self.sample_embedding(sample_index))
         return self.loc(h), F.softplus(self.scale(h)) + 1e-5
 

@@ -5,7 +5,13 @@
 :class:`mrvi_pyro.data.CellData`. The ELBO is Pyro's ``Trace_ELBO`` used as a differentiable
 loss with a plain torch optimiser (Adam with gradient-norm clipping) on the module's own
 parameters: no global parameter store. Minibatches are ``subsample`` indices of the
-``cells`` plate, so each step's loss is an unbiased estimate of the full training-set loss.
+``cells`` plate, so each step's ELBO is an unbiased estimate of the full training-set ELBO.
+
+The optimiser sees that estimate divided by the number of training cells: the per-cell mean
+loss of the minibatch, the scale the reference (scvi-tools) optimises. Adam is invariant to the
+scale of the loss, but gradient-norm clipping (``clip_norm=40``) is not: on the full-data
+scale the gradient norm is N times larger and every step was clipped. The history records the
+share of clipped steps per epoch (``clipped_share``).
 
 Per-step overhead is kept low: parameters and gradients are views of one flat buffer while
 training (:class:`FlatParameters`: one zeroing, one norm, one clip, one fused Adam update),
@@ -41,7 +47,8 @@ class TrainingResult:
     ----------
     history
         One row per epoch: ``epoch``, ``kl_weight``, ``elbo_train`` and ``elbo_validation`` (the
-        negative ELBO per cell, lower is better; validation at full KL weight), ``seconds``.
+        negative ELBO per cell, lower is better; validation at full KL weight),
+        ``clipped_share`` (share of steps whose gradient norm exceeded ``clip_norm``), ``seconds``.
     train_indices, validation_indices
         The split of the cells.
     stopped_early
@@ -223,7 +230,8 @@ def train_svi(
     train_size
         Share of cells used for training; the rest is the validation set.
     lr, weight_decay, eps, clip_norm
-        Adam settings and the gradient-norm clip.
+        Adam settings and the gradient-norm clip (on the gradient of the per-cell mean loss, as
+        the reference's ``max_norm``).
     n_epochs_kl_warmup
         The KL weight rises linearly from 0 at epoch 0 to 1 at this epoch (0: no warm-up).
     early_stopping, early_stopping_patience, early_stopping_min_delta
@@ -287,7 +295,7 @@ def _train_loop(module, data, flat, params, train_idx, val_idx, rng, *, max_epoc
             kl_weight = min(1.0, epoch / n_epochs_kl_warmup) if n_epochs_kl_warmup > 0 else 1.0
             module.train()
             positions = rng.permutation(n_train)
-            epoch_loss = 0.0
+            epoch_loss, n_clipped, n_steps = 0.0, torch.zeros((), device=device), 0
             for step in range(0, n_train, batch_size):
                 pos = positions[step : step + batch_size]
                 cells = train_idx[pos]
@@ -296,7 +304,7 @@ def _train_loop(module, data, flat, params, train_idx, val_idx, rng, *, max_epoc
                 loss = elbo.differentiable_loss(
                     module.model, module.guide, *_call_args(batch), n_obs=n_train,
                     subsample=torch.as_tensor(pos, device=device), kl_weight=kl_weight, cell_scale=scale,
-                )
+                ) / n_train  # per-cell mean of the minibatch
                 if not torch.isfinite(loss.detach()):
                     raise TrainingDivergedError(
                         f"The loss became {loss.detach().item()} at epoch {epoch} (step {step // batch_size}); "
@@ -319,8 +327,11 @@ def _train_loop(module, data, flat, params, train_idx, val_idx, rng, *, max_epoc
                         "no update was applied. Try a lower learning rate (e.g. lr=5e-4)."
                     )
                 optimizer.step()
-                epoch_loss += float(loss.detach()) * len(pos) / n_train
-            row = {"epoch": epoch, "kl_weight": kl_weight, "elbo_train": epoch_loss / n_train}
+                n_clipped += grad_norm > clip_norm
+                n_steps += 1
+                epoch_loss += float(loss.detach()) * len(pos)
+            row = {"epoch": epoch, "kl_weight": kl_weight, "elbo_train": epoch_loss / n_train,
+                   "clipped_share": float(n_clipped) / max(n_steps, 1)}
             if len(val_idx):
                 row["elbo_validation"] = evaluate_loss(
                     module, data, val_idx, batch_size=max(batch_size, 512), device=device, cell_weights=weights
