@@ -34,6 +34,59 @@ MODULE_ARGUMENTS = (
 )
 
 
+PLAN_KWARGS = {
+    "lr": "lr", "weight_decay": "weight_decay", "eps": "eps", "n_epochs_kl_warmup": "n_epochs_kl_warmup",
+    "max_norm": "clip_norm", "gradient_clip_val": "clip_norm", "clip_norm": "clip_norm",
+}
+"""scvi-tools training-plan (and trainer) names accepted in ``plan_kwargs`` -> ``train_svi`` arguments."""
+
+_TRAIN_DEFAULTS = {"lr": 2e-3, "weight_decay": 1e-8, "eps": 1e-8, "clip_norm": 40.0, "n_epochs_kl_warmup": 20}
+
+
+def _plan_options(plan_kwargs: dict | None, **explicit) -> dict:
+    """Merge scvi-tools style ``plan_kwargs`` into the explicit optimiser arguments of ``train``."""
+    if plan_kwargs is None:
+        return explicit
+    if not isinstance(plan_kwargs, dict):
+        raise ValueError(f"plan_kwargs must be a dict or None; got {type(plan_kwargs).__name__}.")
+    plan = dict(plan_kwargs)
+    optimizer = plan.pop("optimizer", "Adam")
+    if optimizer != "Adam":
+        raise ValueError(f"plan_kwargs['optimizer'] must be 'Adam' (the only optimiser here); got {optimizer!r}.")
+    unknown = sorted(set(plan) - set(PLAN_KWARGS))
+    if unknown:
+        raise ValueError(
+            f"Unknown plan_kwargs {unknown}; supported: {sorted(PLAN_KWARGS) + ['optimizer']}. "
+            "Pass other training options as arguments of train()."
+        )
+    options, source = dict(explicit), {}
+    for key, value in plan.items():
+        target = PLAN_KWARGS[key]
+        if target in source and options[target] != value:
+            raise ValueError(f"plan_kwargs sets {target} twice with different values ({source[target]!r}, {key!r}).")
+        if explicit[target] != _TRAIN_DEFAULTS[target] and explicit[target] != value:
+            raise ValueError(
+                f"{target} was given both as an argument ({explicit[target]!r}) and as plan_kwargs[{key!r}] "
+                f"({value!r}); give it once."
+            )
+        options[target], source[target] = value, key
+    return options
+
+
+def _train_share(train_size: float, validation_size: float | None) -> float:
+    """``train_size`` checked against scvi-tools' ``validation_size`` (no test split here)."""
+    if validation_size is None:
+        return train_size
+    if not 0.0 <= float(validation_size) < 1.0:
+        raise ValueError(f"validation_size must lie in [0, 1); got {validation_size!r}.")
+    if abs(float(train_size) + float(validation_size) - 1.0) > 1e-9:
+        raise ValueError(
+            f"train_size ({train_size}) + validation_size ({validation_size}) must be 1: mrvi_pyro holds out "
+            f"no test set. Pass train_size={1.0 - float(validation_size):g} with this validation_size."
+        )
+    return train_size
+
+
 class MRVI(ExploreMixin, DEMixin, DAMixin):
     """Multi-resolution variational inference (MrVI) for multi-sample single-cell data.
 
@@ -183,18 +236,31 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
         seed: int = 0,
         device: str = "auto",
         progress_bar: bool = True,
+        validation_size: float | None = None,
+        plan_kwargs: dict | None = None,
     ) -> TrainingResult:
         """Train by SVI on minibatches (see :func:`mrvi_pyro.train.train_svi`).
 
         ``max_epochs=None`` uses ``min(round(20000 / n_cells * 400), 400)``. Training continues
         from the current parameters; the history of this run is in :attr:`history`.
+
+        As in scvi-tools, ``validation_size`` (None: ``1 - train_size``) is the held-out share;
+        mrvi_pyro holds out no test set, so ``train_size + validation_size`` must be 1.
+        ``plan_kwargs`` takes scvi-tools' training-plan names: ``lr``, ``weight_decay``,
+        ``eps``, ``n_epochs_kl_warmup``, ``max_norm`` or ``gradient_clip_val`` (= ``clip_norm``)
+        and ``optimizer`` (``"Adam"`` only); they override the keyword defaults, and giving a
+        setting both ways with different values is an error.
         """
+        options = _plan_options(
+            plan_kwargs, lr=lr, weight_decay=weight_decay, eps=eps, clip_norm=clip_norm,
+            n_epochs_kl_warmup=n_epochs_kl_warmup,
+        )
+        train_size = _train_share(train_size, validation_size)
         data = self._cell_data()
         max_epochs = default_max_epochs(len(data)) if max_epochs is None else max_epochs
         result = train_svi(
             self.module, data, max_epochs=max_epochs, batch_size=batch_size, train_size=train_size,
-            lr=lr, weight_decay=weight_decay, eps=eps, clip_norm=clip_norm,
-            n_epochs_kl_warmup=n_epochs_kl_warmup, early_stopping=early_stopping,
+            **options, early_stopping=early_stopping,
             early_stopping_patience=early_stopping_patience, early_stopping_min_delta=early_stopping_min_delta,
             scale_observations=self.scale_observations, seed=seed, device=device, progress_bar=progress_bar,
         )

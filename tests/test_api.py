@@ -5,6 +5,7 @@ import inspect
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from mrvi_pyro import MRVI
 
@@ -80,7 +81,7 @@ def test_reference_argument_names():
                      "z_u_prior_scale", "u_prior_scale", "u_prior_mixture", "u_prior_mixture_k",
                      "learn_z_u_prior_scale", "scale_observations", "qz_kwargs", "px_kwargs", "qu_kwargs"],
         "setup_anndata": ["adata", "sample_key", "batch_key", "labels_key", "layer"],
-        "train": ["max_epochs", "batch_size", "train_size", "early_stopping"],
+        "train": ["max_epochs", "batch_size", "train_size", "validation_size", "early_stopping", "plan_kwargs"],
         "get_latent_representation": ["adata", "indices", "give_z", "use_mean", "batch_size"],
         "get_normalized_expression": ["adata", "indices", "transform_batch", "n_samples", "return_mean"],
         "save": ["dir_path", "overwrite", "save_anndata"],
@@ -106,3 +107,53 @@ def test_analyses_show_progress(trained_model, capsys):
     assert "mrvi_pyro:" in err and "/2000" in err and "cells/s" in err
     list(iter_posterior_u(trained_model.module, data, batch_size=500, progress_bar=False))
     assert capsys.readouterr().err == ""
+
+
+def test_train_accepts_reference_plan_kwargs_and_validation_size(small_adata):
+    model = MRVI(small_adata, seed=0)
+    before = {k: v.clone() for k, v in model.module.state_dict().items()}
+    result = model.train(max_epochs=2, batch_size=64, train_size=0.75, validation_size=0.25, progress_bar=False,
+                         plan_kwargs={"lr": 0.0, "n_epochs_kl_warmup": 4, "max_norm": 10.0, "optimizer": "Adam"})
+    assert len(result.validation_indices) == 75 and len(result.train_indices) == 225
+    np.testing.assert_allclose(model.history["kl_weight"], [0.0, 0.25])  # warm-up over 4 epochs reached train_svi
+    after = model.module.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # lr=0 reached the optimiser
+
+
+def test_plan_kwargs_map_to_train_svi_arguments(small_adata, monkeypatch):
+    import mrvi_pyro.api as api
+
+    seen = {}
+
+    def fake_train_svi(module, data, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(api, "train_svi", fake_train_svi)
+    model = MRVI(small_adata, seed=0)
+    with pytest.raises(RuntimeError, match="stop"):
+        model.train(max_epochs=1, plan_kwargs={"lr": 1e-3, "weight_decay": 1e-4, "eps": 1e-6,
+                                               "gradient_clip_val": 5.0, "n_epochs_kl_warmup": 7})
+    assert {k: seen[k] for k in ("lr", "weight_decay", "eps", "clip_norm", "n_epochs_kl_warmup", "train_size")} == {
+        "lr": 1e-3, "weight_decay": 1e-4, "eps": 1e-6, "clip_norm": 5.0, "n_epochs_kl_warmup": 7, "train_size": 0.9}
+    with pytest.raises(RuntimeError, match="stop"):  # without plan_kwargs the keyword defaults are the reference's
+        model.train(max_epochs=1)
+    assert (seen["lr"], seen["weight_decay"], seen["eps"], seen["clip_norm"], seen["n_epochs_kl_warmup"]) == (
+        2e-3, 1e-8, 1e-8, 40.0, 20)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"plan_kwargs": {"learning_rate": 1e-3}}, r"Unknown plan_kwargs \['learning_rate'\]"),
+     ({"plan_kwargs": {"optimizer": "AdamW"}}, "optimizer"),
+     ({"plan_kwargs": [("lr", 1e-3)]}, "plan_kwargs must be a dict"),
+     ({"plan_kwargs": {"lr": 1e-3}, "lr": 1e-2}, "lr was given both"),
+     ({"plan_kwargs": {"max_norm": 1.0, "gradient_clip_val": 2.0}}, "clip_norm twice"),
+     ({"validation_size": 0.2}, r"train_size \(0.9\) \+ validation_size \(0.2\) must be 1"),
+     ({"validation_size": 1.5}, r"validation_size must lie in \[0, 1\)")],
+)
+def test_train_rejects_bad_plan_kwargs(small_adata, kwargs, match):
+    model = MRVI(small_adata, seed=0)
+    with pytest.raises(ValueError, match=match):
+        model.train(max_epochs=1, progress_bar=False, **kwargs)
+    assert not model.is_trained
