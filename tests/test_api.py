@@ -36,13 +36,14 @@ def test_latent_representation_on_other_adata(trained_model, sim_adata):
 
 
 def test_normalized_expression(trained_model, sim_adata):
-    expr = trained_model.get_normalized_expression(indices=np.arange(50))
+    expr = trained_model.get_normalized_expression(indices=np.arange(50), library_size=1.0)
     assert isinstance(expr, pd.DataFrame) and expr.shape == (50, sim_adata.n_vars)
     assert list(expr.columns) == list(sim_adata.var_names)
     np.testing.assert_allclose(expr.sum(1), 1.0, rtol=1e-4)
-    b0 = trained_model.get_normalized_expression(indices=np.arange(50), transform_batch="batch_0")
-    b1 = trained_model.get_normalized_expression(indices=np.arange(50), transform_batch="batch_1")
-    both = trained_model.get_normalized_expression(indices=np.arange(50), transform_batch=["batch_0", "batch_1"])
+    kwargs = {"indices": np.arange(50), "library_size": 1.0}
+    b0 = trained_model.get_normalized_expression(**kwargs, transform_batch="batch_0")
+    b1 = trained_model.get_normalized_expression(**kwargs, transform_batch="batch_1")
+    both = trained_model.get_normalized_expression(**kwargs, transform_batch=["batch_0", "batch_1"])
     np.testing.assert_allclose(both, (b0 + b1) / 2, rtol=1e-4, atol=1e-7)
     assert not np.allclose(b0, b1)  # the nuisance block does something
     draws = trained_model.get_normalized_expression(indices=np.arange(20), n_samples=4, return_mean=False)
@@ -51,10 +52,52 @@ def test_normalized_expression(trained_model, sim_adata):
     np.testing.assert_allclose(scaled.sum(1), 1e4, rtol=1e-4)
     # the decoded profile tracks the observed one: genes' mean expression correlates
     observed = sim_adata.X / sim_adata.X.sum(1, keepdims=True)
-    predicted = trained_model.get_normalized_expression().to_numpy()
+    predicted = trained_model.get_normalized_expression(library_size=1.0).to_numpy()
     assert np.corrcoef(np.log(observed.mean(0) + 1e-6), np.log(predicted.mean(0)))[0, 1] > 0.95
     with pytest.raises(ValueError, match="transform_batch"):
         trained_model.get_normalized_expression(transform_batch="batch_9")
+
+
+def test_normalized_expression_reference_defaults(trained_model, sim_adata):
+    """scvi-tools' defaults: library_size="latent" (observed totals), n_samples=1, return_mean=False."""
+    idx = np.arange(30)
+    default = trained_model.get_normalized_expression(indices=idx)
+    totals = np.asarray(sim_adata.X[idx].sum(1)).ravel()
+    np.testing.assert_allclose(default.sum(1), totals, rtol=1e-4)
+    proportions = trained_model.get_normalized_expression(indices=idx, library_size=1.0)
+    np.testing.assert_allclose(default.to_numpy(), proportions.to_numpy() * totals[:, None], rtol=1e-5)
+    # draws: seeded, and their mean approaches the decoded posterior mean
+    kwargs = {"indices": idx, "library_size": 1.0, "n_samples": 200}
+    mean = trained_model.get_normalized_expression(**kwargs, return_mean=True, seed=2)
+    assert isinstance(mean, pd.DataFrame)
+    draws = trained_model.get_normalized_expression(**kwargs, seed=2)
+    np.testing.assert_allclose(mean.to_numpy(), draws.mean(0), rtol=1e-5)
+    assert np.abs(np.log(mean.to_numpy()) - np.log(proportions.to_numpy())).mean() < 0.05
+    np.testing.assert_array_equal(draws, trained_model.get_normalized_expression(**kwargs, seed=2))
+    genes = list(sim_adata.var_names[[7, 3]])
+    sub = trained_model.get_normalized_expression(indices=idx, gene_list=genes)
+    assert list(sub.columns) == genes
+    np.testing.assert_allclose(sub.to_numpy(), default[genes].to_numpy(), rtol=1e-6)
+    assert isinstance(trained_model.get_normalized_expression(indices=idx, return_numpy=True), np.ndarray)
+    with pytest.warns(UserWarning, match="return_numpy=False is ignored"):
+        trained_model.get_normalized_expression(indices=idx, n_samples=2, return_numpy=False)
+    # n_samples_overall: rows drawn from every cell's posterior draws (here 30 cells, 65 rows -> 3 draws each)
+    overall = trained_model.get_normalized_expression(indices=idx, library_size=1.0, n_samples_overall=65, seed=4)
+    assert overall.shape == (65, sim_adata.n_vars)
+    pool = trained_model.get_normalized_expression(indices=idx, library_size=1.0, n_samples=3, seed=4)
+    pool = pool.reshape(-1, pool.shape[-1])
+    assert all(np.abs(pool - row).max(1).min() < 1e-7 for row in overall)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"weights": "importance"}, "weights must be None or 'uniform'"), ({"library_size": 0}, "library_size"),
+     ({"library_size": "observed"}, "library_size"), ({"n_samples_overall": 10, "n_samples": 2}, "n_samples_overall"),
+     ({"gene_list": ["not_a_gene"]}, "not in the model's genes")],
+)
+def test_normalized_expression_rejects_bad_arguments(trained_model, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        trained_model.get_normalized_expression(indices=np.arange(5), **kwargs)
 
 
 def test_indices_are_checked(trained_model):
@@ -83,7 +126,8 @@ def test_reference_argument_names():
         "setup_anndata": ["adata", "sample_key", "batch_key", "labels_key", "layer"],
         "train": ["max_epochs", "batch_size", "train_size", "validation_size", "early_stopping", "plan_kwargs"],
         "get_latent_representation": ["adata", "indices", "give_z", "use_mean", "batch_size"],
-        "get_normalized_expression": ["adata", "indices", "transform_batch", "n_samples", "return_mean"],
+        "get_normalized_expression": ["adata", "indices", "transform_batch", "gene_list", "library_size", "n_samples",
+                                      "n_samples_overall", "weights", "batch_size", "return_mean", "return_numpy"],
         "save": ["dir_path", "overwrite", "save_anndata"],
         "load": ["dir_path", "adata"],
     }
