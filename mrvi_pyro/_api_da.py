@@ -98,16 +98,20 @@ class DAMixin:
         quantile_threshold: float = 0.05,
         admissibility_threshold: float = 0.0,
         batch_size: int = 256,
+        flavor: str = "ball",
         seed: int = 0,
     ) -> xr.Dataset:
         """Admissibility of every (cell, sample) pair.
 
-        See :mod:`mrvi_pyro.admissibility` for the definition: ``log_probs[n, s]`` is the
-        (leave-one-out) log density of cell n's posterior mean under sample s's aggregated
-        posterior (at most ``subsample_size`` component cells per sample, drawn with
-        ``seed``), ``log_ratios`` subtracts sample s's threshold (the ``quantile_threshold``
-        quantile over its own cells), and ``is_admissible = log_ratios >=
-        admissibility_threshold``. Works for any number of cells; ``adata`` is not modified.
+        See :mod:`mrvi_pyro.admissibility` for the definitions. With ``flavor="ball"`` (default,
+        the rule of scvi-tools), ``log_probs[n, s]`` is the log density of cell n's posterior mean
+        under the nearest of sample s's cell posteriors, and ``log_ratios`` subtracts one global
+        threshold (the ``quantile_threshold`` quantile of the cells' leave-one-out scores under
+        their own sample). With ``flavor="mog"``, ``log_probs`` is the (leave-one-out) aggregated
+        posterior density and each sample has its own threshold. Either way at most
+        ``subsample_size`` cells per sample (drawn with ``seed``) are components and
+        ``is_admissible = log_ratios > admissibility_threshold``. Works for any number of
+        cells, in bounded memory; ``adata`` is not modified.
 
         Returns
         -------
@@ -117,7 +121,7 @@ class DAMixin:
         """
         data = self._cell_data(adata)
         out = outlier_cell_sample_pairs(
-            self.module, data, subsample_size=subsample_size, quantile_threshold=quantile_threshold,
+            self.module, data, flavor=flavor, subsample_size=subsample_size, quantile_threshold=quantile_threshold,
             admissibility_threshold=admissibility_threshold, batch_size=batch_size, seed=seed,
         )
         coords = {"cell_name": np.asarray(data.obs_names), "sample": list(self.registry.sample_categories)}
@@ -130,7 +134,7 @@ class DAMixin:
                 "threshold": (("sample",), out["thresholds"]),
             },
             coords=coords,
-            attrs={"subsample_size": -1 if subsample_size is None else int(subsample_size),
+            attrs={"flavor": flavor, "subsample_size": -1 if subsample_size is None else int(subsample_size),
                    "quantile_threshold": float(quantile_threshold),
                    "admissibility_threshold": float(admissibility_threshold), "seed": int(seed)},
         )

@@ -8,7 +8,9 @@ modules.
 
 from __future__ import annotations
 
+import numbers
 import os
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -24,7 +26,7 @@ from .data import CellData, Registry, build_sample_info, get_registry
 from .data import setup_anndata as _setup_anndata
 from .io import history_from_json, history_to_json, read_model, write_model
 from .module import ARCHITECTURE, MrVIModule, default_max_epochs
-from .posterior import latent_representation, normalized_expression
+from .posterior import latent_representation, make_generator, normalized_expression
 from .train import TrainingResult, resolve_device, train_svi
 
 MODULE_ARGUMENTS = (
@@ -32,6 +34,59 @@ MODULE_ARGUMENTS = (
     "u_prior_scale", "u_prior_mixture", "u_prior_mixture_k", "learn_z_u_prior_scale", "likelihood", "sample_mapper",
     "qu_kwargs", "qz_kwargs", "px_kwargs", "architecture",
 )
+
+
+PLAN_KWARGS = {
+    "lr": "lr", "weight_decay": "weight_decay", "eps": "eps", "n_epochs_kl_warmup": "n_epochs_kl_warmup",
+    "max_norm": "clip_norm", "gradient_clip_val": "clip_norm", "clip_norm": "clip_norm",
+}
+"""scvi-tools training-plan (and trainer) names accepted in ``plan_kwargs`` -> ``train_svi`` arguments."""
+
+_TRAIN_DEFAULTS = {"lr": 2e-3, "weight_decay": 1e-8, "eps": 1e-8, "clip_norm": 40.0, "n_epochs_kl_warmup": 20}
+
+
+def _plan_options(plan_kwargs: dict | None, **explicit) -> dict:
+    """Merge scvi-tools style ``plan_kwargs`` into the explicit optimiser arguments of ``train``."""
+    if plan_kwargs is None:
+        return explicit
+    if not isinstance(plan_kwargs, dict):
+        raise ValueError(f"plan_kwargs must be a dict or None; got {type(plan_kwargs).__name__}.")
+    plan = dict(plan_kwargs)
+    optimizer = plan.pop("optimizer", "Adam")
+    if optimizer != "Adam":
+        raise ValueError(f"plan_kwargs['optimizer'] must be 'Adam' (the only optimiser here); got {optimizer!r}.")
+    unknown = sorted(set(plan) - set(PLAN_KWARGS))
+    if unknown:
+        raise ValueError(
+            f"Unknown plan_kwargs {unknown}; supported: {sorted(PLAN_KWARGS) + ['optimizer']}. "
+            "Pass other training options as arguments of train()."
+        )
+    options, source = dict(explicit), {}
+    for key, value in plan.items():
+        target = PLAN_KWARGS[key]
+        if target in source and options[target] != value:
+            raise ValueError(f"plan_kwargs sets {target} twice with different values ({source[target]!r}, {key!r}).")
+        if explicit[target] != _TRAIN_DEFAULTS[target] and explicit[target] != value:
+            raise ValueError(
+                f"{target} was given both as an argument ({explicit[target]!r}) and as plan_kwargs[{key!r}] "
+                f"({value!r}); give it once."
+            )
+        options[target], source[target] = value, key
+    return options
+
+
+def _train_share(train_size: float, validation_size: float | None) -> float:
+    """``train_size`` checked against scvi-tools' ``validation_size`` (no test split here)."""
+    if validation_size is None:
+        return train_size
+    if not 0.0 <= float(validation_size) < 1.0:
+        raise ValueError(f"validation_size must lie in [0, 1); got {validation_size!r}.")
+    if abs(float(train_size) + float(validation_size) - 1.0) > 1e-9:
+        raise ValueError(
+            f"train_size ({train_size}) + validation_size ({validation_size}) must be 1: mrvi_pyro holds out "
+            f"no test set. Pass train_size={1.0 - float(validation_size):g} with this validation_size."
+        )
+    return train_size
 
 
 class MRVI(ExploreMixin, DEMixin, DAMixin):
@@ -185,18 +240,31 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
         seed: int = 0,
         device: str = "auto",
         progress_bar: bool = True,
+        validation_size: float | None = None,
+        plan_kwargs: dict | None = None,
     ) -> TrainingResult:
         """Train by SVI on minibatches (see :func:`mrvi_pyro.train.train_svi`).
 
         ``max_epochs=None`` uses ``min(round(20000 / n_cells * 400), 400)``. Training continues
         from the current parameters; the history of this run is in :attr:`history`.
+
+        As in scvi-tools, ``validation_size`` (None: ``1 - train_size``) is the held-out share;
+        mrvi_pyro holds out no test set, so ``train_size + validation_size`` must be 1.
+        ``plan_kwargs`` takes scvi-tools' training-plan names: ``lr``, ``weight_decay``,
+        ``eps``, ``n_epochs_kl_warmup``, ``max_norm`` or ``gradient_clip_val`` (= ``clip_norm``)
+        and ``optimizer`` (``"Adam"`` only); they override the keyword defaults, and giving a
+        setting both ways with different values is an error.
         """
+        options = _plan_options(
+            plan_kwargs, lr=lr, weight_decay=weight_decay, eps=eps, clip_norm=clip_norm,
+            n_epochs_kl_warmup=n_epochs_kl_warmup,
+        )
+        train_size = _train_share(train_size, validation_size)
         data = self._cell_data()
         max_epochs = default_max_epochs(len(data)) if max_epochs is None else max_epochs
         result = train_svi(
             self.module, data, max_epochs=max_epochs, batch_size=batch_size, train_size=train_size,
-            lr=lr, weight_decay=weight_decay, eps=eps, clip_norm=clip_norm,
-            n_epochs_kl_warmup=n_epochs_kl_warmup, early_stopping=early_stopping,
+            **options, early_stopping=early_stopping,
             early_stopping_patience=early_stopping_patience, early_stopping_min_delta=early_stopping_min_delta,
             scale_observations=self.scale_observations, seed=seed, device=device, progress_bar=progress_bar,
         )
@@ -232,49 +300,96 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
         adata: AnnData | None = None,
         indices: Sequence[int] | None = None,
         transform_batch: str | Sequence[str] | None = None,
+        gene_list: Sequence[str] | None = None,
+        library_size: float | str = "latent",
         n_samples: int = 1,
-        return_mean: bool = True,
-        library_size: float = 1.0,
+        n_samples_overall: int | None = None,
+        weights: str | None = None,
         batch_size: int | None = None,
+        return_mean: bool = False,
+        return_numpy: bool | None = None,
         seed: int = 0,
     ) -> pd.DataFrame | np.ndarray:
-        """Decoded expression of each cell under its own sample.
+        """Decoded expression of each cell under its own sample (scvi-tools' names and defaults).
 
         Parameters
         ----------
         transform_batch
             Nuisance level name(s) to decode under; several are averaged. None: each cell's
             own level.
-        n_samples
-            1 uses the posterior mean of u; more averages (or returns) that many draws.
-        return_mean
-            With ``n_samples > 1``: average the draws (DataFrame) or return an array of shape
-            (n_samples, n_cells, n_genes).
+        gene_list
+            Return only these genes (names of ``adata.var_names``).
         library_size
-            Scale of the output (1: proportions summing to one per cell).
+            ``"latent"`` (default): each cell's observed total count, so the output is the mean of
+            the count likelihood; a number: that common scale (1: proportions summing to one).
+        n_samples
+            1 decodes the posterior mean of u (deterministic); more decodes that many seeded
+            posterior draws.
+        n_samples_overall
+            Instead of per-cell values, return this many rows drawn uniformly with replacement
+            (seeded) from ``n_samples_overall // n_cells + 1`` posterior draws of every cell:
+            an ndarray (n_samples_overall, n_genes). Requires ``n_samples=1``.
+        weights
+            ``None`` or ``"uniform"`` (the only option; scvi-tools' ``"importance"`` is not
+            implemented).
+        return_mean
+            With ``n_samples > 1``: average the draws; otherwise an ndarray of shape
+            (n_samples, n_cells, n_genes) is returned.
+        return_numpy
+            Return an ndarray instead of a DataFrame (None: only when the result is not 2-d per cell).
+        seed
+            Seeds the posterior draws.
 
         Returns
         -------
-        DataFrame (cells x genes), or an ndarray when ``n_samples > 1`` and not ``return_mean``.
+        DataFrame (cells x genes), or an ndarray as described above.
         """
+        if weights not in (None, "uniform"):
+            raise ValueError(f"weights must be None or 'uniform' (importance weights are not implemented); got {weights!r}.")
+        if not (library_size == "latent" or (isinstance(library_size, numbers.Real) and library_size > 0)):
+            raise ValueError(f"library_size must be 'latent' or a positive number; got {library_size!r}.")
+        if n_samples_overall is not None and (n_samples != 1 or int(n_samples_overall) < 1):
+            raise ValueError("n_samples_overall must be a positive integer and is used with n_samples=1 "
+                             f"(got n_samples_overall={n_samples_overall!r}, n_samples={n_samples!r}).")
         data = self._cell_data(adata)
         idx = self._indices(data, indices)
-        levels = None
-        if transform_batch is not None:
-            names = [transform_batch] if isinstance(transform_batch, str) else list(transform_batch)
-            unknown = [b for b in names if b not in self.registry.batch_categories]
-            if unknown:
-                raise ValueError(
-                    f"transform_batch {unknown} not among the nuisance levels {self.registry.batch_categories}."
-                )
-            levels = [self.registry.batch_categories.index(b) for b in names]
+        levels = None if transform_batch is None else self._batch_codes(transform_batch)
+        genes = self._gene_positions(gene_list)
+        n_draws = n_samples if n_samples_overall is None else int(n_samples_overall) // len(idx) + 1
         values = normalized_expression(
-            self.module, data, idx, batch_levels=levels, n_samples=n_samples, return_mean=return_mean,
-            library_size=library_size, batch_size=batch_size or 256, seed=seed,
-        )
+            self.module, data, idx, batch_levels=levels, n_samples=n_draws,
+            return_mean=(return_mean or n_samples == 1) and n_samples_overall is None, library_size=library_size,
+            use_mean=None if n_samples_overall is None else False, batch_size=batch_size or 256, seed=seed,
+        )[..., genes]
+        if n_samples_overall is not None:
+            rows = values.reshape(-1, values.shape[-1])
+            pick = torch.randint(len(rows), (int(n_samples_overall),), generator=make_generator(seed + 1)).numpy()
+            return rows[pick]
         if values.ndim == 3:
+            if return_numpy is False:
+                warnings.warn("return_numpy=False is ignored: n_samples > 1 without return_mean gives an ndarray "
+                              "(n_samples, n_cells, n_genes).", UserWarning, stacklevel=2)
             return values
-        return pd.DataFrame(values, index=data.obs_names[idx], columns=self.registry.var_names)
+        if return_numpy:
+            return values
+        return pd.DataFrame(values, index=data.obs_names[idx], columns=np.asarray(self.registry.var_names)[genes])
+
+    def _batch_codes(self, transform_batch: str | Sequence[str]) -> list[int]:
+        names = [transform_batch] if isinstance(transform_batch, str) else list(transform_batch)
+        unknown = [b for b in names if b not in self.registry.batch_categories]
+        if unknown:
+            raise ValueError(f"transform_batch {unknown} not among the nuisance levels {self.registry.batch_categories}.")
+        return [self.registry.batch_categories.index(b) for b in names]
+
+    def _gene_positions(self, gene_list: Sequence[str] | None) -> slice | np.ndarray:
+        if gene_list is None:
+            return slice(None)
+        genes = [gene_list] if isinstance(gene_list, str) else list(gene_list)
+        var_names = pd.Index(self.registry.var_names)
+        unknown = [g for g in genes if g not in var_names]
+        if unknown:
+            raise ValueError(f"gene_list has {len(unknown)} gene(s) not in the model's genes, e.g. {unknown[:5]}.")
+        return var_names.get_indexer(genes)
 
     # ----- persistence --------------------------------------------------------------------
     def save(self, dir_path: str | os.PathLike, overwrite: bool = False, save_anndata: bool = False) -> None:

@@ -94,11 +94,12 @@ def normalized_expression(
     batch_levels: list[int] | None = None,
     n_samples: int = 1,
     return_mean: bool = True,
-    library_size: float = 1.0,
+    library_size: float | str = 1.0,
+    use_mean: bool | None = None,
     batch_size: int = 256,
     seed: int = 0,
 ) -> np.ndarray:
-    """Decoded expression ``library_size * h`` of each cell under its own sample.
+    """Decoded expression ``library * h`` of each cell under its own sample.
 
     Parameters
     ----------
@@ -106,14 +107,21 @@ def normalized_expression(
         Nuisance codes to decode under; the result is averaged over them (in expression
         space). ``None`` uses each cell's own nuisance level.
     n_samples
-        1 uses the posterior mean of u; more uses that many posterior draws.
+        Number of values of u per cell.
     return_mean
         Average over the draws; otherwise return (n_samples, n_cells, G).
+    library_size
+        A number (the same scale for every cell; 1 gives proportions) or ``"latent"``: each
+        cell's observed total count, i.e. the mean of the count likelihood.
+    use_mean
+        Decode the posterior mean of u (its expression repeated ``n_samples`` times) instead of
+        posterior draws.
+        None: the mean when ``n_samples == 1``, draws otherwise.
     """
     out = []
-    n_draws = None if n_samples == 1 else n_samples
+    use_mean = n_samples == 1 if use_mean is None else use_mean
     for _, batch, loc, _, draws in iter_posterior_u(
-        module, data, indices, batch_size=batch_size, n_draws=n_draws, seed=seed
+        module, data, indices, batch_size=batch_size, n_draws=None if use_mean else n_samples, seed=seed
     ):
         u = loc.unsqueeze(0) if draws is None else draws
         z = module.counterfactual_z(u, batch["sample_index"])
@@ -122,7 +130,7 @@ def normalized_expression(
         else:
             levels = torch.as_tensor(batch_levels, device=z.device)
             h = module.decode(z.unsqueeze(-2), levels).exp().mean(-2)
-        h = library_size * h
-        out.append((h.mean(0, keepdim=True) if return_mean else h).cpu().numpy())
+        h = h * (batch["x"].sum(-1, keepdim=True) if library_size == "latent" else library_size)
+        out.append((h.mean(0, keepdim=True) if return_mean else h.expand(n_samples, *h.shape[1:])).cpu().numpy())
     result = np.concatenate(out, axis=1)
     return result[0] if return_mean else result

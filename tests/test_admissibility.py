@@ -5,14 +5,32 @@ import pytest
 import torch
 
 from mrvi_pyro import da
-from mrvi_pyro.admissibility import outlier_cell_sample_pairs
+from mrvi_pyro.admissibility import nearest_component_log_density, outlier_cell_sample_pairs
+
+
+def _pairwise_log_density(loc, scale):
+    """(n, m) log N(mu_n; mu_m, sigma_m^2), literally, in float64."""
+    loc, scale = loc.double(), scale.double()
+    return torch.distributions.Normal(loc[None], scale[None]).log_prob(loc[:, None]).sum(-1)
+
+
+def _brute_force_ball(loc, scale, samples, n_samples):
+    """The scvi-tools ball rule written out densely: per sample the best component (self included),
+    and under the own sample the best component other than self."""
+    dens = _pairwise_log_density(loc, scale)
+    best = np.full((len(loc), n_samples), -np.inf)
+    for s in range(n_samples):
+        mask = (samples == s).numpy()
+        if mask.any():
+            best[:, s] = dens[:, mask].max(1).values.numpy()
+    loo = dens.clone().fill_diagonal_(-np.inf)
+    loo[samples[:, None] != samples[None, :]] = -np.inf
+    return best, loo.max(1).values.numpy()
 
 
 def _brute_force_loo(loc, scale, samples, n_samples):
     """log q_s(u_n) with every cell a component and the cell's own component left out (float64)."""
-    loc, scale = loc.double(), scale.double()
-    dens = torch.distributions.Normal(loc[None], scale[None]).log_prob(loc[:, None]).sum(-1)  # (n, m)
-    dens.fill_diagonal_(-np.inf)
+    dens = _pairwise_log_density(loc, scale).fill_diagonal_(-np.inf)
     out = np.full((len(loc), n_samples), -np.inf)
     for s in range(n_samples):
         mask = (samples == s).numpy()
@@ -24,15 +42,88 @@ def _brute_force_loo(loc, scale, samples, n_samples):
     return out
 
 
-def test_fifty_cells_match_brute_force(trained_model):
+# ------------------------------------------------------------------------------------------
+# ball rule (default)
+# ------------------------------------------------------------------------------------------
+def test_ball_matches_literal_rule_on_fifty_cells(trained_model):
     data = trained_model._cell_data()
     idx = np.arange(50)
-    with pytest.warns(UserWarning, match="single cell"):  # one sample has a single cell among the 50
-        out = outlier_cell_sample_pairs(trained_model.module, data, idx)
+    out = outlier_cell_sample_pairs(trained_model.module, data, idx, quantile_threshold=0.1)
     n_samples = trained_model.module.n_samples
     for key in ("log_probs", "log_ratios", "is_admissible"):
         assert out[key].shape == (50, n_samples)
     assert out["is_admissible"].dtype == bool
+    loc, scale, samples = da.posterior_parameters(trained_model.module, data, idx)
+    best, own_loo = _brute_force_ball(loc, scale, samples, n_samples)
+    np.testing.assert_allclose(out["log_probs"], best, rtol=1e-5, atol=2e-3)
+    # one global threshold: the quantile of the finite leave-one-out own-sample scores
+    expected = np.quantile(own_loo[np.isfinite(own_loo)], 0.1)
+    np.testing.assert_allclose(out["thresholds"], expected, rtol=1e-5, atol=2e-3)
+    np.testing.assert_array_equal(out["is_admissible"], out["log_ratios"] > 0.0)
+    # every cell is one of its own sample's components here, so it is admissible for its own sample
+    assert out["is_admissible"][np.arange(50), out["sample_index"]].all()
+
+
+@pytest.mark.parametrize("query_chunk, component_chunk", [(7, 16), (1, 8), (64, 4096)])
+def test_chunked_equals_in_memory(query_chunk, component_chunk):
+    gen = torch.Generator().manual_seed(0)
+    n, n_samples = 90, 5
+    loc = torch.randn(n, 4, generator=gen) * 2
+    scale = 0.3 + torch.rand(n, 4, generator=gen)
+    samples = torch.randint(0, n_samples - 1, (n,), generator=gen)  # the last sample has no cells
+    components = da.select_components(samples, 12, seed=1)
+    table = da.pack_components(loc, scale, samples, n_samples, components, row_size=8)
+    best, own = nearest_component_log_density(loc, table, samples, own_position=table.position,
+                                              query_chunk=query_chunk, component_chunk=component_chunk)
+    # in memory: the dense (n, n_components) matrix, reduced at once
+    dens = _pairwise_log_density(loc, scale)[:, components]
+    comp_samples = samples[components]
+    expected = np.full((n, n_samples), -np.inf)
+    for s in range(n_samples - 1):
+        expected[:, s] = dens[:, comp_samples == s].max(1).values.numpy()
+    np.testing.assert_allclose(best.numpy(), expected, rtol=1e-5, atol=1e-4)
+    same = (comp_samples[None, :] == samples[:, None]) & (torch.as_tensor(components)[None, :] != torch.arange(n)[:, None])
+    np.testing.assert_allclose(own.numpy(), torch.where(same, dens, -np.inf).max(1).values.numpy(), rtol=1e-5, atol=1e-4)
+    assert np.isneginf(best[:, -1].numpy()).all()
+
+
+@pytest.mark.parametrize("flavor", ["ball", "mog"])
+def test_rare_cell_type_is_admissible_only_where_present(trained_model, sim_adata, flavor):
+    """type_0 kept in three samples only: its cells are inadmissible for the other nine samples and
+    admissible for the three; the common types stay admissible everywhere."""
+    obs = sim_adata.obs
+    having = ["sample_00", "sample_01", "sample_02"]
+    rare = (obs["cell_type"] == "type_0").to_numpy()
+    sub = sim_adata[~(rare & ~obs["sample"].astype(str).isin(having).to_numpy())].copy()
+    ds = trained_model.get_outlier_cell_sample_pairs(sub, flavor=flavor)
+    assert ds.attrs["flavor"] == flavor
+    adm = ds["is_admissible"].values
+    has = np.isin(ds["sample"].values, having)
+    is_rare = (sub.obs["cell_type"] == "type_0").to_numpy()
+    assert adm[is_rare][:, ~has].mean() < 0.02
+    assert adm[is_rare][:, has].mean() > 0.9
+    assert adm[~is_rare].mean() > 0.85 and adm[~is_rare].mean(0).min() > 0.8
+
+
+def test_ball_threshold_is_global_and_quantile_moves_it(trained_model):
+    loose = trained_model.get_outlier_cell_sample_pairs(quantile_threshold=0.01)
+    strict = trained_model.get_outlier_cell_sample_pairs(quantile_threshold=0.5)
+    for ds in (loose, strict):
+        assert np.unique(ds["threshold"].values).size == 1
+    assert strict["threshold"].values[0] > loose["threshold"].values[0]
+    assert strict["is_admissible"].values.mean() < loose["is_admissible"].values.mean()
+    np.testing.assert_array_equal(strict["log_probs"].values, loose["log_probs"].values)
+
+
+# ------------------------------------------------------------------------------------------
+# mixture rule (flavor="mog")
+# ------------------------------------------------------------------------------------------
+def test_mog_fifty_cells_match_brute_force(trained_model):
+    data = trained_model._cell_data()
+    idx = np.arange(50)
+    with pytest.warns(UserWarning, match="single cell"):  # one sample has a single cell among the 50
+        out = outlier_cell_sample_pairs(trained_model.module, data, idx, flavor="mog")
+    n_samples = trained_model.module.n_samples
     loc, scale, samples = da.posterior_parameters(trained_model.module, data, idx)
     expected = _brute_force_loo(loc, scale, samples, n_samples)
     np.testing.assert_allclose(out["log_probs"], expected, rtol=1e-5, atol=1e-4)
@@ -42,16 +133,28 @@ def test_fifty_cells_match_brute_force(trained_model):
     for s in set(np.unique(codes)) - set(singletons):
         assert out["thresholds"][s] == pytest.approx(np.quantile(expected[codes == s, s], 0.05), rel=1e-5, abs=1e-4)
     with np.errstate(invalid="ignore"):
-        assert np.array_equal(out["is_admissible"], out["log_ratios"] >= 0.0)
+        assert np.array_equal(out["is_admissible"], out["log_ratios"] > 0.0)
     assert not out["is_admissible"][:, singletons].any()
 
 
+def test_mog_own_sample_rate_matches_quantile(trained_model):
+    ds = trained_model.get_outlier_cell_sample_pairs(quantile_threshold=0.1, flavor="mog")
+    samples = trained_model.adata.obs["sample"].astype(str).to_numpy()
+    own = ds["is_admissible"].values[np.arange(len(samples)), [ds["sample"].values.tolist().index(s) for s in samples]]
+    # per sample, a fraction of about 1 - quantile_threshold of its own cells pass
+    rates = [own[samples == s].mean() for s in np.unique(samples)]
+    assert np.all(np.abs(np.array(rates) - 0.9) < 0.03)
+    assert ds["is_admissible"].values.mean() > 0.6
+
+
+# ------------------------------------------------------------------------------------------
+# shared behaviour
+# ------------------------------------------------------------------------------------------
 def test_facade_on_fifty_cells_does_not_modify_adata(trained_model, sim_adata):
     small = sim_adata[:50].copy()
     before = (small.obs.copy(), dict(small.obsm), dict(small.uns), small.X.copy())
-    with pytest.warns(UserWarning, match="single cell"):
-        ds = trained_model.get_outlier_cell_sample_pairs(small, batch_size=16)
-    assert set(ds.data_vars) >= {"log_probs", "log_ratios", "is_admissible"}
+    ds = trained_model.get_outlier_cell_sample_pairs(small, batch_size=16)
+    assert set(ds.data_vars) >= {"log_probs", "log_ratios", "is_admissible", "threshold"}
     assert ds["is_admissible"].dims == ("cell_name", "sample")
     assert list(ds["sample"].values) == trained_model.registry.sample_categories
     assert list(ds["cell_name"].values) == list(small.obs_names)
@@ -60,55 +163,42 @@ def test_facade_on_fifty_cells_does_not_modify_adata(trained_model, sim_adata):
     assert (small.X != before[3]).nnz == 0 if hasattr(small.X, "nnz") else np.array_equal(small.X, before[3])
 
 
-def test_own_sample_rate_matches_quantile(trained_model):
-    ds = trained_model.get_outlier_cell_sample_pairs(quantile_threshold=0.1)
-    samples = trained_model.adata.obs["sample"].astype(str).to_numpy()
-    own = ds["is_admissible"].values[np.arange(len(samples)), [ds["sample"].values.tolist().index(s) for s in samples]]
-    # per sample, a fraction of about 1 - quantile_threshold of its own cells pass
-    rates = [own[samples == s].mean() for s in np.unique(samples)]
-    assert np.all(np.abs(np.array(rates) - 0.9) < 0.03)
-    # every cell type is present in every sample, so most other pairs are admissible too
-    assert ds["is_admissible"].values.mean() > 0.6
-
-
-def test_missing_cell_type_makes_pairs_inadmissible(trained_model, sim_adata):
-    obs = sim_adata.obs
-    target = "sample_00"
-    keep = ~((obs["sample"].astype(str) == target) & (obs["cell_type"] == "type_0")).to_numpy()
-    sub = sim_adata[keep].copy()
-    ds = trained_model.get_outlier_cell_sample_pairs(sub)
-    is_type0 = (sub.obs["cell_type"] == "type_0").to_numpy()
-    other = (sub.obs["sample"].astype(str) != target).to_numpy()
-    rate_missing = ds["is_admissible"].sel(sample=target).values[is_type0 & other].mean()
-    rate_present = ds["is_admissible"].sel(sample="sample_01").values[is_type0 & other].mean()
-    assert rate_missing < 0.2 < 0.6 < rate_present
-
-
-def test_subsample_is_seeded_and_bounded(trained_model):
+@pytest.mark.parametrize("flavor", ["ball", "mog"])
+def test_subsample_is_seeded_and_bounded(trained_model, flavor):
     data = trained_model._cell_data()
     idx = np.arange(600)
-    a = outlier_cell_sample_pairs(trained_model.module, data, idx, subsample_size=10, seed=3)
-    b = outlier_cell_sample_pairs(trained_model.module, data, idx, subsample_size=10, seed=3)
-    c = outlier_cell_sample_pairs(trained_model.module, data, idx, subsample_size=10, seed=4)
+    a = outlier_cell_sample_pairs(trained_model.module, data, idx, flavor=flavor, subsample_size=10, seed=3)
+    b = outlier_cell_sample_pairs(trained_model.module, data, idx, flavor=flavor, subsample_size=10, seed=3)
+    c = outlier_cell_sample_pairs(trained_model.module, data, idx, flavor=flavor, subsample_size=10, seed=4)
     np.testing.assert_array_equal(a["log_probs"], b["log_probs"])
     assert not np.allclose(a["log_probs"], c["log_probs"])
-    full = outlier_cell_sample_pairs(trained_model.module, data, idx, subsample_size=None)
-    big = outlier_cell_sample_pairs(trained_model.module, data, idx, subsample_size=5000)
+    full = outlier_cell_sample_pairs(trained_model.module, data, idx, flavor=flavor, subsample_size=None)
+    big = outlier_cell_sample_pairs(trained_model.module, data, idx, flavor=flavor, subsample_size=5000)
     np.testing.assert_allclose(full["log_probs"], big["log_probs"], rtol=1e-6)
+    # fewer components: a cell's nearest component can only be farther (ball)
+    if flavor == "ball":
+        assert (a["log_probs"] <= full["log_probs"] + 1e-4).all()
 
 
 def test_absent_sample_is_never_admissible(trained_model, sim_adata):
     sub = sim_adata[(sim_adata.obs["sample"].astype(str) != "sample_03").to_numpy()].copy()
     with pytest.warns(UserWarning, match="sample_03"):
         ds = trained_model.get_outlier_cell_sample_pairs(sub)
+    assert np.isneginf(ds["log_probs"].sel(sample="sample_03").values).all()
     assert not ds["is_admissible"].sel(sample="sample_03").values.any()
 
 
 @pytest.mark.parametrize(
     "kwargs, match",
     [({"quantile_threshold": 1.5}, "quantile_threshold"), ({"subsample_size": 0}, "subsample_size"),
-     ({"batch_size": 0}, "batch_size")],
+     ({"batch_size": 0}, "batch_size"), ({"flavor": "knn"}, "flavor must be one of")],
 )
 def test_bad_arguments(trained_model, kwargs, match):
     with pytest.raises(ValueError, match=match):
         trained_model.get_outlier_cell_sample_pairs(**kwargs)
+
+
+def test_ball_needs_two_cells_in_some_sample(trained_model, sim_adata):
+    one_each = sim_adata[sim_adata.obs.reset_index().groupby("sample", observed=True).head(1).index.to_numpy()].copy()
+    with pytest.raises(ValueError, match="No sample has two cells"):
+        trained_model.get_outlier_cell_sample_pairs(one_each)

@@ -5,6 +5,7 @@ import inspect
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from mrvi_pyro import MRVI
 
@@ -35,13 +36,14 @@ def test_latent_representation_on_other_adata(trained_model, sim_adata):
 
 
 def test_normalized_expression(trained_model, sim_adata):
-    expr = trained_model.get_normalized_expression(indices=np.arange(50))
+    expr = trained_model.get_normalized_expression(indices=np.arange(50), library_size=1.0)
     assert isinstance(expr, pd.DataFrame) and expr.shape == (50, sim_adata.n_vars)
     assert list(expr.columns) == list(sim_adata.var_names)
     np.testing.assert_allclose(expr.sum(1), 1.0, rtol=1e-4)
-    b0 = trained_model.get_normalized_expression(indices=np.arange(50), transform_batch="batch_0")
-    b1 = trained_model.get_normalized_expression(indices=np.arange(50), transform_batch="batch_1")
-    both = trained_model.get_normalized_expression(indices=np.arange(50), transform_batch=["batch_0", "batch_1"])
+    kwargs = {"indices": np.arange(50), "library_size": 1.0}
+    b0 = trained_model.get_normalized_expression(**kwargs, transform_batch="batch_0")
+    b1 = trained_model.get_normalized_expression(**kwargs, transform_batch="batch_1")
+    both = trained_model.get_normalized_expression(**kwargs, transform_batch=["batch_0", "batch_1"])
     np.testing.assert_allclose(both, (b0 + b1) / 2, rtol=1e-4, atol=1e-7)
     assert not np.allclose(b0, b1)  # the nuisance block does something
     draws = trained_model.get_normalized_expression(indices=np.arange(20), n_samples=4, return_mean=False)
@@ -50,10 +52,52 @@ def test_normalized_expression(trained_model, sim_adata):
     np.testing.assert_allclose(scaled.sum(1), 1e4, rtol=1e-4)
     # the decoded profile tracks the observed one: genes' mean expression correlates
     observed = sim_adata.X / sim_adata.X.sum(1, keepdims=True)
-    predicted = trained_model.get_normalized_expression().to_numpy()
+    predicted = trained_model.get_normalized_expression(library_size=1.0).to_numpy()
     assert np.corrcoef(np.log(observed.mean(0) + 1e-6), np.log(predicted.mean(0)))[0, 1] > 0.95
     with pytest.raises(ValueError, match="transform_batch"):
         trained_model.get_normalized_expression(transform_batch="batch_9")
+
+
+def test_normalized_expression_reference_defaults(trained_model, sim_adata):
+    """scvi-tools' defaults: library_size="latent" (observed totals), n_samples=1, return_mean=False."""
+    idx = np.arange(30)
+    default = trained_model.get_normalized_expression(indices=idx)
+    totals = np.asarray(sim_adata.X[idx].sum(1)).ravel()
+    np.testing.assert_allclose(default.sum(1), totals, rtol=1e-4)
+    proportions = trained_model.get_normalized_expression(indices=idx, library_size=1.0)
+    np.testing.assert_allclose(default.to_numpy(), proportions.to_numpy() * totals[:, None], rtol=1e-5)
+    # draws: seeded, and their mean approaches the decoded posterior mean
+    kwargs = {"indices": idx, "library_size": 1.0, "n_samples": 200}
+    mean = trained_model.get_normalized_expression(**kwargs, return_mean=True, seed=2)
+    assert isinstance(mean, pd.DataFrame)
+    draws = trained_model.get_normalized_expression(**kwargs, seed=2)
+    np.testing.assert_allclose(mean.to_numpy(), draws.mean(0), rtol=1e-5)
+    assert np.abs(np.log(mean.to_numpy()) - np.log(proportions.to_numpy())).mean() < 0.05
+    np.testing.assert_array_equal(draws, trained_model.get_normalized_expression(**kwargs, seed=2))
+    genes = list(sim_adata.var_names[[7, 3]])
+    sub = trained_model.get_normalized_expression(indices=idx, gene_list=genes)
+    assert list(sub.columns) == genes
+    np.testing.assert_allclose(sub.to_numpy(), default[genes].to_numpy(), rtol=1e-6)
+    assert isinstance(trained_model.get_normalized_expression(indices=idx, return_numpy=True), np.ndarray)
+    with pytest.warns(UserWarning, match="return_numpy=False is ignored"):
+        trained_model.get_normalized_expression(indices=idx, n_samples=2, return_numpy=False)
+    # n_samples_overall: rows drawn from every cell's posterior draws (here 30 cells, 65 rows -> 3 draws each)
+    overall = trained_model.get_normalized_expression(indices=idx, library_size=1.0, n_samples_overall=65, seed=4)
+    assert overall.shape == (65, sim_adata.n_vars)
+    pool = trained_model.get_normalized_expression(indices=idx, library_size=1.0, n_samples=3, seed=4)
+    pool = pool.reshape(-1, pool.shape[-1])
+    assert all(np.abs(pool - row).max(1).min() < 1e-7 for row in overall)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"weights": "importance"}, "weights must be None or 'uniform'"), ({"library_size": 0}, "library_size"),
+     ({"library_size": "observed"}, "library_size"), ({"n_samples_overall": 10, "n_samples": 2}, "n_samples_overall"),
+     ({"gene_list": ["not_a_gene"]}, "not in the model's genes")],
+)
+def test_normalized_expression_rejects_bad_arguments(trained_model, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        trained_model.get_normalized_expression(indices=np.arange(5), **kwargs)
 
 
 def test_indices_are_checked(trained_model):
@@ -80,9 +124,10 @@ def test_reference_argument_names():
                      "z_u_prior_scale", "u_prior_scale", "u_prior_mixture", "u_prior_mixture_k",
                      "learn_z_u_prior_scale", "scale_observations", "qz_kwargs", "px_kwargs", "qu_kwargs"],
         "setup_anndata": ["adata", "sample_key", "batch_key", "labels_key", "layer"],
-        "train": ["max_epochs", "batch_size", "train_size", "early_stopping"],
+        "train": ["max_epochs", "batch_size", "train_size", "validation_size", "early_stopping", "plan_kwargs"],
         "get_latent_representation": ["adata", "indices", "give_z", "use_mean", "batch_size"],
-        "get_normalized_expression": ["adata", "indices", "transform_batch", "n_samples", "return_mean"],
+        "get_normalized_expression": ["adata", "indices", "transform_batch", "gene_list", "library_size", "n_samples",
+                                      "n_samples_overall", "weights", "batch_size", "return_mean", "return_numpy"],
         "save": ["dir_path", "overwrite", "save_anndata"],
         "load": ["dir_path", "adata"],
     }
@@ -106,3 +151,53 @@ def test_analyses_show_progress(trained_model, capsys):
     assert "mrvi_pyro:" in err and "/2000" in err and "cells/s" in err
     list(iter_posterior_u(trained_model.module, data, batch_size=500, progress_bar=False))
     assert capsys.readouterr().err == ""
+
+
+def test_train_accepts_reference_plan_kwargs_and_validation_size(small_adata):
+    model = MRVI(small_adata, seed=0)
+    before = {k: v.clone() for k, v in model.module.state_dict().items()}
+    result = model.train(max_epochs=2, batch_size=64, train_size=0.75, validation_size=0.25, progress_bar=False,
+                         plan_kwargs={"lr": 0.0, "n_epochs_kl_warmup": 4, "max_norm": 10.0, "optimizer": "Adam"})
+    assert len(result.validation_indices) == 75 and len(result.train_indices) == 225
+    np.testing.assert_allclose(model.history["kl_weight"], [0.0, 0.25])  # warm-up over 4 epochs reached train_svi
+    after = model.module.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # lr=0 reached the optimiser
+
+
+def test_plan_kwargs_map_to_train_svi_arguments(small_adata, monkeypatch):
+    import mrvi_pyro.api as api
+
+    seen = {}
+
+    def fake_train_svi(module, data, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(api, "train_svi", fake_train_svi)
+    model = MRVI(small_adata, seed=0)
+    with pytest.raises(RuntimeError, match="stop"):
+        model.train(max_epochs=1, plan_kwargs={"lr": 1e-3, "weight_decay": 1e-4, "eps": 1e-6,
+                                               "gradient_clip_val": 5.0, "n_epochs_kl_warmup": 7})
+    assert {k: seen[k] for k in ("lr", "weight_decay", "eps", "clip_norm", "n_epochs_kl_warmup", "train_size")} == {
+        "lr": 1e-3, "weight_decay": 1e-4, "eps": 1e-6, "clip_norm": 5.0, "n_epochs_kl_warmup": 7, "train_size": 0.9}
+    with pytest.raises(RuntimeError, match="stop"):  # without plan_kwargs the keyword defaults are the reference's
+        model.train(max_epochs=1)
+    assert (seen["lr"], seen["weight_decay"], seen["eps"], seen["clip_norm"], seen["n_epochs_kl_warmup"]) == (
+        2e-3, 1e-8, 1e-8, 40.0, 20)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"plan_kwargs": {"learning_rate": 1e-3}}, r"Unknown plan_kwargs \['learning_rate'\]"),
+     ({"plan_kwargs": {"optimizer": "AdamW"}}, "optimizer"),
+     ({"plan_kwargs": [("lr", 1e-3)]}, "plan_kwargs must be a dict"),
+     ({"plan_kwargs": {"lr": 1e-3}, "lr": 1e-2}, "lr was given both"),
+     ({"plan_kwargs": {"max_norm": 1.0, "gradient_clip_val": 2.0}}, "clip_norm twice"),
+     ({"validation_size": 0.2}, r"train_size \(0.9\) \+ validation_size \(0.2\) must be 1"),
+     ({"validation_size": 1.5}, r"validation_size must lie in \[0, 1\)")],
+)
+def test_train_rejects_bad_plan_kwargs(small_adata, kwargs, match):
+    model = MRVI(small_adata, seed=0)
+    with pytest.raises(ValueError, match=match):
+        model.train(max_epochs=1, progress_bar=False, **kwargs)
+    assert not model.is_trained
