@@ -890,7 +890,12 @@ def regression_draws(
     scale = torch.where(slack > 1e-8, slack.clamp_min(1e-8).rsqrt(), torch.zeros_like(slack))
     D = Z.shape[0] if n_draws is None else n_draws
     g = torch.randn((D, *Z.shape[1:3]), generator=generator, dtype=torch.float64, device=Z.device)
-    return B + torch.einsum("nps,dns,dnsl->dnpl", coef_map, g * scale[None], resid)
+    weighted = coef_map[None] * (g * scale[None])[:, :, None, :]  # (D, n, P, S)
+    if resid.shape[0] == 1:  # one set of residuals for all draws: one batched product per cell
+        n, P = coef_map.shape[:2]
+        noise = (weighted.permute(1, 0, 2, 3).reshape(n, D * P, -1) @ resid[0]).reshape(n, D, P, -1)
+        return B + noise.transpose(0, 1)
+    return B + weighted @ resid
 
 
 def summarize_lfc_draws(lfc: torch.Tensor, delta: float | None, credible_interval: float | None) -> dict:
@@ -1273,7 +1278,8 @@ def _store_lfc_chunk(module, sink, rows, loc, scale, draws, Z_mean, codes, X, w,
         else:
             B = regression_draws(Z[None], maps, coef_map, generator=noise_gen, n_draws=D)
             slopes = torch.einsum("nps,nksl->nkpl", coef_map, maps["sqrt_w"][:, None, :, None] * steps.double())
-            B = B + torch.einsum("dnk,nkpl->dnpl", noise.double(), slopes)
+            m, K, P, L_ = slopes.shape
+            B = B + (noise.double().transpose(0, 1) @ slopes.reshape(m, K, P * L_)).reshape(m, D, P, L_).transpose(0, 1)
         reference = torch.einsum("bp,dnpl->dnbl", reference_rows, B).float()
         lfc, baseline = decoded_lfc_draws(
             module, reference, B[:, :, lfc_columns].float(), levels, level_weights, eps_lfc=eps_lfc, paired=paired,
