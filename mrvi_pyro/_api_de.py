@@ -75,12 +75,13 @@ class DEMixin:
         lambd: float = 0.0,
         delta: float | None = 0.3,
         *,
-        pvalue_method: str = "chi2",
+        pvalue_method: str = "robust",
         n_permutations: int = 999,
         credible_interval: float | None = None,
         max_in_memory_gb: float = 4.0,
         zarr_path: str | Path | None = None,
         paired_draws: bool = True,
+        regression_uncertainty: bool = True,
         seed: int = 0,
         **filter_samples_kwargs,
     ) -> xr.Dataset:
@@ -109,9 +110,10 @@ class DEMixin:
             Standardise numeric covariates (coefficients per standard deviation); indicator
             columns stay 0/1.
         add_batch_specific_offsets
-            Add an offset column per nuisance level (samples must be nested in levels), so that
-            covariate effects are estimated within batches; the LFCs then use each level's own
-            offset.
+            Add an offset column per nuisance level after the first, holding each sample's share
+            of cells in that level (an indicator when samples are nested in levels; samples
+            spread over several levels are accepted), so that covariate effects are estimated
+            net of batch; the LFCs then use each level's own offset.
         mc_samples
             Posterior draws of u per cell for the LFCs.
         store_lfc
@@ -134,9 +136,12 @@ class DEMixin:
         delta
             LFC threshold of ``pde`` = P(|lfc| >= delta); None skips ``pde``.
         pvalue_method
-            Ours: ``"chi2"`` (default; the exact null of the chi-squared statistic given the
-            cell's counterfactuals, see :mod:`mrvi_pyro.de`) or ``"permutation"`` (sample labels
-            permuted, within batches when ``add_batch_specific_offsets``).
+            Ours: ``"robust"`` (default; an HC2 sandwich test with Bell-McCaffrey degrees of
+            freedom, calibrated when sample groups differ in size and variability; columns
+            resting on a single sample fall back to ``"chi2"`` with a warning), ``"chi2"`` (the
+            exact null of the chi-squared statistic when all samples vary equally, see
+            :mod:`mrvi_pyro.de`) or ``"permutation"`` (sample labels permuted, within the
+            dominant batch of each sample when ``add_batch_specific_offsets``).
         n_permutations
             Ours: relabellings for ``"permutation"``.
         credible_interval
@@ -151,6 +156,11 @@ class DEMixin:
         paired_draws
             Ours: the same posterior draw of u on both arms of an LFC (False reproduces the
             reference's unpaired comparison, for diagnostics).
+        regression_uncertainty
+            Ours: add the sampling uncertainty of the regression coefficients (a wild bootstrap
+            over samples) to every posterior draw, so ``lfc_std`` and ``pde`` reflect how well
+            the samples determine the effect; False keeps only the posterior uncertainty of u
+            (each draw still has its own regression).
         seed
             Ours: seeds the posterior draws and the permutations.
         **filter_samples_kwargs
@@ -169,8 +179,12 @@ class DEMixin:
         Differences from scvi-tools' MRVI: the design has an intercept (a binary covariate's
         coefficient is the contrast of its two levels) and the offsets and the intercept are
         not in the ``covariate`` coordinate; strings and booleans are accepted; the p-values
-        come from an exact, calibrated null rather than a chi-squared with as many degrees of
-        freedom as samples; the LFC arms share their posterior draws.
+        come from calibrated nulls rather than a chi-squared with as many degrees of freedom as
+        samples; the LFCs compare the fitted reference level (intercept, categorical covariates
+        at their first level, numeric ones at their mean) with it plus the coefficient, rather
+        than the average sample with it plus the coefficient; the LFC arms share their
+        posterior draws; batch offsets use each sample's share of cells per batch (the
+        reference one-hot encodes the batch of each sample's first cell).
         """
         if sample_cov_keys is None:
             raise ValueError("Pass sample_cov_keys=[...]: the sample-level obs columns to regress on.")
@@ -181,8 +195,9 @@ class DEMixin:
             raise ValueError(
                 f"Arguments {sorted(filter_samples_kwargs)} only apply with filter_inadmissible_samples=True."
             )
-        if pvalue_method not in ("chi2", "permutation"):
-            raise ValueError(f"pvalue_method must be 'chi2' or 'permutation'; got {pvalue_method!r}.")
+        if pvalue_method not in ("robust", "chi2", "permutation"):
+            raise ValueError(
+                f"pvalue_method must be 'robust', 'chi2' or 'permutation'; got {pvalue_method!r}.")
         if pvalue_method == "permutation" and (int(n_permutations) != n_permutations or n_permutations < 1):
             raise ValueError(f"n_permutations must be a positive integer; got {n_permutations!r}.")
         if mc_samples < 1 and store_lfc:
@@ -217,22 +232,24 @@ class DEMixin:
             absent = counts.sum(1) == 0  # samples without cells here: their levels from the model's data
             counts[absent] = _sample_level_counts(self._cell_data(), len(names), self.registry.n_batches)[absent]
         counts = counts[codes]
-        sample_levels = None
+        shares = None
         if add_batch_specific_offsets:
-            spread = [s for s, c in zip(kept, counts) if (c > 0).sum() > 1]
-            if spread:
-                raise ValueError(
-                    f"add_batch_specific_offsets=True needs every sample in a single nuisance level "
-                    f"({self.registry.batch_key!r}), but sample(s) {spread[:10]} have cells in several."
-                )
-            sample_levels = counts.argmax(1)
-            if len(set(sample_levels.tolist())) < 2:
+            shares = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+            if ((shares > 0).sum(0) > 0).sum() < 2:
                 warnings.warn("All kept samples are in one nuisance level: no batch offsets are added.",
                               UserWarning, stacklevel=2)
         design = de.design_matrix(
-            covariates, keys, normalize_design_matrix=normalize_design_matrix, sample_levels=sample_levels,
+            covariates, keys, normalize_design_matrix=normalize_design_matrix, batch_shares=shares,
             level_names=self.registry.batch_categories, add_batch_specific_offsets=add_batch_specific_offsets,
         )
+        if pvalue_method == "robust":
+            fallback = de.robust_fallback_columns(design)
+            if fallback:
+                warnings.warn(
+                    f"Design column(s) {fallback} rest on a single sample, whose variance the robust test cannot "
+                    "estimate; their p-values use pvalue_method='chi2' (exact when all samples vary equally).",
+                    UserWarning, stacklevel=2,
+                )
 
         weights = None
         if filter_inadmissible_samples:
@@ -281,7 +298,7 @@ class DEMixin:
             pvalue_method=pvalue_method, n_permutations=n_permutations, store_lfc=store_lfc,
             lfc_columns=lfc_columns, mc_samples=mc_samples, level_weights=level_weights, eps_lfc=eps_lfc,
             delta=delta, credible_interval=credible_interval, store_baseline=store_baseline, sink=sink,
-            paired=paired_draws, seed=seed,
+            paired=paired_draws, regression_uncertainty=regression_uncertainty, seed=seed,
         )
         coords["latent_dim"] = np.arange(out["beta"].shape[-1])
         data_vars = {
@@ -308,6 +325,7 @@ class DEMixin:
             "delta": float("nan") if delta is None else float(delta),
             "lambd": float(lambd),
             "paired_draws": int(bool(paired_draws)),
+            "regression_uncertainty": int(bool(regression_uncertainty)),
             "credible_interval": float("nan") if credible_interval is None else float(credible_interval),
             "reference_levels": [f"{k}={v}" for k, v in design.reference_levels.items()],
             "nuisance_level_weights": [float(v) for v in level_weights],
