@@ -23,6 +23,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+LOCK_FILE = ".mrvi_pyro.lock"
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 
@@ -40,7 +41,7 @@ def _nearest_existing(path: Path) -> Path:
 
 
 def check_target(path: str | os.PathLike, *, overwrite: bool, what: str,
-                 replaceable: Callable[[Path], str | None] = lambda p: None) -> Path:
+                 replaceable: Callable[[Path], str | None] = lambda p: None, flag: str = "overwrite=True") -> Path:
     """Refuse a write to ``path`` unless it is free, or replaceable and ``overwrite`` is set.
 
     Parameters
@@ -54,6 +55,8 @@ def check_target(path: str | os.PathLike, *, overwrite: bool, what: str,
     replaceable
         Returns None when an existing non-empty ``path`` is something mrvi_pyro wrote (and may
         be replaced), else the reason it is not.
+    flag
+        How the messages name the permission (``"--overwrite"`` on the command line).
 
     Raises
     ------
@@ -72,14 +75,14 @@ def check_target(path: str | os.PathLike, *, overwrite: bool, what: str,
     if path.is_dir() and any(path.iterdir()):
         if not overwrite:
             raise ValueError(
-                f"{what} {path} already exists and is not empty; pass overwrite=True to replace it, "
+                f"{what} {path} already exists and is not empty; pass {flag} to replace it, "
                 "or choose a new path."
             )
         reason = replaceable(path)
         if reason is not None:
             raise ValueError(
                 f"{what} {path} is not empty and {reason}, so mrvi_pyro will not replace it, even with "
-                "overwrite=True (nothing was deleted); choose another path."
+                f"{flag} (nothing was deleted); choose another path."
             )
     return path
 
@@ -127,8 +130,8 @@ class StagedPath:
     """
 
     def __init__(self, path: str | os.PathLike, *, overwrite: bool, what: str,
-                 replaceable: Callable[[Path], str | None] = lambda p: None):
-        self.target = check_target(path, overwrite=overwrite, what=what, replaceable=replaceable)
+                 replaceable: Callable[[Path], str | None] = lambda p: None, flag: str = "overwrite=True"):
+        self.target = check_target(path, overwrite=overwrite, what=what, replaceable=replaceable, flag=flag)
         self.target.parent.mkdir(parents=True, exist_ok=True)
         self.staging = sibling(self.target, "partial")
 
@@ -142,13 +145,14 @@ class StagedPath:
 
 @contextlib.contextmanager
 def staged_directory(path: str | os.PathLike, *, overwrite: bool, what: str,
-                     replaceable: Callable[[Path], str | None] = lambda p: None) -> Iterator[Path]:
+                     replaceable: Callable[[Path], str | None] = lambda p: None,
+                     flag: str = "overwrite=True") -> Iterator[Path]:
     """Yield a new temporary sibling directory of ``path``; on success it replaces ``path``.
 
     The target is checked first (:func:`check_target`). If the block raises (including
     ``KeyboardInterrupt``), the temporary directory is removed and ``path`` is untouched.
     """
-    staged = StagedPath(path, overwrite=overwrite, what=what, replaceable=replaceable)
+    staged = StagedPath(path, overwrite=overwrite, what=what, replaceable=replaceable, flag=flag)
     staged.staging.mkdir()
     try:
         yield staged.staging
@@ -156,6 +160,66 @@ def staged_directory(path: str | os.PathLike, *, overwrite: bool, what: str,
         staged.discard()
         raise
     staged.commit()
+
+
+def move_into(source: Path, target: Path) -> None:
+    """Move every entry of the directory ``source`` into ``target`` (merging sub-directories;
+    files and zarr stores replace their namesakes one rename each), then remove ``source``."""
+    target.mkdir(exist_ok=True)
+    for entry in sorted(source.iterdir()):
+        destination = target / entry.name
+        if entry.is_dir() and not is_zarr_store(entry) and destination.is_dir():
+            move_into(entry, destination)
+        elif entry.is_dir():
+            replace_directory(entry, destination)
+        else:
+            os.replace(entry, destination)
+    source.rmdir()
+
+
+@contextlib.contextmanager
+def directory_lock(directory: Path, purpose: str) -> Iterator[Path]:
+    """Hold ``directory/.mrvi_pyro.lock`` (created exclusively, holding our pid) for the block.
+
+    A lock held by a live process is a ``ValueError``; one left by a process that no longer
+    runs (killed) is taken over.
+    """
+    lock = directory / LOCK_FILE
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            owner = lock_owner(lock)
+            if owner is not None:
+                raise ValueError(
+                    f"another mrvi-pyro process (pid {owner}) is writing to {directory}; wait for it to finish "
+                    f"or choose another output directory (if no such process runs, delete {lock})."
+                ) from None
+            lock.unlink(missing_ok=True)  # its process is gone
+    else:
+        raise ValueError(f"could not take the lock {lock}; delete it if no mrvi-pyro process is running.")
+    with os.fdopen(fd, "w") as file:
+        file.write(f"{os.getpid()} {purpose}\n")
+    try:
+        yield lock
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def lock_owner(lock: Path) -> int | None:
+    """The pid holding ``lock`` if that process still runs, else None."""
+    try:
+        pid = int(lock.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        return pid
+    return pid
 
 
 def zarr_replaceable(path: Path) -> str | None:
