@@ -187,11 +187,7 @@ def analyze_model(model, adata, out: Path, *, groupby: str, de: str | None = Non
     from . import plotting
     from .report import Section, write_html_report
 
-    if groupby not in adata.obs:
-        raise ValueError(f"--groupby {groupby!r} is not a column of obs (columns: {list(adata.obs.columns)})")
-    for flag, key in (("--de", de), ("--da", da)):
-        if key is not None and key not in adata.obs:
-            raise ValueError(f"{flag} {key!r} is not a column of obs (columns: {list(adata.obs.columns)})")
+    _check_columns(adata, groupby, de, da)
     out = Path(out)
     results_dir = out / "results"
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -275,6 +271,14 @@ def analyze_model(model, adata, out: Path, *, groupby: str, de: str | None = Non
     return results
 
 
+def _check_columns(adata, groupby: str, de: str | None, da: str | None) -> None:
+    if groupby not in adata.obs:
+        raise ValueError(f"--groupby {groupby!r} is not a column of obs (columns: {list(adata.obs.columns)})")
+    for flag, key in (("--de", de), ("--da", da)):
+        if key is not None and key not in adata.obs:
+            raise ValueError(f"{flag} {key!r} is not a column of obs (columns: {list(adata.obs.columns)})")
+
+
 def _write_zarr(dataset, path: Path) -> None:
     """Write a Dataset as zarr format 2 (portable: its string coordinates have a stable spec)."""
     dataset.to_zarr(path, mode="w", zarr_format=2, consolidated=True)
@@ -312,12 +316,13 @@ def _analyze(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {out} is an existing file, not a directory; choose another path.")
     out.mkdir(parents=True, exist_ok=True)
     with directory_lock(out, "analyze"):
+        adata = _read_h5ad(data_path)
+        model = MRVI.load(run_dir / "model", adata=adata)
+        _check_columns(adata, args.groupby, args.de, args.da)
         previous = sorted(p for p in out.iterdir() if _matches(p.name, ANALYSIS_OUTPUTS))
         if previous and not args.overwrite:
             raise ValueError(f"{out} already holds analysis outputs ({', '.join(p.name for p in previous[:4])}); "
                              "pass --overwrite to replace them, or choose another --out.")
-        adata = _read_h5ad(data_path)
-        model = MRVI.load(run_dir / "model", adata=adata)
         staging = sibling(out / "analysis", "partial")
         staging.mkdir()
         try:
