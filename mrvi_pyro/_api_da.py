@@ -18,6 +18,7 @@ from anndata import AnnData
 from . import da
 from .admissibility import outlier_cell_sample_pairs
 from .data import sample_covariates
+from .explore import check_positive
 
 
 def _levels(values: pd.Series) -> list:
@@ -119,6 +120,7 @@ class DAMixin:
         ``(cell_name, sample)`` (all registry samples; samples without cells in ``adata`` are
         never admissible) and ``threshold`` (sample).
         """
+        check_positive("batch_size", batch_size)
         data = self._cell_data(adata)
         out = outlier_cell_sample_pairs(
             self.module, data, flavor=flavor, subsample_size=subsample_size, quantile_threshold=quantile_threshold,
@@ -188,6 +190,7 @@ class DAMixin:
         Dataset: ``log_probs`` (cell_name, sample); ``"<key>_log_probs"`` (cell_name, <key>);
         ``"<key>_log_enrichs"`` (cell_name, <key>) with ``compute_log_enrichment``.
         """
+        check_positive("batch_size", batch_size)
         data, adata, present, names, subset = self._da_inputs(adata, sample_subset, max_components_per_sample)
         keys = [] if sample_cov_keys is None else ([sample_cov_keys] if isinstance(sample_cov_keys, str)
                                                     else list(sample_cov_keys))
@@ -269,6 +272,7 @@ class DAMixin:
         (``ds[[...]].to_dataframe()`` gives the per-group table). ``attrs`` record the
         comparison.
         """
+        check_positive("batch_size", batch_size)
         data, adata, present, names, subset = self._da_inputs(adata, sample_subset, max_components_per_sample)
         levels, membership = self._sample_groups(adata, sample_cov_key, names, subset)
         if group1 is None and group2 is None:
@@ -322,6 +326,7 @@ class DAMixin:
         """The aggregated posterior of ``sample`` (all cells when None) over ``u``, as a Pyro
         ``MixtureSameFamily`` of diagonal normals with equal weights, one per cell (restricted
         to ``indices`` when given). Sample or evaluate it like any Pyro distribution."""
+        check_positive("batch_size", batch_size)
         data = self._cell_data(adata)
         idx = self._indices(data, indices)
         if sample is not None:

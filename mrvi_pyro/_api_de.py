@@ -17,6 +17,8 @@ import xarray as xr
 from anndata import AnnData
 
 from . import de
+from ._safe_io import StagedPath, zarr_replaceable
+from .explore import check_positive
 from .data import sample_covariates
 
 
@@ -80,6 +82,7 @@ class DEMixin:
         credible_interval: float | None = None,
         max_in_memory_gb: float = 4.0,
         zarr_path: str | Path | None = None,
+        overwrite: bool = False,
         paired_draws: bool = True,
         regression_uncertainty: bool = True,
         seed: int = 0,
@@ -152,7 +155,13 @@ class DEMixin:
             (``zarr_path``, or a temporary directory named in a warning) and returned lazily.
         zarr_path
             Ours: write the LFC outputs (and then the whole result) to this zarr store, chunk by
-            chunk, and return the Dataset opened lazily from it.
+            chunk, and return the Dataset opened lazily from it. The store is written beside it
+            and renamed into place when complete, so an interrupted run leaves ``zarr_path`` as
+            it was.
+        overwrite
+            Ours: replace an existing non-empty ``zarr_path`` (only if it is a zarr store;
+            anything else is refused). False (default): an existing non-empty ``zarr_path`` is a
+            ``ValueError``.
         paired_draws
             Ours: the same posterior draw of u on both arms of an LFC (False reproduces the
             reference's unpaired comparison, for diagnostics).
@@ -206,6 +215,15 @@ class DEMixin:
             raise ValueError(f"credible_interval must lie in (0, 1); got {credible_interval!r}.")
         if lambd < 0:
             raise ValueError(f"lambd must be >= 0; got {lambd!r}.")
+        check_positive("batch_size", batch_size)
+        if isinstance(eps_lfc, bool) or not isinstance(eps_lfc, (int, float, np.number)) or not 0 < eps_lfc < np.inf:
+            raise ValueError(f"eps_lfc must be a positive number (the pseudo-count of the log); got {eps_lfc!r}.")
+        if delta is not None and (isinstance(delta, bool) or not isinstance(delta, (int, float, np.number))
+                                  or not 0 <= delta < np.inf):
+            raise ValueError(f"delta must be a finite number >= 0 (or None to skip pde); got {delta!r}.")
+        staged = None
+        if zarr_path is not None and store_lfc:  # before any work: refuse a taken target now
+            staged = StagedPath(zarr_path, overwrite=overwrite, what="zarr_path", replaceable=zarr_replaceable)
         lfc_keys = keys
         if store_lfc_metadata_subset is not None:
             lfc_keys = _as_list(store_lfc_metadata_subset, "store_lfc_metadata_subset")
@@ -289,17 +307,23 @@ class DEMixin:
                     stacklevel=2,
                 )
             sink_coords = {k: coords[k] for k in ("cell_name", lfc_dim, "gene")}
-            sink = de.LfcSink(lfc_names, shape, ("cell_name", lfc_dim, "gene"), sink_coords, zarr_path=zarr_path,
-                              chunk_cells=batch_size, baseline_shape=(n_cells, n_genes) if store_baseline else None)
-
+            store_path = zarr_path if staged is None else staged.staging
         level_weights = de.nuisance_level_weights(counts)
-        out = de.differential_expression(
-            self.module, data, design, codes, weights=weights, batch_size=batch_size, lambd=lambd,
-            pvalue_method=pvalue_method, n_permutations=n_permutations, store_lfc=store_lfc,
-            lfc_columns=lfc_columns, mc_samples=mc_samples, level_weights=level_weights, eps_lfc=eps_lfc,
-            delta=delta, credible_interval=credible_interval, store_baseline=store_baseline, sink=sink,
-            paired=paired_draws, regression_uncertainty=regression_uncertainty, seed=seed,
-        )
+        try:
+            if store_lfc:
+                sink = de.LfcSink(lfc_names, shape, ("cell_name", lfc_dim, "gene"), sink_coords, zarr_path=store_path,
+                                  chunk_cells=batch_size, baseline_shape=(n_cells, n_genes) if store_baseline else None)
+            out = de.differential_expression(
+                self.module, data, design, codes, weights=weights, batch_size=batch_size, lambd=lambd,
+                pvalue_method=pvalue_method, n_permutations=n_permutations, store_lfc=store_lfc,
+                lfc_columns=lfc_columns, mc_samples=mc_samples, level_weights=level_weights, eps_lfc=eps_lfc,
+                delta=delta, credible_interval=credible_interval, store_baseline=store_baseline, sink=sink,
+                paired=paired_draws, regression_uncertainty=regression_uncertainty, seed=seed,
+            )
+        except BaseException:
+            if staged is not None:
+                staged.discard()
+            raise
         coords["latent_dim"] = np.arange(out["beta"].shape[-1])
         data_vars = {
             "beta": (("cell_name", "covariate", "latent_dim"), out["beta"]),
@@ -339,7 +363,9 @@ class DEMixin:
                 dims = ("cell_name", "gene") if name == "baseline_expression" else ("cell_name", lfc_dim, "gene")
                 result[name] = (dims, values)
             return result
-        result.to_zarr(zarr_path, mode="a", zarr_format=2, consolidated=False)
+        result.to_zarr(store_path, mode="a", zarr_format=2, consolidated=False)
+        if staged is not None:
+            staged.commit()
         return xr.open_zarr(zarr_path, chunks=None, consolidated=False, zarr_format=2)
 
     def differential_expression_summary(

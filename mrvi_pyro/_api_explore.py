@@ -20,6 +20,7 @@ import xarray as xr
 from anndata import AnnData
 
 from . import explore
+from ._safe_io import StagedPath, zarr_replaceable
 
 
 def _group_codes(adata: AnnData, key: str) -> tuple[np.ndarray, list]:
@@ -41,6 +42,26 @@ def _group_codes(adata: AnnData, key: str) -> tuple[np.ndarray, list]:
         categories = sorted(column.unique().tolist(), key=str)
     codes = pd.Categorical(column.to_numpy(), categories=categories).codes.astype(np.int64)
     return codes, categories
+
+
+WRITTEN_BY = "mrvi_pyro.cluster_cells_by_sample_distances"
+"""Tag in ``adata.uns[key_added]`` marking an obs column as written (and replaceable) by us."""
+
+
+def _check_key_added(adata: AnnData, key: str, registry) -> None:
+    """Refuse a ``key_added`` that would overwrite a column the user (or the registry) owns."""
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"key_added must be a non-empty string or None; got {key!r}.")
+    registered = {registry.sample_key, registry.batch_key, registry.labels_key} - {None}
+    if key in registered:
+        raise ValueError(f"key_added={key!r} is a column the model was set up with; choose another name.")
+    previous = adata.uns.get(key)
+    ours = isinstance(previous, dict) and previous.get("written_by") == WRITTEN_BY
+    if (key in adata.obs or key in adata.uns) and not ours:
+        raise ValueError(
+            f"key_added={key!r} would overwrite an existing obs column or uns entry that mrvi_pyro did not "
+            "write; choose another name (or key_added=None to write nothing)."
+        )
 
 
 def _groupby_keys(groupby: str | Sequence[str] | None) -> list[str]:
@@ -113,6 +134,7 @@ class ExploreMixin:
         n_cells x S x L floats in memory (chunk over ``indices`` for very large data).
         """
         del use_vmap
+        explore.check_positive("batch_size", batch_size)
         data = self._cell_data(adata)
         idx = self._indices(data, indices)
         samples = list(self.registry.sample_categories)
@@ -155,6 +177,7 @@ class ExploreMixin:
         indices: Sequence[int] | None = None,
         max_in_memory_gb: float = 2.0,
         zarr_path: str | os.PathLike | None = None,
+        overwrite: bool = False,
         seed: int = 0,
     ) -> xr.Dataset:
         """Local (per-cell) distances between samples, streamed chunk by chunk.
@@ -203,11 +226,16 @@ class ExploreMixin:
             store and returned lazily (never assembled in RAM). A budget too small for one chunk
             is a ``ValueError``.
         zarr_path
-            Directory of the zarr store (must not exist; needs ``keep_cell=True``). Given, the
-            per-cell distances (and the group means) are always written there and returned
-            lazily. If None and the budget forces the store, a new temporary
+            Directory of the zarr store (needs ``keep_cell=True``). Given, the per-cell
+            distances (and the group means) are always written there and returned lazily. The
+            store is written beside it and renamed into place when complete, so an interrupted
+            run leaves ``zarr_path`` as it was. If None and the budget forces the store, a new temporary
             directory is used (a ``UserWarning`` gives its path; delete it when done).
             :func:`mrvi_pyro.explore.open_distance_store` reopens a store.
+        overwrite
+            Replace an existing non-empty ``zarr_path`` (only if it is a zarr store; anything
+            else is refused). False (default): an existing non-empty ``zarr_path`` is a
+            ``ValueError``.
         seed
             Seed of the posterior draws (reproducible for a given ``batch_size``).
 
@@ -230,6 +258,9 @@ class ExploreMixin:
             )
         explore.check_norm(norm)
         explore.check_positive("batch_size", batch_size)
+        staged = None
+        if zarr_path is not None:  # before any work: refuse a taken target now, not after the run
+            staged = StagedPath(zarr_path, overwrite=overwrite, what="zarr_path", replaceable=zarr_replaceable)
         adata = self.adata if adata is None else adata
         data = self._cell_data(adata)
         idx = self._indices(data, indices)
@@ -257,14 +288,20 @@ class ExploreMixin:
         cell_names = np.asarray(data.obs_names[idx], dtype=object)
         if storage == "memory":
             sink = explore.InMemoryCells(len(idx), n_samples)
-        elif storage == "zarr":
-            sink = explore.ZarrCellStore(zarr_path, cell_names, samples, chunk_cells=batch_size)
         else:
             sink = None
-        result = explore.local_sample_distances(
-            self.module, data, idx, groupings=groupings, cell_sink=sink, batch_size=batch_size,
-            use_mean=use_mean, mc_samples=mc_samples, normalize=normalize_distances, norm=norm, seed=seed,
-        )
+        try:
+            if storage == "zarr":
+                store_path = zarr_path if staged is None else staged.staging
+                sink = explore.ZarrCellStore(store_path, cell_names, samples, chunk_cells=batch_size)
+            result = explore.local_sample_distances(
+                self.module, data, idx, groupings=groupings, cell_sink=sink, batch_size=batch_size,
+                use_mean=use_mean, mc_samples=mc_samples, normalize=normalize_distances, norm=norm, seed=seed,
+            )
+        except BaseException:
+            if staged is not None:
+                staged.discard()
+            raise
         groups = xr.Dataset(coords={"sample_x": samples, "sample_y": samples})
         for key in keys:
             counts = result.group_counts[key]
@@ -280,7 +317,9 @@ class ExploreMixin:
         if storage == "zarr":
             if keys:
                 sink.add_variables(groups)
-            stored = sink.open()[["cell"]]
+            if staged is not None:
+                staged.commit()
+            stored = explore.open_distance_store(zarr_path)[["cell"]]
             ds = xr.merge([stored, groups], combine_attrs="drop")
             ds = ds.assign_coords(cell_name=cell_names, sample_x=samples, sample_y=samples)
             attrs["zarr_path"] = os.fspath(zarr_path)
@@ -349,7 +388,10 @@ class ExploreMixin:
             and ``adata.uns[key_added]``: a dict with ``"distances"`` (n_clusters, S, S) mean
             matrices, ``"samples"``, ``"clusters"``, ``"n_cells"``, ``"sample_clusters"``
             (n_clusters, S), ``"linkage"`` (n_clusters, S-1, 4), ``"leaf_order"`` and
-            ``"params"``: the sample-level view downstream tools read.
+            ``"params"``: the sample-level view downstream tools read. An existing obs column
+            of that name is only replaced when an earlier call wrote it (``adata.uns[key_added]``
+            records that); any other column, and the registered sample, nuisance and label
+            columns, are refused with a ``ValueError`` before any work.
 
         Returns
         -------
@@ -360,6 +402,9 @@ class ExploreMixin:
         indices in dendrogram order).
         """
         adata = self.adata if adata is None else adata
+        if key_added is not None:
+            _check_key_added(adata, key_added, self.registry)
+        explore.check_positive("batch_size", batch_size)
         data = self._cell_data(adata)
         samples = [str(s) for s in self.registry.sample_categories]
         n_samples = len(samples)
@@ -422,7 +467,7 @@ class ExploreMixin:
             adata.obs[key_added] = pd.Categorical.from_codes(labels, categories=clusters)
             adata.uns[key_added] = {
                 "distances": matrices, "samples": samples, "clusters": clusters, "n_cells": counts,
-                "sample_clusters": groups, "linkage": linkages, "leaf_order": orders,
+                "sample_clusters": groups, "linkage": linkages, "leaf_order": orders, "written_by": WRITTEN_BY,
                 "params": {"n_clusters": int(n_clusters), "n_sample_clusters": int(n_sample_clusters),
                            "linkage_method": linkage_method, "norm": norm, "use_mean": bool(use_mean),
                            "normalize_distances": bool(normalize_distances), "precomputed": distances is not None},

@@ -27,7 +27,7 @@ from .data import setup_anndata as _setup_anndata
 from .io import history_from_json, history_to_json, read_model, write_model
 from .module import ARCHITECTURE, MrVIModule, default_max_epochs
 from .posterior import latent_representation, make_generator, normalized_expression
-from .train import TrainingResult, resolve_device, train_svi
+from .train import TrainingDivergedError, TrainingResult, resolve_device, train_svi
 
 MODULE_ARGUMENTS = (
     "n_latent", "n_latent_u", "encoder_n_hidden", "encoder_n_layers", "z_u_prior", "z_u_prior_scale",
@@ -87,6 +87,65 @@ def _train_share(train_size: float, validation_size: float | None) -> float:
             f"no test set. Pass train_size={1.0 - float(validation_size):g} with this validation_size."
         )
     return train_size
+
+
+_INT_ARGUMENTS = {"n_latent": 1, "n_latent_u": 1, "encoder_n_hidden": 1, "encoder_n_layers": 0, "u_prior_mixture_k": 1}
+_FLOAT_ARGUMENTS = ("z_u_prior_scale", "u_prior_scale")
+_BOOL_ARGUMENTS = ("z_u_prior", "u_prior_mixture", "learn_z_u_prior_scale", "scale_observations")
+_DICT_ARGUMENTS = ("qu_kwargs", "qz_kwargs", "px_kwargs")
+
+
+def check_init_params(params: dict) -> None:
+    """``ValueError`` naming the first constructor argument of the wrong type or size."""
+    for name, minimum in _INT_ARGUMENTS.items():
+        value = params.get(name)
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+            raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}.")
+    for name in _FLOAT_ARGUMENTS:
+        value = params.get(name)
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not np.isfinite(value):
+            raise ValueError(f"{name} must be a finite number (a log-scale); got {value!r}.")
+    for name in _BOOL_ARGUMENTS:
+        if name in params and not isinstance(params[name], (bool, np.bool_)):
+            raise ValueError(f"{name} must be True or False; got {params[name]!r}.")
+    for name in _DICT_ARGUMENTS:
+        if params.get(name) is not None and not isinstance(params[name], dict):
+            raise ValueError(f"{name} must be a dict or None; got {type(params[name]).__name__}.")
+    for name in ("likelihood", "sample_mapper"):
+        if not isinstance(params.get(name), str):
+            raise ValueError(f"{name} must be a string; got {params.get(name)!r}.")
+
+
+def _saved_configuration(metadata: dict, dir_path) -> tuple[Registry, dict]:
+    """The registry and constructor arguments of a ``model.json``, type-checked (one-line errors)."""
+    where = f"{dir_path}/model.json"
+    registry, params = metadata.get("registry"), metadata.get("init_params")
+    if not isinstance(registry, dict) or not isinstance(params, dict):
+        raise ValueError(f"{where} lacks its 'registry' or 'init_params' objects; it is damaged.")
+    try:
+        registry = Registry(**registry)
+    except TypeError as err:
+        raise ValueError(f"{where} has an invalid registry ({err}).") from None
+    for name in ("sample_key", "batch_key", "labels_key", "layer"):
+        value = getattr(registry, name)
+        if not (value is None and name != "sample_key") and not isinstance(value, str):
+            raise ValueError(f"{where}: registry {name} must be a string; got {value!r}.")
+    for name in ("sample_categories", "batch_categories", "label_categories", "var_names"):
+        value = getattr(registry, name)
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"{where}: registry {name} must be a list of strings.")
+    # Files written before these fields existed: their defaults then (architecture 1: see module.ARCHITECTURE).
+    params = {"likelihood": "nb", "sample_mapper": "attention", "architecture": 1, **params}
+    try:
+        check_init_params(params)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+    return registry, params
+
+
+def _check_optional_positive(name: str, value) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
+        raise ValueError(f"{name} must be a positive integer; got {value!r}.")
 
 
 class MRVI(ExploreMixin, DEMixin, DAMixin):
@@ -161,6 +220,7 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
         self.init_params = {name: value for name, value in locals().items() if name in MODULE_ARGUMENTS}
         self.init_params["architecture"] = ARCHITECTURE
         self.init_params["scale_observations"] = scale_observations
+        check_init_params(self.init_params)
         self.registry: Registry = registry
         self.adata = adata
         self.scale_observations = scale_observations
@@ -177,6 +237,7 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
         self.history: pd.DataFrame | None = None
         self.training_result: TrainingResult | None = None
         self.is_trained = False
+        self.diverged: str | None = None
 
     # ----- registration -------------------------------------------------------------------
     @staticmethod
@@ -197,18 +258,44 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
         """Recompute :attr:`sample_info` from ``adata`` (default: the model's AnnData), e.g. after
         adding sample-level columns to ``obs``."""
         adata = self.adata if adata is None else adata
-        self._cell_data(adata)  # validates genes and categories
+        self._cell_data(adata, purpose="check")  # validates counts, genes and categories
         self.sample_info = build_sample_info(adata, self.registry)
 
-    def _cell_data(self, adata: AnnData | None = None) -> CellData:
+    def _check_ready(self) -> None:
+        """Refuse analyses of diverged weights; warn about analyses of untrained ones."""
+        if getattr(self, "diverged", None):
+            raise ValueError(
+                f"Training of this model diverged ({self.diverged}), so its weights are not usable for "
+                "analyses. Build a new MRVI and train it with a lower lr or a smaller clip_norm."
+            )
+        if not self.is_trained:
+            warnings.warn(
+                "This model has not been trained: analyses use its random initial weights. Call "
+                "model.train() first.", UserWarning, stacklevel=4,
+            )
+
+    def _cell_data(self, adata: AnnData | None = None, purpose: str = "analysis") -> CellData:
+        """The model's view of ``adata`` (default: its own), validated (counts, genes, categories).
+
+        ``purpose="analysis"`` also refuses diverged weights and warns about untrained ones.
+        The model's own AnnData is read once and cached; every later use checks that its counts
+        are unchanged (``ValueError`` otherwise) and re-reads reassigned sample, nuisance or
+        label columns (and then recomputes :attr:`sample_info`).
+        """
         adata = self.adata if adata is None else adata
         if adata is None:
             raise ValueError("This model has no AnnData attached; pass `adata=`.")
-        if self._data_cache is not None and self._data_cache[0] == id(adata) and adata is self.adata:
-            return self._data_cache[1]
+        if purpose == "analysis":
+            self._check_ready()
+        cached = self._data_cache
+        if cached is not None and cached[0] == id(adata) and adata is self.adata:
+            if cached[1].is_current(adata):
+                return cached[1]
         data = CellData(adata, self.registry)
         if adata is self.adata:
             self._data_cache = (id(adata), data)
+            if cached is not None:
+                self.sample_info = build_sample_info(adata, self.registry)
         return data
 
     @staticmethod
@@ -216,8 +303,16 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
         if indices is None:
             return np.arange(len(data))
         indices = np.asarray(indices)
+        if indices.ndim != 1:
+            raise ValueError(f"indices must be one-dimensional; got shape {indices.shape}.")
         if indices.dtype == bool:
+            if len(indices) != len(data):
+                raise ValueError(
+                    f"A boolean mask for indices must have one entry per cell ({len(data)}); got {len(indices)}."
+                )
             indices = np.flatnonzero(indices)
+        elif indices.size and not np.issubdtype(indices.dtype, np.integer):
+            raise ValueError(f"indices must be integers or a boolean mask; got dtype {indices.dtype}.")
         if indices.size and (indices.min() < 0 or indices.max() >= len(data)):
             raise ValueError(f"indices must lie in [0, {len(data)}); got values outside that range.")
         return indices.astype(np.int64)
@@ -260,14 +355,18 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
             n_epochs_kl_warmup=n_epochs_kl_warmup,
         )
         train_size = _train_share(train_size, validation_size)
-        data = self._cell_data()
+        data = self._cell_data(purpose="training")
         max_epochs = default_max_epochs(len(data)) if max_epochs is None else max_epochs
-        result = train_svi(
-            self.module, data, max_epochs=max_epochs, batch_size=batch_size, train_size=train_size,
-            **options, early_stopping=early_stopping,
-            early_stopping_patience=early_stopping_patience, early_stopping_min_delta=early_stopping_min_delta,
-            scale_observations=self.scale_observations, seed=seed, device=device, progress_bar=progress_bar,
-        )
+        try:
+            result = train_svi(
+                self.module, data, max_epochs=max_epochs, batch_size=batch_size, train_size=train_size,
+                **options, early_stopping=early_stopping,
+                early_stopping_patience=early_stopping_patience, early_stopping_min_delta=early_stopping_min_delta,
+                scale_observations=self.scale_observations, seed=seed, device=device, progress_bar=progress_bar,
+            )
+        except TrainingDivergedError as err:
+            self.diverged = str(err).split(";")[0]  # analyses now refuse these weights
+            raise
         self.training_result, self.history, self.is_trained = result, result.history, True
         return result
 
@@ -289,6 +388,7 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
 
         ``use_mean=False`` returns one posterior draw per cell (seeded by ``seed``).
         """
+        _check_optional_positive("batch_size", batch_size)
         data = self._cell_data(adata)
         return latent_representation(
             self.module, data, self._indices(data, indices), give_z=give_z, use_mean=use_mean,
@@ -344,6 +444,8 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
         -------
         DataFrame (cells x genes), or an ndarray as described above.
         """
+        _check_optional_positive("batch_size", batch_size)
+        _check_optional_positive("n_samples", n_samples)
         if weights not in (None, "uniform"):
             raise ValueError(f"weights must be None or 'uniform' (importance weights are not implemented); got {weights!r}.")
         if not (library_size == "latent" or (isinstance(library_size, numbers.Real) and library_size > 0)):
@@ -393,13 +495,20 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
 
     # ----- persistence --------------------------------------------------------------------
     def save(self, dir_path: str | os.PathLike, overwrite: bool = False, save_anndata: bool = False) -> None:
-        """Save weights (``model.pt``) and JSON metadata (``model.json``) to ``dir_path``."""
+        """Save weights (``model.pt``) and JSON metadata (``model.json``) to ``dir_path``.
+
+        The save is atomic (written beside ``dir_path``, then renamed into place), and replaces
+        an earlier save as a whole: no file of it (e.g. an old ``adata.h5ad``) survives.
+        ``overwrite=True`` is needed to replace a non-empty ``dir_path``, and only an earlier
+        mrvi_pyro save is ever replaced.
+        """
         metadata = {
             "package_version": __version__,
             "init_params": self.init_params,
             "registry": self.registry.__dict__,
             "history": history_to_json(self.history),
             "is_trained": self.is_trained,
+            "diverged": getattr(self, "diverged", None),
         }
         write_model(dir_path, self.module.state_dict(), metadata, overwrite=overwrite,
                     adata=self.adata if save_anndata else None)
@@ -416,20 +525,33 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
         import anndata
 
         state_dict, metadata, adata_path = read_model(dir_path)
-        registry = Registry(**metadata["registry"])
+        registry, init_params = _saved_configuration(metadata, dir_path)
+        # Sizes come from a JSON file: build the module on the meta device (no memory) and
+        # compare its shapes with the weights before allocating anything.
+        arguments = {k: v for k, v in init_params.items() if k in MODULE_ARGUMENTS}
+        sizes = (len(registry.var_names), registry.n_samples, registry.n_batches, registry.n_labels)
+        try:
+            with torch.device("meta"):
+                expected = MrVIModule(*sizes, **arguments, guide=guide).state_dict()
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{dir_path}/model.json has an invalid configuration: {err}") from None
+        wrong = [k for k in expected if k not in state_dict or tuple(state_dict[k].shape) != tuple(expected[k].shape)]
+        wrong += [k for k in state_dict if k not in expected]
+        if wrong:
+            raise ValueError(
+                f"The weights in {dir_path} do not fit the configuration in its model.json (mismatched or "
+                f"missing: {wrong[:5]}); the files are not from one save."
+            )
         if adata is None:
             if adata_path is None:
                 raise ValueError(f"{dir_path} has no saved AnnData; pass the AnnData with `adata=`.")
             adata = anndata.read_h5ad(adata_path)
         model = cls.__new__(cls)
         model.registry, model.adata, model._data_cache = registry, adata, None
-        model._cell_data(adata)  # genes and categories must match
-        model.init_params = {"architecture": 1, **metadata["init_params"]}  # saved before versions: 1
-        model.scale_observations = model.init_params.get("scale_observations", False)
-        model.module = MrVIModule(
-            len(registry.var_names), registry.n_samples, registry.n_batches, registry.n_labels,
-            **{k: v for k, v in model.init_params.items() if k in MODULE_ARGUMENTS}, guide=guide,
-        )
+        model._cell_data(adata, purpose="check")  # counts, genes and categories must fit
+        model.init_params = init_params
+        model.scale_observations = bool(model.init_params.get("scale_observations", False))
+        model.module = MrVIModule(*sizes, **arguments, guide=guide)
         try:
             model.module.load_state_dict(state_dict)
         except RuntimeError as err:
@@ -439,6 +561,7 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
         model.history = history_from_json(metadata.get("history"))
         model.training_result = None
         model.is_trained = bool(metadata.get("is_trained", False))
+        model.diverged = metadata.get("diverged")
         return model
 
     def __repr__(self) -> str:

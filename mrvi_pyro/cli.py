@@ -6,12 +6,22 @@
   model and writes figures and a summary.
 
 Errors in user input are printed as one line (``error: ...``) with exit status 2, never as a
-traceback.
+traceback; Ctrl-C exits with status 130.
+
+Outputs are never lost or mixed: ``fit`` and ``demo`` check ``--out`` before training, refuse a
+non-empty one unless ``--overwrite`` (and then only a previous run directory), build the run in
+a temporary sibling and rename it into place when complete, so an interrupted run leaves
+``--out`` as it was. ``analyze`` holds a lock file in its output directory, refuses earlier
+analysis outputs unless ``--overwrite`` (which removes them, so no stale DE/DA result stays
+beside new ones), writes into a temporary subdirectory and moves the results in at the end.
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
+import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -20,28 +30,58 @@ import numpy as np
 import pandas as pd
 
 
+RUN_OUTPUTS = ("model", "fit.json", "history.csv", "training_history.png", "u_embedding.png", "simulated.h5ad")
+"""What ``fit`` (and ``demo``) write into a run directory."""
+ANALYSIS_OUTPUTS = ("results", "sample_distance_spread.csv", "sample_distances_*.png", "de_summary.csv",
+                    "de_effect_size.png", "de_top_genes.png", "de_volcano.png", "da_summary.csv", "da_log_ratio.png",
+                    "report.html")
+"""What ``analyze`` writes (beside the model's figures, which it redraws)."""
+
+
+def _matches(name: str, patterns) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def _run_rule(path: Path) -> str | None:
+    """``replaceable`` rule of run directories: only our own outputs, and no analysis running."""
+    from ._safe_io import LOCK_FILE, lock_owner
+
+    if lock_owner(path / LOCK_FILE) is not None:
+        return f"an analysis is writing to it ({path / LOCK_FILE})"
+    foreign = sorted(p.name for p in path.iterdir()
+                     if p.name != LOCK_FILE and not _matches(p.name, RUN_OUTPUTS + ANALYSIS_OUTPUTS))
+    return f"holds files mrvi-pyro does not write ({foreign[:5]})" if foreign else None
+
+
+def _staged_run(out: Path, overwrite: bool):
+    from ._safe_io import staged_directory
+
+    return staged_directory(out, overwrite=overwrite, what="--out", replaceable=_run_rule, flag="--overwrite")
+
+
 def _demo(args: argparse.Namespace) -> int:
     from . import __version__, datasets
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    print(f"mrvi_pyro {__version__} demo -> {out}")
-    adata = datasets.simulate(n_cells=args.n_cells, n_genes=args.n_genes, n_samples=args.n_samples, seed=args.seed)
-    truth = adata.uns["simulation"]
-    adata.write_h5ad(out / "simulated.h5ad")
-    print(f"simulated {adata.n_obs} cells x {adata.n_vars} genes, {args.n_samples} samples, "
-          f"{adata.obs['batch'].nunique()} batches (data: simulated.h5ad)")
-    model = fit_and_save(adata, out, sample_key="sample", batch_key="batch", max_epochs=args.max_epochs,
-                         batch_size=args.batch_size, seed=args.seed, quiet=args.quiet,
-                         data_path=out / "simulated.h5ad")
-    u = model.get_latent_representation()
-    score = _knn_agreement(coords=u, labels=adata.obs["cell_type"].to_numpy())
-    batch_score = _knn_agreement(coords=u, labels=adata.obs["batch"].to_numpy())
-    print(f"u embedding: cell-type kNN agreement {score:.2f}, batch kNN agreement {batch_score:.2f} "
-          f"(lower is better mixed; chance {adata.obs['batch'].value_counts(normalize=True).max():.2f}) "
-          "(figure: u_embedding.png)")
-    results = analyze_model(model, adata, out, groupby="cell_type", de=truth["de_covariate"],
-                            da=truth["da_covariate"], quiet=args.quiet, mc_samples=10, seed=args.seed)
+    with _staged_run(out, args.overwrite) as staging:
+        print(f"mrvi_pyro {__version__} demo -> {out}")
+        adata = datasets.simulate(n_cells=args.n_cells, n_genes=args.n_genes, n_samples=args.n_samples,
+                                  seed=args.seed)
+        truth = adata.uns["simulation"]
+        adata.write_h5ad(staging / "simulated.h5ad")
+        print(f"simulated {adata.n_obs} cells x {adata.n_vars} genes, {args.n_samples} samples, "
+              f"{adata.obs['batch'].nunique()} batches (data: simulated.h5ad)")
+        model = fit_and_save(adata, staging, sample_key="sample", batch_key="batch", max_epochs=args.max_epochs,
+                             batch_size=args.batch_size, seed=args.seed, quiet=args.quiet,
+                             data_path=out / "simulated.h5ad", shown_dir=out)
+        u = model.get_latent_representation()
+        score = _knn_agreement(coords=u, labels=adata.obs["cell_type"].to_numpy())
+        batch_score = _knn_agreement(coords=u, labels=adata.obs["batch"].to_numpy())
+        print(f"u embedding: cell-type kNN agreement {score:.2f}, batch kNN agreement {batch_score:.2f} "
+              f"(lower is better mixed; chance {adata.obs['batch'].value_counts(normalize=True).max():.2f}) "
+              "(figure: u_embedding.png)")
+        results = analyze_model(model, adata, staging, groupby="cell_type", de=truth["de_covariate"],
+                                da=truth["da_covariate"], quiet=args.quiet, mc_samples=10, seed=args.seed)
     for line in check_against_truth(model, results, truth):
         print(line)
     print(f"report: {out / 'report.html'}")
@@ -92,19 +132,22 @@ def _read_h5ad(path: str):
 
 
 def fit_and_save(adata, out: Path, *, sample_key: str, batch_key=None, labels_key=None, layer=None,
-                 max_epochs=None, batch_size=128, seed=0, quiet=False, data_path=None):
-    """Register ``adata``, train MrVI, save it to ``out/model`` with history and figures."""
-    import json
-
+                 max_epochs=None, batch_size=128, seed=0, quiet=False, data_path=None, shown_dir=None):
+    """Register ``adata`` (unless it already is, with these keys), train MrVI, save it to
+    ``out/model`` with history and figures. ``shown_dir`` names ``out`` in messages."""
     from . import MRVI, plotting
+    from .data import REGISTRY_KEY, get_registry
 
-    MRVI.setup_anndata(adata, sample_key=sample_key, batch_key=batch_key, labels_key=labels_key, layer=layer)
+    keys = (sample_key, batch_key, labels_key, layer)
+    registry = get_registry(adata) if REGISTRY_KEY in adata.uns else None
+    if registry is None or (registry.sample_key, registry.batch_key, registry.labels_key, registry.layer) != keys:
+        MRVI.setup_anndata(adata, sample_key=sample_key, batch_key=batch_key, labels_key=labels_key, layer=layer)
     model = MRVI(adata, seed=seed)
     start = time.perf_counter()
     model.train(max_epochs=max_epochs, batch_size=batch_size, seed=seed, progress_bar=not quiet)
     seconds = time.perf_counter() - start
     out.mkdir(parents=True, exist_ok=True)
-    model.save(out / "model", overwrite=True)
+    model.save(out / "model")
     (out / "fit.json").write_text(json.dumps({"data": str(Path(data_path).resolve()) if data_path else None}))
     model.history.to_csv(out / "history.csv")
     plotting.training_history(model.history).savefig(out / "training_history.png", dpi=110)
@@ -114,16 +157,24 @@ def fit_and_save(adata, out: Path, *, sample_key: str, batch_key=None, labels_ke
     last = model.history.iloc[-1]
     val = f", validation {last['elbo_validation']:.1f}" if "elbo_validation" in last else ""
     print(f"trained {len(model.history)} epochs in {seconds:.1f} s; -ELBO/cell train {last['elbo_train']:.1f}{val} "
-          f"(model: {out / 'model'})")
+          f"(model: {Path(shown_dir or out) / 'model'})")
     return model
 
 
 def _fit(args: argparse.Namespace) -> int:
+    from . import MRVI
+
     adata = _read_h5ad(args.data)
     print(f"{args.data}: {adata.n_obs} cells x {adata.n_vars} genes")
-    fit_and_save(adata, Path(args.out), sample_key=args.sample_key, batch_key=args.batch_key,
-                 labels_key=args.labels_key, layer=args.layer, max_epochs=args.max_epochs,
-                 batch_size=args.batch_size, seed=args.seed, quiet=args.quiet, data_path=args.data)
+    # input errors first, then the output directory, both before the (long) training
+    MRVI.setup_anndata(adata, sample_key=args.sample_key, batch_key=args.batch_key, labels_key=args.labels_key,
+                       layer=args.layer)
+    out = Path(args.out)
+    with _staged_run(out, args.overwrite) as staging:
+        fit_and_save(adata, staging, sample_key=args.sample_key, batch_key=args.batch_key,
+                     labels_key=args.labels_key, layer=args.layer, max_epochs=args.max_epochs,
+                     batch_size=args.batch_size, seed=args.seed, quiet=args.quiet, data_path=args.data,
+                     shown_dir=out)
     return 0
 
 
@@ -136,11 +187,7 @@ def analyze_model(model, adata, out: Path, *, groupby: str, de: str | None = Non
     from . import plotting
     from .report import Section, write_html_report
 
-    if groupby not in adata.obs:
-        raise ValueError(f"--groupby {groupby!r} is not a column of obs (columns: {list(adata.obs.columns)})")
-    for flag, key in (("--de", de), ("--da", da)):
-        if key is not None and key not in adata.obs:
-            raise ValueError(f"{flag} {key!r} is not a column of obs (columns: {list(adata.obs.columns)})")
+    _check_columns(adata, groupby, de, da)
     out = Path(out)
     results_dir = out / "results"
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -221,8 +268,15 @@ def analyze_model(model, adata, out: Path, *, groupby: str, de: str | None = Non
         results["da"], results["da_summary"], results["da_table"] = da_result, summary, per_group
 
     write_html_report(out / "report.html", "mrvi_pyro analysis report", sections)
-    step(f"report: {out / 'report.html'}")
     return results
+
+
+def _check_columns(adata, groupby: str, de: str | None, da: str | None) -> None:
+    if groupby not in adata.obs:
+        raise ValueError(f"--groupby {groupby!r} is not a column of obs (columns: {list(adata.obs.columns)})")
+    for flag, key in (("--de", de), ("--da", da)):
+        if key is not None and key not in adata.obs:
+            raise ValueError(f"{flag} {key!r} is not a column of obs (columns: {list(adata.obs.columns)})")
 
 
 def _write_zarr(dataset, path: Path) -> None:
@@ -234,22 +288,57 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name))
 
 
-def _analyze(args: argparse.Namespace) -> int:
-    import json
+def _recorded_data(run_dir: Path) -> str:
+    """The data file ``fit`` recorded in ``run_dir/fit.json`` (one-line errors if unusable)."""
+    fit_info = run_dir / "fit.json"
+    if not fit_info.is_file():
+        raise ValueError(f"no data file recorded in {run_dir}; pass --data DATA.h5ad")
+    try:
+        record = json.loads(fit_info.read_text())
+    except (ValueError, OSError) as err:
+        raise ValueError(f"{fit_info} is not readable JSON ({err}); pass --data DATA.h5ad") from None
+    data_path = record.get("data") if isinstance(record, dict) else None
+    if data_path is None:
+        raise ValueError(f"no data file recorded in {run_dir}; pass --data DATA.h5ad")
+    if not isinstance(data_path, str):
+        raise ValueError(f"{fit_info}: 'data' must be a file path, got {data_path!r}; pass --data DATA.h5ad")
+    return data_path
 
+
+def _analyze(args: argparse.Namespace) -> int:
     from . import MRVI
+    from ._safe_io import directory_lock, move_into, sibling
 
     run_dir = Path(args.dir)
-    data_path = args.data
-    if data_path is None:
-        fit_info = run_dir / "fit.json"
-        data_path = json.loads(fit_info.read_text()).get("data") if fit_info.is_file() else None
-        if data_path is None:
-            raise ValueError(f"no data file recorded in {run_dir}; pass --data DATA.h5ad")
-    adata = _read_h5ad(data_path)
-    model = MRVI.load(run_dir / "model", adata=adata)
-    analyze_model(model, adata, Path(args.out or run_dir), groupby=args.groupby, de=args.de, da=args.da,
-                  quiet=args.quiet, mc_samples=args.mc_samples, seed=args.seed)
+    data_path = args.data if args.data is not None else _recorded_data(run_dir)
+    out = Path(args.out or run_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is an existing file, not a directory; choose another path.")
+    out.mkdir(parents=True, exist_ok=True)
+    with directory_lock(out, "analyze"):
+        adata = _read_h5ad(data_path)
+        model = MRVI.load(run_dir / "model", adata=adata)
+        _check_columns(adata, args.groupby, args.de, args.da)
+        previous = sorted(p for p in out.iterdir() if _matches(p.name, ANALYSIS_OUTPUTS))
+        if previous and not args.overwrite:
+            raise ValueError(f"{out} already holds analysis outputs ({', '.join(p.name for p in previous[:4])}); "
+                             "pass --overwrite to replace them, or choose another --out.")
+        staging = sibling(out / "analysis", "partial")
+        staging.mkdir()
+        try:
+            analyze_model(model, adata, staging, groupby=args.groupby, de=args.de, da=args.da,
+                          quiet=args.quiet, mc_samples=args.mc_samples, seed=args.seed)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        for path in previous:  # outputs of an earlier analysis, replaced as a whole
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        move_into(staging, out)
+    if not args.quiet:
+        print(f"[analyze] report: {out / 'report.html'}")
     return 0
 
 
@@ -275,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "recovered for 2 of 5 simulation seeds in 100 epochs, with 128 for all 5)")
     demo.add_argument("--seed", type=int, default=3, help="seeds the simulation, initialisation and training")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
+    demo.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
     demo.set_defaults(func=_demo)
 
     fit = sub.add_parser("fit", help="train MrVI on an .h5ad of raw counts and save it")
@@ -288,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--batch-size", type=int, default=128, help="cells per step (default 128, as MRVI.train)")
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--quiet", action="store_true", help="no progress bar")
+    fit.add_argument("--overwrite", action="store_true",
+                     help="replace an earlier run in --out (its model and analysis outputs)")
     fit.set_defaults(func=_fit)
 
     analyze = sub.add_parser("analyze", help="run distances, DE and DA on a fitted model; write results and a report")
@@ -300,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--mc-samples", type=int, default=20, help="posterior draws for DE log fold-changes")
     analyze.add_argument("--seed", type=int, default=0)
     analyze.add_argument("--quiet", action="store_true")
+    analyze.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier analysis")
     analyze.set_defaults(func=_analyze)
     return parser
 
@@ -312,9 +405,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, KeyError) as err:
+    except (ValueError, KeyError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing partial was saved (the output directory is as before)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -87,20 +87,38 @@ def _row_chunks(matrix, chunk: int | None = None) -> Iterator[np.ndarray | spars
         yield matrix[start : start + chunk]
 
 
-def validate_counts(matrix, where: str = "adata.X") -> None:
+def validate_counts(matrix, where: str = "adata.X", check: bool = True) -> tuple:
     """Raise ``ValueError`` unless ``matrix`` holds finite, non-negative integer counts and no
-    cell has zero total counts. Works chunk by chunk on dense, sparse and backed matrices."""
+    cell has zero total counts. Works chunk by chunk on dense, sparse and backed matrices.
+
+    Returns a cheap fingerprint of the values, computed in the same pass: the shape and, in
+    float64, the total, the sum of squares and the sums weighted by row and by column position.
+    Any in-place normalisation or transformation changes it. ``check=False`` only fingerprints.
+    """
     n_zero = 0
+    n_genes = matrix.shape[1]
+    column_weights = np.arange(1, n_genes + 1, dtype=np.float64)
+    total = squares = by_row = by_column = 0.0
+    start = 0
     for block in _row_chunks(matrix):
         if sparse.issparse(block) or hasattr(block, "toarray") and not isinstance(block, np.ndarray):
             block = sparse.csr_matrix(block)
             values = block.data
-            totals = np.asarray(block.sum(axis=1)).ravel()
+            totals = np.asarray(block.sum(axis=1, dtype=np.float64)).ravel()
+            column_sums = np.bincount(block.indices, weights=values.astype(np.float64), minlength=n_genes)
         else:
             values = np.asarray(block)
-            totals = values.sum(axis=1)
-        if not np.issubdtype(values.dtype, np.number):
+            totals = values.sum(axis=1, dtype=np.float64) if values.dtype.kind in "biuf" else None
+            column_sums = values.sum(axis=0, dtype=np.float64) if totals is not None else None
+        if not np.issubdtype(values.dtype, np.number) or values.dtype.kind == "c":
             raise ValueError(f"{where} must be numeric counts, got dtype {values.dtype}.")
+        total += float(totals.sum())
+        squares += float(np.square(values, dtype=np.float64).sum())
+        by_row += float(totals @ np.arange(start + 1, start + len(totals) + 1, dtype=np.float64))
+        by_column += float(column_sums @ column_weights)
+        start += len(totals)
+        if not check:
+            continue
         if not np.all(np.isfinite(values)):
             raise ValueError(f"{where} contains NaN or infinite values; MrVI needs raw counts.")
         if np.any(values < 0):
@@ -111,11 +129,12 @@ def validate_counts(matrix, where: str = "adata.X") -> None:
                 "log-transformed data (use `layer=` to point at the raw counts)."
             )
         n_zero += int(np.sum(totals == 0))
-    if n_zero:
+    if check and n_zero:
         raise ValueError(
             f"{n_zero} cell(s) have zero total counts in {where}; remove them first, e.g. "
             "`adata = adata[adata.X.sum(1) > 0].copy()` or `sc.pp.filter_cells(adata, min_counts=1)`."
         )
+    return (tuple(matrix.shape), total, squares, by_row, by_column)
 
 
 def _categories(adata: AnnData, key: str, role: str) -> list:
@@ -126,8 +145,19 @@ def _categories(adata: AnnData, key: str, role: str) -> list:
         raise ValueError(f"adata.obs[{key!r}] has {int(column.isna().sum())} missing value(s); fill or drop them.")
     if isinstance(column.dtype, pd.CategoricalDtype):
         present = set(column.unique())
-        return [c for c in column.cat.categories if c in present]
-    return sorted(column.unique().tolist(), key=str)
+        values = [c for c in column.cat.categories if c in present]
+    else:
+        values = sorted(column.unique().tolist(), key=str)
+    as_text = [str(v) for v in values]
+    if len(set(as_text)) < len(as_text):
+        clashes = [v for v in values if as_text.count(str(v)) > 1][:4]
+        raise ValueError(
+            f"adata.obs[{key!r}] has distinct values that read the same as text: "
+            f"{', '.join(f'{v!r} ({type(v).__name__})' for v in clashes)}. MrVI identifies {role} levels by "
+            f"their text, so these would be one level; make the column consistent first, e.g. "
+            f"`adata.obs[{key!r}] = adata.obs[{key!r}].astype(str)`."
+        )
+    return values
 
 
 def setup_anndata(
@@ -205,6 +235,20 @@ def _codes(adata: AnnData, key: str | None, categories: list, role: str) -> np.n
     return codes
 
 
+def _obs_signature(adata: AnnData, registry: Registry) -> tuple:
+    """Order-sensitive hashes of the registered obs columns (detects a reassigned column)."""
+    keys = (registry.sample_key, registry.batch_key, registry.labels_key)
+    weights = np.arange(1, adata.n_obs + 1, dtype=np.uint64)
+    signature = []
+    for key in keys:
+        if key is None or key not in adata.obs:
+            signature.append(None)
+            continue
+        hashes = pd.util.hash_pandas_object(adata.obs[key], index=False).to_numpy()
+        signature.append(int(np.sum(hashes * weights, dtype=np.uint64)))
+    return tuple(signature)
+
+
 def check_matches_registry(adata: AnnData, registry: Registry) -> None:
     """Raise ``ValueError`` unless ``adata`` has the registry's genes (same order)."""
     genes = [str(v) for v in adata.var_names]
@@ -228,10 +272,21 @@ class CellData:
         The AnnData (not modified).
     registry
         The model's registry; genes and categories are checked against it.
+
+    Notes
+    -----
+    The counts are validated (:func:`validate_counts`) whenever a ``CellData`` is built, so
+    every AnnData that enters an analysis, training or :meth:`MRVI.load` is checked. Dense
+    counts may share memory with ``adata`` (no copy of a float32 ``X``): a cached ``CellData``
+    is checked with :meth:`is_current` before each use, and a change to the counts after it
+    was built is refused rather than silently used.
     """
 
     def __init__(self, adata: AnnData, registry: Registry):
         check_matches_registry(adata, registry)
+        self.where = f"adata.layers[{registry.layer!r}]" if registry.layer else "adata.X"
+        self.fingerprint = validate_counts(_count_matrix(adata, registry.layer), self.where)
+        self.obs_signature = _obs_signature(adata, registry)
         self.registry = registry
         self.n_obs = adata.n_obs
         self.obs_names = adata.obs_names.copy()
@@ -250,6 +305,23 @@ class CellData:
 
     def __len__(self) -> int:
         return self.n_obs
+
+    def is_current(self, adata: AnnData) -> bool:
+        """Whether ``adata`` still has the counts and annotations this was built from.
+
+        Raises ``ValueError`` when the counts changed (e.g. ``sc.pp.normalize_total`` or
+        ``log1p`` in place after setup); returns False when only the registered obs columns
+        changed (the codes must then be rebuilt).
+        """
+        current = validate_counts(_count_matrix(adata, self.registry.layer), self.where, check=False)
+        if current != self.fingerprint:
+            raise ValueError(
+                f"{self.where} changed after the model first read it (e.g. normalize_total or log1p in "
+                "place); MrVI needs the raw counts it was set up with. Keep the raw counts in a layer "
+                "(`adata.layers['counts'] = adata.X.copy()` before normalising, then "
+                "`setup_anndata(..., layer='counts')`) or restore them."
+            )
+        return _obs_signature(adata, self.registry) == self.obs_signature
 
     def counts(self, indices: np.ndarray) -> torch.Tensor:
         """Dense float32 counts of the given cells."""

@@ -939,7 +939,7 @@ class LfcSink:
         import xarray as xr
         import zarr
 
-        xr.Dataset(coords=coords).to_zarr(zarr_path, mode="w", zarr_format=2, consolidated=False)
+        xr.Dataset(coords=coords).to_zarr(zarr_path, mode="w-", zarr_format=2, consolidated=False)
         group = zarr.open_group(str(zarr_path), mode="a", zarr_format=2)
         for name in self.names:
             arr = group.create_array(name, shape=shape, chunks=(chunk_cells, *shape[1:]), dtype="float32",

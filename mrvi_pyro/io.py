@@ -7,6 +7,11 @@ A saved model is a directory with
 - ``model.json`` -- a format tag, the package version, the constructor arguments, the
   registry (keys, category orders, genes) and the training history;
 - ``adata.h5ad`` -- the AnnData, when ``save_anndata=True``.
+
+Saving is atomic: the files are written into a temporary sibling directory that then replaces
+``dir_path`` (:mod:`mrvi_pyro._safe_io`), so a kill at any moment leaves either the previous
+save or the new one, and files of an earlier save (an old ``adata.h5ad``) never survive beside
+a new model.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from ._safe_io import staged_directory
+
 FORMAT = "mrvi_pyro"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.pt"
@@ -25,18 +32,33 @@ METADATA_FILE = "model.json"
 ADATA_FILE = "adata.h5ad"
 
 
+def saved_model_rule(path: Path) -> str | None:
+    """``replaceable`` rule of model directories: only a mrvi_pyro save may be replaced."""
+    names = {p.name for p in path.iterdir()}
+    foreign = sorted(names - {WEIGHTS_FILE, METADATA_FILE, ADATA_FILE})
+    if foreign:
+        return f"holds files a mrvi_pyro save does not write ({foreign[:5]})"
+    try:
+        tagged = json.loads((path / METADATA_FILE).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        tagged = False
+    return None if tagged else f"has no {METADATA_FILE} written by mrvi_pyro"
+
+
 def write_model(dir_path: str | os.PathLike, state_dict: dict, metadata: dict, *, overwrite: bool = False,
                 adata=None) -> Path:
-    """Write weights, JSON metadata and optionally the AnnData to ``dir_path``."""
+    """Write weights, JSON metadata and optionally the AnnData to ``dir_path``, atomically.
+
+    An existing non-empty ``dir_path`` is refused unless ``overwrite``, and even then unless it
+    is an earlier mrvi_pyro save; it is replaced as a whole.
+    """
     path = Path(dir_path)
-    if path.exists() and any(path.iterdir()) and not overwrite:
-        raise ValueError(f"{path} already exists and is not empty; pass overwrite=True to replace it.")
-    path.mkdir(parents=True, exist_ok=True)
-    torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, path / WEIGHTS_FILE)
-    metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, **metadata}
-    (path / METADATA_FILE).write_text(json.dumps(metadata, indent=1))
-    if adata is not None:
-        adata.write_h5ad(path / ADATA_FILE)
+    with staged_directory(path, overwrite=overwrite, what="dir_path", replaceable=saved_model_rule) as staging:
+        torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, staging / WEIGHTS_FILE)
+        metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, **metadata}
+        (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=1))
+        if adata is not None:
+            adata.write_h5ad(staging / ADATA_FILE)
     return path
 
 

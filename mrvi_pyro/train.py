@@ -252,10 +252,31 @@ def train_svi(
     TrainingDivergedError
         When the loss or gradient becomes non-finite (no update is applied with it).
     """
-    if max_epochs < 1:
-        raise ValueError(f"max_epochs must be >= 1, got {max_epochs}.")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+
+    def number(v):
+        return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and not np.isnan(v)
+
+    def integer(v):
+        return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+    rules = {  # argument: (value, valid, what it must be); checked before anything is touched
+        "max_epochs": (max_epochs, integer(max_epochs) and max_epochs >= 1, "an integer >= 1"),
+        "batch_size": (batch_size, integer(batch_size) and batch_size >= 1, "an integer >= 1"),
+        "train_size": (train_size, number(train_size) and 0 < train_size <= 1, "a number in (0, 1]"),
+        "lr": (lr, number(lr) and 0 < lr < np.inf, "a positive finite number"),
+        "weight_decay": (weight_decay, number(weight_decay) and 0 <= weight_decay < np.inf, "a finite number >= 0"),
+        "eps": (eps, number(eps) and 0 < eps < np.inf, "a positive finite number"),
+        "clip_norm": (clip_norm, number(clip_norm) and clip_norm > 0, "a positive number (inf: no clipping)"),
+        "n_epochs_kl_warmup": (n_epochs_kl_warmup, integer(n_epochs_kl_warmup) and n_epochs_kl_warmup >= 0,
+                               "an integer >= 0"),
+        "early_stopping_patience": (early_stopping_patience, integer(early_stopping_patience)
+                                    and early_stopping_patience >= 1, "an integer >= 1"),
+        "early_stopping_min_delta": (early_stopping_min_delta, number(early_stopping_min_delta)
+                                     and 0 <= early_stopping_min_delta < np.inf, "a finite number >= 0"),
+    }
+    for name, (value, valid, rule) in rules.items():
+        if not valid:
+            raise ValueError(f"{name} must be {rule}; got {value!r}.")
     device = resolve_device(device)
     rng = np.random.default_rng(seed)
     train_idx, val_idx = split_indices(len(data), train_size, rng)

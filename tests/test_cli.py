@@ -84,4 +84,7 @@ def test_analyze_command_and_its_errors(tmp_path, small_adata, capsys):
     assert main(["analyze", str(tmp_path / "nowhere"), "--groupby", "cell_type"]) == 2
     assert "pass --data" in capsys.readouterr().err
     assert main(["analyze", str(tmp_path / "run"), "--groupby", "cell_type", "--de", "cell_type"]) == 2
+    assert "already holds analysis outputs" in capsys.readouterr().err
+    assert main(["analyze", str(tmp_path / "run"), "--groupby", "cell_type", "--de", "cell_type", "--overwrite"]) == 2
     assert "not a sample-level covariate" in capsys.readouterr().err
+    assert (tmp_path / "run" / "de_summary.csv").is_file()  # the failed run left the earlier outputs

@@ -202,6 +202,7 @@ def test_bad_input(trained_model, sim_adata, tmp_path):
     with pytest.raises(ValueError, match="zarr_path stores the per-cell distances"):
         trained_model.get_local_sample_distances(groupby="cell_type", keep_cell=False, zarr_path=tmp_path / "x")
     (tmp_path / "taken.zarr").mkdir()
+    (tmp_path / "taken.zarr" / "notes.txt").write_text("not ours")
     with pytest.raises(ValueError, match="already exists"):
         trained_model.get_local_sample_distances(indices=CELLS, zarr_path=tmp_path / "taken.zarr")
     small = sim_adata[:60].copy()
