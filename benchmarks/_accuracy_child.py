@@ -113,7 +113,8 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     de = model.differential_expression(adata=adata_de, sample_cov_keys=[truth["de_covariate"]], store_lfc=True,
                                        mc_samples=args.mc_samples)
-    lfc = de["lfc"].sel(covariate=_single_covariate(de, truth["de_covariate"])).transpose("cell_name", "gene")
+    lfc = de["lfc"].sel(covariate=_single_covariate(de, truth["de_covariate"]), cell_name=list(adata_de.obs_names))
+    lfc = lfc.transpose("cell_name", "gene")
     in_de_type = (adata_de.obs["cell_type"] == truth["de_cell_type"]).to_numpy()
     mean_abs_lfc = np.abs(np.asarray(lfc.values)[in_de_type]).mean(axis=0)
     genes = np.asarray(lfc["gene"].values).astype(str)
@@ -121,14 +122,16 @@ def main(argv=None) -> int:
 
     start = time.perf_counter()
     null = model.differential_expression(adata=adata_de, sample_cov_keys=[truth["null_covariate"]], store_lfc=False)
-    null_pvalue = null["pvalue"].sel(covariate=_single_covariate(null, truth["null_covariate"])).values
+    null_pvalue = null["pvalue"].sel(covariate=_single_covariate(null, truth["null_covariate"]),
+                                     cell_name=list(adata_de.obs_names)).values
     seconds["de_null"] = time.perf_counter() - start
 
     start = time.perf_counter()
     da = model.differential_abundance(sample_cov_keys=[truth["da_covariate"]])
     log_probs = da[f"{truth['da_covariate']}_log_probs"]
     level_dim = truth["da_covariate"]
-    da_log_ratio = (log_probs.sel({level_dim: "disease"}) - log_probs.sel({level_dim: "healthy"})).values
+    log_ratio = log_probs.sel({level_dim: "disease"}) - log_probs.sel({level_dim: "healthy"})
+    da_log_ratio = log_ratio.sel(cell_name=list(adata.obs_names)).values
     seconds["da"] = time.perf_counter() - start
 
     np.savez(args.out, samples=samples, genes=genes, mean_abs_lfc=mean_abs_lfc, da_log_ratio=da_log_ratio,

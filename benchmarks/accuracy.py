@@ -33,6 +33,10 @@ scores both sides with the same code (:mod:`mrvi_pyro._metrics`, scipy):
     Calibration: share of cells with p < 0.05 from ``differential_expression`` on the null
     covariate (``age`` / ``null_group``, no effect); 0.05 is calibrated, more is anticonservative.
 
+The ``pseudobulk`` side trains nothing: it computes the same arrays from the counts with the truth's
+labels (pseudobulk distances and fold changes, PCA for u, kNN disease share for DA; see
+:func:`pseudobulk_arrays`), a positive control that shows how visible each planted effect is.
+
 Prints one row per run and side, then the medians over seeds side by side, and writes every
 row to ``--out`` (.json with the arguments; a .csv next to it).
 
@@ -132,12 +136,75 @@ def score(arrays, adata, knn_cells: np.ndarray) -> dict:
         "da_auroc": auroc(in_da_type, arrays["da_log_ratio"]),
         "batch_knn": knn_batch_accuracy(np.asarray(arrays["u"], dtype=np.float64)[knn_cells], batches[knn_cells]),
         "batch_chance": 1.0 / obs["batch"].nunique(),
-        "null_p05": float(np.mean(np.asarray(arrays["null_pvalue"]) < 0.05)),
+        "null_p05": float(np.mean(np.asarray(arrays["null_pvalue"]) < 0.05)) if "null_pvalue" in arrays else None,
     }
+
+
+def pseudobulk_arrays(adata, n_components: int = 10, n_neighbours: int = 30, chunk: int = 1024) -> dict:
+    """The arrays a child saves, computed from the counts with the truth's labels (no model).
+
+    A positive control of the instrument: it shows how much of each planted effect is visible
+    in the simulated counts at this size, so a model's figure can be read against it. Distances
+    are between per-sample pseudobulk means of log-normalised expression in the cell type;
+    |LFC| is the difference of the disease and healthy means of the per-sample pseudobulks
+    (natural log); u is the first ``n_components`` principal components (no batch correction);
+    the DA log-ratio is ``log`` of the disease share among a cell's ``n_neighbours`` nearest
+    cells in u over the healthy share (each relative to its total, +0.5 pseudo-counts). No null
+    p-values (``null_p05`` is left empty).
+    """
+    import scipy.sparse as sp
+
+    counts = adata.X.toarray() if sp.issparse(adata.X) else np.asarray(adata.X)
+    counts = counts.astype(np.float32)
+    values = np.log1p(1e4 * counts / counts.sum(axis=1, keepdims=True))
+    truth, obs = adata.uns["simulation"], adata.obs
+    samples = np.asarray(obs["sample"].cat.categories).astype(str)
+    sample_codes = obs["sample"].cat.codes.to_numpy()
+    disease = obs.groupby("sample", observed=False)["disease"].first().reindex(samples).astype(str).to_numpy()
+
+    def pseudobulk(cell_type):
+        of_type = (obs["cell_type"] == cell_type).to_numpy()
+        sums = np.zeros((len(samples), values.shape[1]))
+        np.add.at(sums, sample_codes[of_type], values[of_type])
+        present = np.bincount(sample_codes[of_type], minlength=len(samples))
+        return sums / np.maximum(present, 1)[:, None], present > 0
+
+    arrays = {"samples": samples, "genes": np.asarray(adata.var_names).astype(str)}
+    for name, key in (("distances_de", "de_cell_type"), ("distances_grouping", "grouping_cell_type")):
+        means, _ = pseudobulk(truth[key])
+        arrays[name] = np.linalg.norm(means[:, None] - means[None], axis=-1)
+    means, present = pseudobulk(truth["de_cell_type"])
+    is_disease = disease == "disease"
+    arrays["mean_abs_lfc"] = np.abs(means[present & is_disease].mean(0) - means[present & ~is_disease].mean(0))
+
+    centred = values - values.mean(axis=0)
+    _, eigenvectors = np.linalg.eigh(centred.T @ centred)
+    u = centred @ eigenvectors[:, ::-1][:, :n_components]
+    arrays["u"] = u
+    cell_disease = (obs["disease"] == "disease").to_numpy()
+    squared = (u**2).sum(axis=1)
+    log_ratio = np.empty(len(u))
+    for start in range(0, len(u), chunk):
+        rows = slice(start, start + chunk)
+        distances = squared[rows, None] + squared[None, :] - 2 * u[rows] @ u.T
+        neighbours = np.argpartition(distances, n_neighbours, axis=1)[:, :n_neighbours]
+        n_disease = cell_disease[neighbours].sum(axis=1)
+        log_ratio[rows] = (np.log((n_disease + 0.5) / cell_disease.sum())
+                           - np.log((n_neighbours - n_disease + 0.5) / (~cell_disease).sum()))
+    arrays["da_log_ratio"] = log_ratio
+    return arrays
 
 
 def run_side(side: str, data: Path, workdir: Path, seed: int, batch_size: int, args) -> tuple[dict, dict | None]:
     """Train and analyse one side in a fresh process; return its harness record and arrays."""
+    if side == "pseudobulk":
+        import time
+
+        import anndata
+
+        start = time.perf_counter()
+        arrays = pseudobulk_arrays(anndata.read_h5ad(data))
+        return {"wall_seconds": time.perf_counter() - start, "peak_rss_gb": None, "result": None}, arrays
     out = workdir / f"{data.stem}_{side}_b{batch_size}.npz"
     python = sys.executable if side == "ours" else args.reference_python
     command = [python, str(HERE / "_accuracy_child.py"), "--side", side, "--data", str(data), "--out", str(out),
@@ -203,7 +270,10 @@ def main(argv=None) -> int:
     parser.add_argument("--n-samples", type=int, default=24)
     parser.add_argument("--n-batches", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of every child (default 1)")
-    parser.add_argument("--sides", nargs="+", default=["ours", "reference"], choices=["ours", "reference"])
+    parser.add_argument("--sides", nargs="+", default=["ours", "reference", "pseudobulk"],
+                        choices=["ours", "reference", "pseudobulk"],
+                        help="pseudobulk: no model, the same metrics from pseudobulks/PCA of the counts "
+                             "(a positive control; see pseudobulk_arrays)")
     parser.add_argument("--reference-python", default=DEFAULT_REFERENCE)
     parser.add_argument("--de-cells", type=int, default=0,
                         help="run both DE calls on this many random cells, the same on both sides (0: all)")
@@ -236,6 +306,7 @@ def main(argv=None) -> int:
                                "peak_rss_gb": record["peak_rss_gb"], "failed": arrays is None}
                         if arrays is not None:
                             row.update(score(arrays, adata, knn_cells))
+                        if record["result"] is not None:
                             row["seconds"] = record["result"]["seconds"]
                             row["train_s"] = row["seconds"]["train"]
                         rows.append(row)
