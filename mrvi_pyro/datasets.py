@@ -36,8 +36,9 @@ each, or together half of them for more than 5 types; up by 2 natural-log units)
 within-type latent factor :math:`u_{nl} \\sim N(0, 1)` with loadings
 :math:`W_{klg} \\sim N(0, 0.25^2)`, a per-gene batch effect
 :math:`\\gamma_{bg} \\sim N(0, 0.4^2)`, and the planted sample-level effects
-:math:`\\delta_g` (DE) and :math:`\\epsilon_g` (hidden grouping), each :math:`\\pm`
-``de_log_fold_change`` on its own genes and 0 elsewhere. Counts are negative binomial,
+:math:`\\delta_g` (DE) and :math:`\\epsilon_g` (hidden grouping), :math:`\\pm`
+``de_log_fold_change`` and :math:`\\pm` ``group_log_fold_change`` on their own genes and 0
+elsewhere. Counts are negative binomial,
 
 .. math::
 
@@ -48,7 +49,10 @@ within-type latent factor :math:`u_{nl} \\sim N(0, 1)` with loadings
 drawn as a gamma-Poisson mixture, with library size
 :math:`\\ell_n = L\\,m_{b_n}\\exp(\\xi_n - 0.045)`, :math:`\\xi_n \\sim N(0, 0.3^2)` (so that
 :math:`E[\\ell_n] = L\\,m_{b_n}`), :math:`L` = ``mean_library_size`` and batch library
-multipliers :math:`m_b` spaced geometrically from 1 (``batch_0``) to 1.6 (last batch). A cell
+multipliers :math:`m_b` spaced geometrically from 1 (``batch_0``) to :math:`1.6^c` (last batch).
+The batch strength :math:`c` = ``batch_effect_scale`` (default 1) scales both batch effects on the
+log scale: :math:`\\gamma_{bg} \\sim N(0, (0.4 c)^2)` and :math:`\\log m_b` are multiplied by
+:math:`c`, so :math:`c = 0` gives batch-independent means. A cell
 whose counts are all zero gets one count on a uniformly chosen gene, so every cell has a total
 count of at least 1.
 
@@ -67,10 +71,11 @@ Planted truth
 2. Differential expression (DE): in ``type_0`` only, disease samples have ``n_de_genes`` genes
    shifted by :math:`\\pm` ``de_log_fold_change`` (natural log, half up, half down).
 3. Hidden grouping: in ``type_1`` only, samples of ``hidden_group`` B have ``n_group_genes``
-   other genes shifted by :math:`\\pm` ``de_log_fold_change`` (half up, half down).
+   other genes shifted by :math:`\\pm` ``group_log_fold_change`` (half up, half down).
 4. Differential abundance (DA): ``type_2`` has ``da_fold_change`` times the expected proportion
    (before renormalising) in disease samples.
-5. Batch nuisance: per-gene batch log effects and batch library-size multipliers.
+5. Batch nuisance: per-gene batch log effects and batch library-size multipliers, both scaled
+   on the log scale by ``batch_effect_scale``.
 6. ``age`` has no effect at all.
 
 DE genes, grouping genes and marker genes are pairwise disjoint. The planted log fold changes
@@ -88,8 +93,28 @@ it survives ``write_h5ad``):
 - Hidden grouping: ``grouping_cell_type`` (``"type_1"``), ``grouping_covariate``
   (``"hidden_group"``), ``grouping_genes`` and ``grouping_log_fold_changes``.
 - DA: ``da_cell_type`` (``"type_2"``), ``da_covariate`` (``"disease"``), ``da_fold_change``.
-- Batch nuisance: ``batch_library_multipliers`` (list of float, one per batch) and
-  ``batch_gene_effect_sd`` (float).
+- Batch nuisance: ``batch_library_multipliers`` (list of float, one per batch),
+  ``batch_gene_effect_sd`` (float) and ``batch_effect_scale`` (float).
+- ``preset`` (str): the effect-size preset the unset effect sizes were taken from.
+
+Effect-size presets
+-------------------
+``preset`` fills in every effect-size argument left at ``None``:
+
+========================  ==========  ========
+argument                  ``strong``  ``weak``
+========================  ==========  ========
+``de_log_fold_change``    1.5         0.5
+``n_de_genes``            20          30
+``group_log_fold_change`` 1.5         0.5
+``n_group_genes``         20          30
+``da_fold_change``        3.0         1.8
+``batch_effect_scale``    1.0         1.5
+========================  ==========  ========
+
+``strong`` (the default) is the data every earlier version simulated, bit for bit. ``weak`` has
+effects of the size a real cohort shows (a fold change of about 1.65 on 30 genes, 1.8x the
+abundance) under a stronger batch effect (per-gene log sd 0.6, library multipliers up to 2.0).
 - ``null_covariate`` (``"age"``).
 """
 
@@ -137,12 +162,32 @@ AGE_RANGE = (20.0, 80.0)
 CHUNK_ENTRIES = 2**21
 """Cells are generated in chunks of about this many (cell, gene) entries."""
 
+PRESETS = {
+    "strong": {
+        "de_log_fold_change": 1.5,
+        "n_de_genes": 20,
+        "group_log_fold_change": 1.5,
+        "n_group_genes": 20,
+        "da_fold_change": 3.0,
+        "batch_effect_scale": 1.0,
+    },
+    "weak": {
+        "de_log_fold_change": 0.5,
+        "n_de_genes": 30,
+        "group_log_fold_change": 0.5,
+        "n_group_genes": 30,
+        "da_fold_change": 1.8,
+        "batch_effect_scale": 1.5,
+    },
+}
+"""Effect sizes of the presets; ``simulate(preset=...)`` fills unset arguments from these."""
+
 _DESCRIPTION = (
     "Simulated negative binomial counts from {n_samples} samples in {n_batches} batches "
     "(sample i in batch i % n_batches) and {n_cell_types} cell types separated by marker genes "
     "(+{marker_lfc} natural log). DE: in {de_type} only, disease samples have {n_de} genes "
     "shifted by +/-{lfc} (natural log, disease vs healthy). Hidden grouping: in {group_type} "
-    "only, hidden_group B samples have {n_group} other genes shifted by +/-{lfc} (B vs A). "
+    "only, hidden_group B samples have {n_group} other genes shifted by +/-{group_lfc} (B vs A). "
     "DA: {da_type} has {da_fc}x the expected proportion in disease samples. Batch nuisance: "
     "per-gene log effects (sd {batch_sd}) and library multipliers {multipliers}. "
     "Null covariate: age (no effect). Cells with zero total count get one count on a random "
@@ -159,10 +204,13 @@ def simulate(
     *,
     seed: int = 0,
     sparse: bool = False,
-    de_log_fold_change: float = 1.5,
-    n_de_genes: int = 20,
-    n_group_genes: int = 20,
-    da_fold_change: float = 3.0,
+    preset: str = "strong",
+    de_log_fold_change: float | None = None,
+    n_de_genes: int | None = None,
+    group_log_fold_change: float | None = None,
+    n_group_genes: int | None = None,
+    da_fold_change: float | None = None,
+    batch_effect_scale: float | None = None,
     mean_library_size: float = 1500.0,
 ) -> anndata.AnnData:
     """Simulate multi-sample single-cell counts with planted sample-level effects.
@@ -188,14 +236,27 @@ def simulate(
     sparse
         Return ``X`` as a :class:`scipy.sparse.csr_matrix` instead of a dense array (same
         values for the same seed).
+    preset
+        ``"strong"`` or ``"weak"``: where every effect-size argument left at ``None`` takes its
+        value from (see :data:`PRESETS` and the module docstring).
     de_log_fold_change
-        Magnitude (natural log) of the DE and hidden-grouping shifts.
+        Magnitude (natural log) of the DE shifts; ``None``: the preset's (strong 1.5, weak 0.5).
     n_de_genes
-        Number of DE genes in ``type_0``.
+        Number of DE genes in ``type_0``; ``None``: the preset's (strong 20, weak 30).
+    group_log_fold_change
+        Magnitude (natural log) of the hidden-grouping shifts; ``None``: the preset's (strong
+        1.5, weak 0.5), except that when only ``de_log_fold_change`` is given it is used here
+        too (as before this argument existed).
     n_group_genes
-        Number of hidden-grouping genes in ``type_1``.
+        Number of hidden-grouping genes in ``type_1``; ``None``: the preset's (strong 20,
+        weak 30).
     da_fold_change
-        Multiplier of the expected ``type_2`` proportion in disease samples.
+        Multiplier of the expected ``type_2`` proportion in disease samples; ``None``: the
+        preset's (strong 3.0, weak 1.8).
+    batch_effect_scale
+        Batch strength :math:`c \\ge 0`: the per-gene batch log effects have sd :math:`0.4 c`
+        and the last batch's library multiplier is :math:`1.6^c`; 0 makes the expected counts
+        independent of the batch. ``None``: the preset's (strong 1.0, weak 1.5).
     mean_library_size
         Mean total count of a ``batch_0`` cell.
 
@@ -212,6 +273,24 @@ def simulate(
     ValueError
         If an argument is out of range or the genes cannot hold markers, DE and grouping genes.
     """
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}.")
+    if group_log_fold_change is None and de_log_fold_change is not None:
+        group_log_fold_change = de_log_fold_change
+    effects = {
+        name: PRESETS[preset][name] if value is None else value
+        for name, value in {
+            "de_log_fold_change": de_log_fold_change,
+            "n_de_genes": n_de_genes,
+            "group_log_fold_change": group_log_fold_change,
+            "n_group_genes": n_group_genes,
+            "da_fold_change": da_fold_change,
+            "batch_effect_scale": batch_effect_scale,
+        }.items()
+    }
+    de_log_fold_change, n_de_genes = effects["de_log_fold_change"], effects["n_de_genes"]
+    group_log_fold_change, n_group_genes = effects["group_log_fold_change"], effects["n_group_genes"]
+    da_fold_change, batch_effect_scale = effects["da_fold_change"], effects["batch_effect_scale"]
     n_markers_per_type = max(1, n_genes // max(10, 2 * n_cell_types))
     _validate_arguments(
         n_cells=n_cells,
@@ -222,8 +301,10 @@ def simulate(
         seed=seed,
         de_log_fold_change=de_log_fold_change,
         n_de_genes=n_de_genes,
+        group_log_fold_change=group_log_fold_change,
         n_group_genes=n_group_genes,
         da_fold_change=da_fold_change,
+        batch_effect_scale=batch_effect_scale,
         mean_library_size=mean_library_size,
         n_markers_per_type=n_markers_per_type,
     )
@@ -241,7 +322,7 @@ def simulate(
         gene_order[first_free + n_de_genes : first_free + n_de_genes + n_group_genes]
     )
     de_shifts = de_log_fold_change * _balanced_signs(n_de_genes, rng)
-    group_shifts = de_log_fold_change * _balanced_signs(n_group_genes, rng)
+    group_shifts = group_log_fold_change * _balanced_signs(n_group_genes, rng)
 
     baseline_log_mean = rng.normal(0.0, BASELINE_LOG_MEAN_SD, size=n_genes)
     type_log_mean = np.tile(baseline_log_mean, (n_cell_types, 1))
@@ -250,8 +331,9 @@ def simulate(
     latent_loadings = rng.normal(
         0.0, LATENT_LOADING_SD, size=(n_cell_types, N_LATENT_FACTORS, n_genes)
     )
-    batch_gene_effect = rng.normal(0.0, BATCH_GENE_EFFECT_SD, size=(n_batches, n_genes))
-    batch_library_multipliers = MAX_BATCH_LIBRARY_MULTIPLIER ** (
+    batch_gene_effect_sd = BATCH_GENE_EFFECT_SD * batch_effect_scale
+    batch_gene_effect = rng.normal(0.0, batch_gene_effect_sd, size=(n_batches, n_genes))
+    batch_library_multipliers = (MAX_BATCH_LIBRARY_MULTIPLIER**batch_effect_scale) ** (
         np.arange(n_batches) / max(n_batches - 1, 1)
     )
     inverse_dispersion = np.exp(
@@ -349,11 +431,12 @@ def simulate(
             de_type="type_0",
             n_de=n_de_genes,
             lfc=float(de_log_fold_change),
+            group_lfc=float(group_log_fold_change),
             group_type="type_1",
             n_group=n_group_genes,
             da_type="type_2",
             da_fc=float(da_fold_change),
-            batch_sd=BATCH_GENE_EFFECT_SD,
+            batch_sd=batch_gene_effect_sd,
             multipliers=[round(float(m), 3) for m in batch_library_multipliers],
         ),
         "seed": int(seed),
@@ -374,8 +457,10 @@ def simulate(
         "da_covariate": "disease",
         "da_fold_change": float(da_fold_change),
         "batch_library_multipliers": [float(m) for m in batch_library_multipliers],
-        "batch_gene_effect_sd": BATCH_GENE_EFFECT_SD,
+        "batch_gene_effect_sd": float(batch_gene_effect_sd),
+        "batch_effect_scale": float(batch_effect_scale),
         "null_covariate": "age",
+        "preset": preset,
     }
     return adata
 
@@ -390,8 +475,10 @@ def _validate_arguments(
     seed,
     de_log_fold_change,
     n_de_genes,
+    group_log_fold_change,
     n_group_genes,
     da_fold_change,
+    batch_effect_scale,
     mean_library_size,
     n_markers_per_type,
 ) -> None:
@@ -440,7 +527,9 @@ def _validate_arguments(
         )
     reals = {
         "de_log_fold_change": de_log_fold_change,
+        "group_log_fold_change": group_log_fold_change,
         "da_fold_change": da_fold_change,
+        "batch_effect_scale": batch_effect_scale,
         "mean_library_size": mean_library_size,
     }
     for name, value in reals.items():
@@ -448,10 +537,15 @@ def _validate_arguments(
             raise ValueError(f"{name} must be a real number, got {value!r}.")
         if not np.isfinite(value):
             raise ValueError(f"{name} must be finite, got {value}.")
-    if de_log_fold_change < 0:
+    for name in ("de_log_fold_change", "group_log_fold_change"):
+        if reals[name] < 0:
+            raise ValueError(
+                f"{name} is a magnitude and must be non-negative, got {reals[name]}."
+            )
+    if batch_effect_scale < 0:
         raise ValueError(
-            f"de_log_fold_change is a magnitude and must be non-negative, got "
-            f"{de_log_fold_change}."
+            f"batch_effect_scale must be non-negative (0: no batch effect, 1: the default "
+            f"strength), got {batch_effect_scale}."
         )
     if da_fold_change <= 0:
         raise ValueError(f"da_fold_change must be positive, got {da_fold_change}.")

@@ -1,12 +1,14 @@
 """Tests of :mod:`mrvi_pyro.datasets`: the simulated counts carry the documented planted truth."""
 
+import hashlib
+
 import anndata
 import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from mrvi_pyro.datasets import simulate
+from mrvi_pyro.datasets import PRESETS, simulate
 
 SAMPLE_LEVEL_COLUMNS = ["batch", "disease", "hidden_group", "age"]
 
@@ -201,6 +203,81 @@ def test_truth_survives_h5ad_round_trip(adata, tmp_path):
     pd.testing.assert_frame_equal(loaded.obs, adata.obs)
 
 
+def test_default_data_unchanged_by_the_effect_size_knobs():
+    # Counts written by the simulator before presets and batch strength existed.
+    adata = simulate(n_cells=240, n_genes=80, n_samples=4, seed=0)
+    digest = hashlib.sha256(adata.X.tobytes()).hexdigest()
+    assert digest == "74977d27cb6d83a624ca5c69bddbba1a646ef57d698cb31c9989365974f34bb3"
+    truth = adata.uns["simulation"]
+    assert truth["preset"] == "strong" and truth["batch_effect_scale"] == 1.0
+
+
+def test_weak_preset_sets_the_documented_effect_sizes():
+    truth = simulate(n_cells=600, n_genes=300, preset="weak", seed=0).uns["simulation"]
+    assert PRESETS["weak"]["de_log_fold_change"] == 0.5
+    assert len(truth["de_genes"]) == 30 and len(truth["grouping_genes"]) == 30
+    assert np.allclose(np.abs(truth["de_log_fold_changes"]), 0.5)
+    assert np.allclose(np.abs(truth["grouping_log_fold_changes"]), 0.5)
+    assert truth["da_fold_change"] == 1.8 and truth["preset"] == "weak"
+    assert truth["batch_gene_effect_sd"] == pytest.approx(0.6)
+    assert truth["batch_library_multipliers"] == pytest.approx([1.0, 1.6**1.5])
+    overridden = simulate(n_cells=600, n_genes=300, preset="weak", n_de_genes=10, seed=0)
+    assert len(overridden.uns["simulation"]["de_genes"]) == 10
+
+
+def test_group_shift_is_separate_and_follows_de_shift_by_default():
+    follows = simulate(de_log_fold_change=0.75, seed=0).uns["simulation"]
+    assert np.allclose(np.abs(follows["grouping_log_fold_changes"]), 0.75)
+    separate = simulate(de_log_fold_change=0.75, group_log_fold_change=0.0, seed=0)
+    truth = separate.uns["simulation"]
+    assert np.allclose(np.abs(truth["de_log_fold_changes"]), 0.75)
+    assert np.allclose(truth["grouping_log_fold_changes"], 0.0)
+    counts = np.asarray(separate.X, dtype=np.float64)
+    log_normalised = np.log1p(1e4 * counts / counts.sum(axis=1, keepdims=True))
+    genes = truth["grouping_genes"]
+    unshifted = mean_difference(separate, log_normalised, "type_1", "hidden_group", "B", genes)
+    assert np.mean(np.abs(unshifted)) < 0.25
+
+
+def test_effect_size_scales_the_planted_shift():
+    shifts = {}
+    for lfc in (0.75, 1.5):
+        adata = simulate(de_log_fold_change=lfc, seed=5)
+        counts = np.asarray(adata.X, dtype=np.float64)
+        log_normalised = np.log1p(1e4 * counts / counts.sum(axis=1, keepdims=True))
+        truth = adata.uns["simulation"]
+        signs = np.sign(truth["de_log_fold_changes"])
+        difference = mean_difference(
+            adata, log_normalised, "type_0", "disease", "disease", truth["de_genes"]
+        )
+        shifts[lfc] = np.mean(difference * signs)
+    assert shifts[0.75] > 0.3
+    assert shifts[1.5] / shifts[0.75] == pytest.approx(2.0, rel=0.3)
+
+
+def test_batch_strength_zero_makes_means_batch_independent():
+    def batch_gap(scale):
+        adata = simulate(n_cells=4000, batch_effect_scale=scale, seed=2)
+        counts = np.asarray(adata.X, dtype=np.float64)
+        totals = counts.sum(axis=1)
+        is_batch_1 = (adata.obs["batch"] == "batch_1").to_numpy()
+        library_ratio = totals[is_batch_1].mean() / totals[~is_batch_1].mean()
+        log_normalised = np.log1p(1e4 * counts / totals[:, None])
+        of_type = (adata.obs["cell_type"] == "type_3").to_numpy()
+        gene_gap = log_normalised[of_type & is_batch_1].mean(0) - log_normalised[
+            of_type & ~is_batch_1
+        ].mean(0)
+        return adata.uns["simulation"], library_ratio, np.mean(np.abs(gene_gap))
+
+    truth, library_ratio, gene_gap = batch_gap(0.0)
+    assert truth["batch_library_multipliers"] == [1.0, 1.0]
+    assert truth["batch_gene_effect_sd"] == 0.0
+    assert library_ratio == pytest.approx(1.0, abs=0.05)
+    _, default_ratio, default_gap = batch_gap(1.0)
+    assert default_ratio == pytest.approx(1.6, rel=0.1)
+    assert gene_gap < 0.25 * default_gap
+
+
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
@@ -217,6 +294,10 @@ def test_truth_survives_h5ad_round_trip(adata, tmp_path):
         ({"da_fold_change": 0.0}, "da_fold_change must be positive"),
         ({"mean_library_size": float("nan")}, "mean_library_size must be finite"),
         ({"mean_library_size": -5.0}, "mean_library_size must be positive"),
+        ({"preset": "medium"}, "preset must be one of \\['strong', 'weak'\\]"),
+        ({"group_log_fold_change": -0.5}, "group_log_fold_change is a magnitude"),
+        ({"batch_effect_scale": -1.0}, "batch_effect_scale must be non-negative"),
+        ({"batch_effect_scale": "big"}, "batch_effect_scale must be a real number"),
     ],
 )
 def test_invalid_arguments_raise(arguments, message):

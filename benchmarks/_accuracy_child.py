@@ -1,0 +1,145 @@
+"""One side of the accuracy benchmark: train one model on an .h5ad and save the raw outputs.
+
+Run by ``benchmarks/accuracy.py`` in a fresh process, with the project's Python for
+``--side ours`` (mrvi_pyro) or with the scvi-tools Python for ``--side reference``
+(``scvi.external.MRVI``, torch backend). Both sides call the same public methods with the
+same arguments, so this one script serves both; it imports only numpy, anndata and the side's
+package, plus ``_harness`` (stdlib). It computes no metric: it saves arrays to ``--out`` (.npz)
+and ``accuracy.py`` scores both sides with the same code (``mrvi_pyro._metrics``).
+
+Saved arrays
+------------
+``samples`` (S,) sample names, the order of the distance matrices' axes;
+``distances_de`` and ``distances_grouping`` (S, S): ``get_local_sample_distances(
+groupby="cell_type", keep_cell=False)`` in the DE cell type and in the hidden-grouping cell type;
+``genes`` (G,) and ``mean_abs_lfc`` (G,): ``differential_expression(sample_cov_keys=[
+de_covariate], store_lfc=True)``, |lfc| averaged over the DE cell type's cells (of the DE cell
+subset); ``da_log_ratio`` (N,): ``differential_abundance(sample_cov_keys=[de_covariate])``,
+``log p(disease) - log p(healthy)`` per cell; ``u`` (N, L_u): ``get_latent_representation()``;
+``null_pvalue`` (n,): ``differential_expression(sample_cov_keys=[null_covariate])`` p-values of the
+DE cell subset; ``de_cells`` (n,) the indices of that subset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+
+
+def _single_covariate(dataset, key: str):
+    """The one ``covariate`` coordinate of a DE result on a single binary or numeric key."""
+    names = [str(c) for c in dataset["covariate"].values]
+    matching = [c for c in names if c.startswith(key)]
+    if len(matching) != 1:
+        raise RuntimeError(f"expected one covariate column for {key!r}, got {names}")
+    return matching[0]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--side", required=True, choices=("ours", "reference"))
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--out", required=True, help=".npz path for the arrays")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--de-cells", type=int, default=0, help="DE on this many random cells (0: all)")
+    parser.add_argument("--mc-samples", type=int, default=50)
+    args = parser.parse_args(argv)
+
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    warnings.filterwarnings("ignore")
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _harness import emit_result
+
+    import anndata
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(args.threads)
+    adata = anndata.read_h5ad(args.data)
+    truth = adata.uns["simulation"]
+    seconds = {}
+
+    start = time.perf_counter()
+    if args.side == "ours":
+        import mrvi_pyro
+        from mrvi_pyro import MRVI
+
+        seconds["package"] = mrvi_pyro.__file__
+        MRVI.setup_anndata(adata, sample_key="sample", batch_key="batch")
+        model = MRVI(adata, seed=args.seed)
+        model.train(max_epochs=args.epochs, batch_size=args.batch_size, train_size=0.9,
+                    early_stopping=False, seed=args.seed, progress_bar=False)
+    else:
+        import logging
+
+        import scvi
+        from scvi.external import MRVI
+
+        seconds["package"] = f"scvi-tools {scvi.__version__}"
+        logging.getLogger("scvi").setLevel(logging.WARNING)
+        for name in ("lightning", "lightning.pytorch", "pytorch_lightning"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+        scvi.settings.seed = args.seed
+        MRVI.setup_anndata(adata, sample_key="sample", batch_key="batch", backend="torch")
+        model = MRVI(adata)
+        model.train(max_epochs=args.epochs, batch_size=args.batch_size, train_size=0.9,
+                    early_stopping=False, accelerator="cpu", devices=1, enable_progress_bar=False)
+    seconds["train"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    grouped = model.get_local_sample_distances(groupby="cell_type", keep_cell=False)["cell_type"]
+    samples = np.asarray(grouped["sample_x"].values).astype(str)
+    distances = {
+        name: grouped.sel(cell_type_name=truth[key]).transpose("sample_x", "sample_y").values
+        for name, key in (("distances_de", "de_cell_type"), ("distances_grouping", "grouping_cell_type"))
+    }
+    seconds["distances"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    u = model.get_latent_representation()
+    seconds["latent"] = time.perf_counter() - start
+
+    de_cells = np.arange(adata.n_obs)
+    if 0 < args.de_cells < adata.n_obs:
+        de_cells = np.sort(np.random.default_rng(args.seed).choice(adata.n_obs, args.de_cells, replace=False))
+    adata_de = adata if len(de_cells) == adata.n_obs else adata[de_cells].copy()
+    start = time.perf_counter()
+    de = model.differential_expression(adata=adata_de, sample_cov_keys=[truth["de_covariate"]], store_lfc=True,
+                                       mc_samples=args.mc_samples)
+    lfc = de["lfc"].sel(covariate=_single_covariate(de, truth["de_covariate"]), cell_name=list(adata_de.obs_names))
+    lfc = lfc.transpose("cell_name", "gene")
+    in_de_type = (adata_de.obs["cell_type"] == truth["de_cell_type"]).to_numpy()
+    mean_abs_lfc = np.abs(np.asarray(lfc.values)[in_de_type]).mean(axis=0)
+    genes = np.asarray(lfc["gene"].values).astype(str)
+    seconds["de"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    null = model.differential_expression(adata=adata_de, sample_cov_keys=[truth["null_covariate"]], store_lfc=False)
+    null_pvalue = null["pvalue"].sel(covariate=_single_covariate(null, truth["null_covariate"]),
+                                     cell_name=list(adata_de.obs_names)).values
+    seconds["de_null"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    da = model.differential_abundance(sample_cov_keys=[truth["da_covariate"]])
+    log_probs = da[f"{truth['da_covariate']}_log_probs"]
+    level_dim = truth["da_covariate"]
+    log_ratio = log_probs.sel({level_dim: "disease"}) - log_probs.sel({level_dim: "healthy"})
+    da_log_ratio = log_ratio.sel(cell_name=list(adata.obs_names)).values
+    seconds["da"] = time.perf_counter() - start
+
+    np.savez(args.out, samples=samples, genes=genes, mean_abs_lfc=mean_abs_lfc, da_log_ratio=da_log_ratio,
+             u=np.asarray(u), null_pvalue=np.asarray(null_pvalue), de_cells=de_cells, **distances)
+    emit_result({"side": args.side, "seconds": seconds, "torch_threads": torch.get_num_threads(),
+                 "argv": json.dumps(vars(args))})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,336 @@
+"""Accuracy of mrvi_pyro side by side with scvi-tools' MRVI, across simulators, effect sizes and seeds.
+
+For every simulator (``datasets``: :func:`mrvi_pyro.datasets.simulate`; ``programs``: the
+independent gene-program simulator in ``_independent_sim.py``), preset (``weak``, ``strong``)
+and seed, one .h5ad is simulated and BOTH implementations are trained on that same file, each
+in a fresh process (``_accuracy_child.py``: ours with this Python, the reference with
+``--reference-python``, torch backend), with the same epochs, batch size, 90/10 split, no early
+stopping, ``--threads`` torch threads and the seed. The children save raw arrays; this process
+scores both sides with the same code (:mod:`mrvi_pyro._metrics`, scipy):
+
+``cov_auroc``
+    Covariate-driven pair AUROC: in the DE cell type, the sample x sample distance matrix of
+    ``get_local_sample_distances(groupby="cell_type", keep_cell=False)``; every unordered pair of
+    samples is labelled 1 when their disease status differs; AUROC of the distance. 0.5 = chance.
+``hidden_auroc``, ``hidden_ari``
+    The same in the hidden-grouping cell type with label "different hidden group" (a grouping no
+    model is told about); and the adjusted Rand index of a 2-cluster cut of the samples
+    (scipy average-linkage hierarchical clustering of that distance matrix) against the groups.
+``gene_auroc``
+    Planted-gene AUROC: ``differential_expression(sample_cov_keys=["disease"],
+    store_lfc=True)``; mean |LFC| over the DE cell type's cells per gene; AUROC of the planted DE
+    genes against all other genes.
+``da_auroc``
+    Cell-level AUROC of the disease log-ratio of ``differential_abundance(sample_cov_keys=
+    ["disease"])`` (``log p(disease) - log p(healthy)`` of the ``disease_log_probs``) separating
+    the DA cell type's cells from the others.
+``batch_knn``
+    Batch accuracy of a leave-one-out 15-nearest-neighbour majority vote in u
+    (``get_latent_representation()``, Euclidean) on a random subset of at most ``--knn-cells``
+    cells (the same subset for both sides); chance is 1 / n_batches (``batch_chance``); lower is
+    better mixed.
+``null_p05``
+    Calibration: share of cells with p < 0.05 from ``differential_expression`` on the null
+    covariate (``age`` / ``null_group``, no effect); 0.05 is calibrated, more is anticonservative.
+
+The ``pseudobulk`` side trains nothing: it computes the same arrays from the counts with the truth's
+labels (pseudobulk distances and fold changes, PCA for u, kNN disease share for DA; see
+:func:`pseudobulk_arrays`), a positive control that shows how visible each planted effect is.
+
+Prints one row per run and side, then the medians over seeds side by side, and writes every
+row to ``--out`` (.json with the arguments; a .csv next to it).
+
+    python benchmarks/accuracy.py --out results/accuracy.json                  # the full sweep
+    python benchmarks/accuracy.py --n-cells 3000 --n-genes 300 --n-samples 12 --epochs 20 \\
+        --seeds 0 --out /tmp/accuracy_small.json                               # a quick check
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REPOSITORY = HERE.parent
+# This checkout's mrvi_pyro, not whichever copy the interpreter has installed.
+sys.path[:0] = [str(HERE), str(REPOSITORY)]
+import _harness  # noqa: E402
+
+DEFAULT_REFERENCE = "/work/refenv/bin/python"
+METRICS = ("cov_auroc", "hidden_auroc", "hidden_ari", "gene_auroc", "da_auroc", "batch_knn", "null_p05")
+KNN_NEIGHBOURS = 15
+
+
+def simulate(simulator: str, preset: str, seed: int, args: argparse.Namespace):
+    """Simulate one cohort (sparse counts) with either simulator."""
+    if simulator == "datasets":
+        from mrvi_pyro import datasets
+
+        return datasets.simulate(n_cells=args.n_cells, n_genes=args.n_genes, n_samples=args.n_samples,
+                                 n_batches=args.n_batches, seed=seed, preset=preset, sparse=True)
+    import _independent_sim
+
+    return _independent_sim.simulate_programs(n_cells=args.n_cells, n_genes=args.n_genes, n_samples=args.n_samples,
+                                              n_batches=args.n_batches, seed=seed, preset=preset, sparse=True)
+
+
+def pair_auroc(distances: np.ndarray, sample_labels: np.ndarray) -> float:
+    """AUROC of the distance of every unordered sample pair for "labels differ"."""
+    upper = np.triu_indices(len(sample_labels), k=1)
+    differ = sample_labels[upper[0]] != sample_labels[upper[1]]
+    from mrvi_pyro._metrics import auroc
+
+    return auroc(differ, distances[upper])
+
+
+def two_cluster_ari(distances: np.ndarray, sample_labels: np.ndarray) -> float:
+    """ARI of an average-linkage 2-cluster cut of the samples against ``sample_labels``."""
+    from scipy.cluster.hierarchy import fcluster, linkage
+    from scipy.spatial.distance import squareform
+
+    from mrvi_pyro._metrics import adjusted_rand_index
+
+    symmetric = (distances + distances.T) / 2
+    np.fill_diagonal(symmetric, 0.0)
+    clusters = fcluster(linkage(squareform(symmetric, checks=False), method="average"), 2, criterion="maxclust")
+    return adjusted_rand_index(clusters, sample_labels)
+
+
+def knn_batch_accuracy(u: np.ndarray, batches: np.ndarray, k: int = KNN_NEIGHBOURS) -> float:
+    """Leave-one-out accuracy of a k-nearest-neighbour majority vote (ties: lowest code)."""
+    squared = (u**2).sum(axis=1)
+    distances = squared[:, None] + squared[None, :] - 2 * u @ u.T
+    np.fill_diagonal(distances, np.inf)
+    neighbours = np.argpartition(distances, k, axis=1)[:, :k]
+    codes, batch_codes = np.unique(batches, return_inverse=True)
+    votes = np.zeros((len(u), len(codes)))
+    np.add.at(votes, (np.repeat(np.arange(len(u)), k), batch_codes[neighbours].ravel()), 1.0)
+    return float(np.mean(votes.argmax(axis=1) == batch_codes))
+
+
+def score(arrays, adata, knn_cells: np.ndarray) -> dict:
+    """All metrics of one side from its saved arrays and the simulated truth."""
+    from mrvi_pyro._metrics import auroc
+
+    truth, obs = adata.uns["simulation"], adata.obs
+    per_sample = obs.groupby("sample", observed=True)[["disease", "hidden_group"]].first()
+    per_sample = per_sample.reindex(arrays["samples"])
+    disease = per_sample["disease"].astype(str).to_numpy()
+    hidden = per_sample["hidden_group"].astype(str).to_numpy()
+    planted = np.isin(arrays["genes"], truth["de_genes"])
+    in_da_type = (obs["cell_type"] == truth["da_cell_type"]).to_numpy()
+    batches = obs["batch"].astype(str).to_numpy()
+    return {
+        "cov_auroc": pair_auroc(arrays["distances_de"], disease),
+        "hidden_auroc": pair_auroc(arrays["distances_grouping"], hidden),
+        "hidden_ari": two_cluster_ari(arrays["distances_grouping"], hidden),
+        "gene_auroc": auroc(planted, arrays["mean_abs_lfc"]),
+        "da_auroc": auroc(in_da_type, arrays["da_log_ratio"]),
+        "batch_knn": knn_batch_accuracy(np.asarray(arrays["u"], dtype=np.float64)[knn_cells], batches[knn_cells]),
+        "batch_chance": 1.0 / obs["batch"].nunique(),
+        "null_p05": float(np.mean(np.asarray(arrays["null_pvalue"]) < 0.05)) if "null_pvalue" in arrays else None,
+    }
+
+
+def pseudobulk_arrays(adata, n_components: int = 10, n_neighbours: int = 30, chunk: int = 1024) -> dict:
+    """The arrays a child saves, computed from the counts with the truth's labels (no model).
+
+    A positive control of the instrument: it shows how much of each planted effect is visible
+    in the simulated counts at this size, so a model's figure can be read against it. Distances
+    are between per-sample pseudobulk means of log-normalised expression in the cell type;
+    |LFC| is the difference of the disease and healthy means of the per-sample pseudobulks
+    (natural log); u is the first ``n_components`` principal components (no batch correction);
+    the DA log-ratio is ``log`` of the disease share among a cell's ``n_neighbours`` nearest
+    cells in u over the healthy share (each relative to its total, +0.5 pseudo-counts). No null
+    p-values (``null_p05`` is left empty).
+    """
+    import scipy.sparse as sp
+
+    counts = adata.X.toarray() if sp.issparse(adata.X) else np.asarray(adata.X)
+    counts = counts.astype(np.float32)
+    values = np.log1p(1e4 * counts / counts.sum(axis=1, keepdims=True))
+    truth, obs = adata.uns["simulation"], adata.obs
+    samples = np.asarray(obs["sample"].cat.categories).astype(str)
+    sample_codes = obs["sample"].cat.codes.to_numpy()
+    disease = obs.groupby("sample", observed=False)["disease"].first().reindex(samples).astype(str).to_numpy()
+
+    def pseudobulk(cell_type):
+        of_type = (obs["cell_type"] == cell_type).to_numpy()
+        sums = np.zeros((len(samples), values.shape[1]))
+        np.add.at(sums, sample_codes[of_type], values[of_type])
+        present = np.bincount(sample_codes[of_type], minlength=len(samples))
+        return sums / np.maximum(present, 1)[:, None], present > 0
+
+    arrays = {"samples": samples, "genes": np.asarray(adata.var_names).astype(str)}
+    for name, key in (("distances_de", "de_cell_type"), ("distances_grouping", "grouping_cell_type")):
+        means, _ = pseudobulk(truth[key])
+        arrays[name] = np.linalg.norm(means[:, None] - means[None], axis=-1)
+    means, present = pseudobulk(truth["de_cell_type"])
+    is_disease = disease == "disease"
+    arrays["mean_abs_lfc"] = np.abs(means[present & is_disease].mean(0) - means[present & ~is_disease].mean(0))
+
+    centred = values - values.mean(axis=0)
+    _, eigenvectors = np.linalg.eigh(centred.T @ centred)
+    u = centred @ eigenvectors[:, ::-1][:, :n_components]
+    arrays["u"] = u
+    cell_disease = (obs["disease"] == "disease").to_numpy()
+    squared = (u**2).sum(axis=1)
+    log_ratio = np.empty(len(u))
+    for start in range(0, len(u), chunk):
+        rows = slice(start, start + chunk)
+        distances = squared[rows, None] + squared[None, :] - 2 * u[rows] @ u.T
+        neighbours = np.argpartition(distances, n_neighbours, axis=1)[:, :n_neighbours]
+        n_disease = cell_disease[neighbours].sum(axis=1)
+        log_ratio[rows] = (np.log((n_disease + 0.5) / cell_disease.sum())
+                           - np.log((n_neighbours - n_disease + 0.5) / (~cell_disease).sum()))
+    arrays["da_log_ratio"] = log_ratio
+    return arrays
+
+
+def run_side(side: str, data: Path, workdir: Path, seed: int, batch_size: int, args) -> tuple[dict, dict | None]:
+    """Train and analyse one side in a fresh process; return its harness record and arrays."""
+    if side == "pseudobulk":
+        import time
+
+        import anndata
+
+        start = time.perf_counter()
+        arrays = pseudobulk_arrays(anndata.read_h5ad(data))
+        return {"wall_seconds": time.perf_counter() - start, "peak_rss_gb": None, "result": None}, arrays
+    out = workdir / f"{data.stem}_{side}_b{batch_size}.npz"
+    python = sys.executable if side == "ours" else args.reference_python
+    command = [python, str(HERE / "_accuracy_child.py"), "--side", side, "--data", str(data), "--out", str(out),
+               "--seed", seed, "--epochs", args.epochs, "--batch-size", batch_size, "--threads", args.threads,
+               "--de-cells", args.de_cells, "--mc-samples", args.mc_samples]
+    env = {"OMP_NUM_THREADS": args.threads, "MKL_NUM_THREADS": args.threads}
+    if side == "ours":
+        env["PYTHONPATH"] = os.pathsep.join([str(REPOSITORY), os.environ.get("PYTHONPATH", "")])
+    record = _harness.run_command(command, timeout=args.timeout, extra_env=env)
+    if record["returncode"] != 0 or record["result"] is None or not out.exists():
+        print(f"  {side} failed (rc={record['returncode']}, timed_out={record['timed_out']}):\n"
+              f"{record['stderr'][-2000:]}", file=sys.stderr)
+        return record, None
+    arrays = dict(np.load(out))
+    if not args.keep_data:
+        out.unlink()
+    return record, arrays
+
+
+def format_rows(rows: list[dict], keys: list[str]) -> str:
+    """A fixed-width text table of ``rows`` over ``keys``."""
+    def cell(value):
+        if isinstance(value, float):
+            return "-" if value != value else f"{value:.3f}" if abs(value) < 100 else f"{value:.0f}"
+        return "-" if value is None else str(value)
+
+    body = [[cell(row.get(key)) for key in keys] for row in rows]
+    widths = [max(len(key), *(len(line[i]) for line in body)) for i, key in enumerate(keys)]
+    lines = ["  ".join(key.rjust(w) for key, w in zip(keys, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(value.rjust(w) for value, w in zip(line, widths)) for line in body]
+    return "\n".join(lines)
+
+
+def medians(rows: list[dict]) -> list[dict]:
+    """Median of every metric over seeds, per (simulator, preset, batch size, side)."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["simulator"], row["preset"], row["batch_size"], row["side"]), []).append(row)
+    out = []
+    for (simulator, preset, batch_size, side), group in groups.items():
+        summary = {"simulator": simulator, "preset": preset, "batch_size": batch_size, "side": side,
+                   "n_seeds": len(group)}
+        for key in (*METRICS, "train_s", "total_s"):
+            values = [row[key] for row in group if row.get(key) is not None]
+            summary[key] = statistics.median(values) if values else None
+        out.append(summary)
+    return out
+
+
+ROW_KEYS = ["simulator", "preset", "seed", "batch_size", "side", *METRICS, "batch_chance", "train_s", "total_s"]
+MEDIAN_KEYS = ["simulator", "preset", "batch_size", "side", "n_seeds", *METRICS, "train_s", "total_s"]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--simulators", nargs="+", default=["datasets", "programs"], choices=["datasets", "programs"])
+    parser.add_argument("--presets", nargs="+", default=["weak", "strong"], choices=["weak", "strong"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[256], help="training batch sizes (e.g. 128 256)")
+    parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--n-cells", type=int, default=12_000)
+    parser.add_argument("--n-genes", type=int, default=1_000)
+    parser.add_argument("--n-samples", type=int, default=24)
+    parser.add_argument("--n-batches", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of every child (default 1)")
+    parser.add_argument("--sides", nargs="+", default=["ours", "reference", "pseudobulk"],
+                        choices=["ours", "reference", "pseudobulk"],
+                        help="pseudobulk: no model, the same metrics from pseudobulks/PCA of the counts "
+                             "(a positive control; see pseudobulk_arrays)")
+    parser.add_argument("--reference-python", default=DEFAULT_REFERENCE)
+    parser.add_argument("--de-cells", type=int, default=0,
+                        help="run both DE calls on this many random cells, the same on both sides (0: all)")
+    parser.add_argument("--mc-samples", type=int, default=50, help="DE mc_samples on both sides")
+    parser.add_argument("--knn-cells", type=int, default=3_000, help="cells of the batch kNN subsample")
+    parser.add_argument("--timeout", type=float, default=4 * 3600.0, help="seconds per child")
+    parser.add_argument("--workdir", default=None, help="where the .h5ad/.npz files go (default: a temp dir)")
+    parser.add_argument("--keep-data", action="store_true")
+    parser.add_argument("--out", required=True, help="results .json (a .csv is written next to it)")
+    args = parser.parse_args(argv)
+    if "reference" in args.sides and not os.path.exists(args.reference_python):
+        parser.error(f"--reference-python {args.reference_python} does not exist; pass it or --sides ours")
+
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="mrvi_accuracy_"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    for simulator in args.simulators:
+        for preset in args.presets:
+            for seed in args.seeds:
+                adata = simulate(simulator, preset, seed, args)
+                data = workdir / f"{simulator}_{preset}_seed{seed}.h5ad"
+                adata.write_h5ad(data)
+                knn_cells = np.sort(np.random.default_rng(seed).choice(
+                    adata.n_obs, min(args.knn_cells, adata.n_obs), replace=False))
+                for batch_size in args.batch_sizes:
+                    for side in args.sides:
+                        record, arrays = run_side(side, data, workdir, seed, batch_size, args)
+                        row = {"simulator": simulator, "preset": preset, "seed": seed, "batch_size": batch_size,
+                               "side": side, "total_s": record["wall_seconds"],
+                               "peak_rss_gb": record["peak_rss_gb"], "failed": arrays is None}
+                        if arrays is not None:
+                            row.update(score(arrays, adata, knn_cells))
+                        if record["result"] is not None:
+                            row["seconds"] = record["result"]["seconds"]
+                            row["train_s"] = row["seconds"]["train"]
+                        rows.append(row)
+                        print(format_rows([row], ROW_KEYS), flush=True)
+                if not args.keep_data:
+                    data.unlink()
+
+    print("\nAll runs")
+    print(format_rows(rows, ROW_KEYS))
+    summary = medians([row for row in rows if not row["failed"]])
+    print(f"\nMedians over seeds {args.seeds} (chance: AUROC 0.5, ARI 0, batch_knn 1/{args.n_batches}; "
+          f"null_p05 target 0.05)")
+    print(format_rows(summary, MEDIAN_KEYS))
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"arguments": vars(args), "runs": rows, "medians": summary}, indent=1, default=str))
+    with open(out.with_suffix(".csv"), "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=[*ROW_KEYS, "peak_rss_gb", "failed"], extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"\nwrote {out} and {out.with_suffix('.csv')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
