@@ -157,11 +157,14 @@ def test_train_accepts_reference_plan_kwargs_and_validation_size(small_adata):
     model = MRVI(small_adata, seed=0)
     before = {k: v.clone() for k, v in model.module.state_dict().items()}
     result = model.train(max_epochs=2, batch_size=64, train_size=0.75, validation_size=0.25, progress_bar=False,
-                         plan_kwargs={"lr": 0.0, "n_epochs_kl_warmup": 4, "max_norm": 10.0, "optimizer": "Adam"})
+                         plan_kwargs={"lr": 1e-30, "n_epochs_kl_warmup": 4, "max_norm": 10.0, "optimizer": "Adam"})
     assert len(result.validation_indices) == 75 and len(result.train_indices) == 225
     np.testing.assert_allclose(model.history["kl_weight"], [0.0, 0.25])  # warm-up over 4 epochs reached train_svi
     after = model.module.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)  # lr=0 reached the optimiser
+    for k in before:  # lr=1e-30 reached the optimiser: nothing moved
+        torch.testing.assert_close(after[k], before[k], rtol=1e-6, atol=1e-20)
+    with pytest.raises(ValueError, match="lr must be a positive"):  # checked like the argument itself
+        model.train(max_epochs=1, progress_bar=False, plan_kwargs={"lr": 0.0})
 
 
 def test_plan_kwargs_map_to_train_svi_arguments(small_adata, monkeypatch):
