@@ -53,10 +53,15 @@ def log_ratio_embedding(log_ratio, coords: np.ndarray, *, title: str = "DA log-r
     return fig
 
 
-def log_ratio_by_group(summary: xr.Dataset, groups, *, groupby: str | None = None, ax=None):
+def log_ratio_by_group(summary: xr.Dataset, groups, *, groupby: str | None = None, ax=None,
+                       clip_quantiles: tuple[float, float] | None = (0.01, 0.99)):
     """Per-group distributions of the per-cell mean log-ratio (violins), with each group's
     mean log-ratio and its highest-density interval (from ``"<groupby>_log_ratio"``,
     ``"_lower"``, ``"_upper"`` when present) and ``prob_positive`` written above.
+
+    The y range spans the ``clip_quantiles`` of all cells' log-ratios (widened to show every
+    group mean and interval), so a few extreme cells do not squash the groups; cells beyond it
+    are drawn as triangles on the edge they pass, with their count.
 
     Parameters
     ----------
@@ -66,6 +71,10 @@ def log_ratio_by_group(summary: xr.Dataset, groups, *, groupby: str | None = Non
         Per-cell group labels (length n_cells), e.g. ``adata.obs["cell_type"]``.
     groupby
         The name used for ``groupby`` in the summary (for the per-group interval).
+    ax
+        Axes to draw into (default: a new figure).
+    clip_quantiles
+        Lower and upper quantile of the y range; ``None`` shows every cell.
     """
     values = np.asarray(summary["log_ratio"].values, dtype=float)
     labels = pd.Categorical(np.asarray(groups))
@@ -75,13 +84,27 @@ def log_ratio_by_group(summary: xr.Dataset, groups, *, groupby: str | None = Non
     data = [values[(labels == g) & np.isfinite(values)] for g in names]
     fig, ax = (plt.subplots(figsize=(1.1 * len(names) + 2.5, 3.8)) if ax is None else (ax.figure, ax))
     positions = np.arange(len(names))
+    table = None
+    if groupby is not None and f"{groupby}_log_ratio" in summary:
+        table = summary[[f"{groupby}_log_ratio", f"{groupby}_log_ratio_lower", f"{groupby}_log_ratio_upper",
+                         f"{groupby}_prob_positive"]].to_dataframe().reindex(names)
+    low_limit, high_limit = _y_range(values, clip_quantiles, None if table is None else table.iloc[:, :3].to_numpy())
+    for i, d in enumerate(data):
+        inside = (d >= low_limit) & (d <= high_limit)
+        for edge, outside, marker in ((low_limit, d < low_limit, "v"), (high_limit, d > high_limit, "^")):
+            if outside.any():
+                ax.scatter([positions[i]], [edge], marker=marker, color="tab:red", s=18, zorder=3,
+                           label="cells beyond the range")
+                ax.annotate(f"{outside.sum()}", (positions[i], edge), xytext=(5, 0), textcoords="offset points",
+                            fontsize=6, va="center", color="tab:red")
+        data[i] = d[inside]
     usable = [i for i, d in enumerate(data) if len(d) > 1]
     if usable:
         ax.violinplot([data[i] for i in usable], positions=positions[usable], showextrema=False, widths=0.8)
     ax.axhline(0.0, color="grey", lw=0.8, ls="--")
-    if groupby is not None and f"{groupby}_log_ratio" in summary:
-        table = summary[[f"{groupby}_log_ratio", f"{groupby}_log_ratio_lower", f"{groupby}_log_ratio_upper",
-                         f"{groupby}_prob_positive"]].to_dataframe().reindex(names)
+    pad = 0.05 * (high_limit - low_limit or 1.0)
+    ax.set_ylim(low_limit - pad, high_limit + pad)
+    if table is not None:
         mean = table[f"{groupby}_log_ratio"].to_numpy()
         low, high = table[f"{groupby}_log_ratio_lower"].to_numpy(), table[f"{groupby}_log_ratio_upper"].to_numpy()
         ax.errorbar(positions, mean, yerr=[mean - low, high - mean], fmt="o", color="black", capsize=4,
@@ -89,7 +112,10 @@ def log_ratio_by_group(summary: xr.Dataset, groups, *, groupby: str | None = Non
         top = ax.get_ylim()[1]
         for x, p in zip(positions, table[f"{groupby}_prob_positive"].to_numpy()):
             ax.text(x, top, f"P>0: {p:.2f}", ha="center", va="bottom", fontsize=7)
-        ax.legend(fontsize=7, frameon=False, loc="lower right")
+    handles, tags = ax.get_legend_handles_labels()
+    if handles:
+        unique = dict(zip(tags, handles))
+        ax.legend(unique.values(), unique.keys(), fontsize=7, frameon=False, loc="lower right")
     ax.set_xticks(positions)
     ax.set_xticklabels(names, rotation=45, ha="right")
     g1, g2 = summary.attrs.get("group1", "group1"), summary.attrs.get("group2", "group2")
@@ -98,14 +124,37 @@ def log_ratio_by_group(summary: xr.Dataset, groups, *, groupby: str | None = Non
     return fig
 
 
-def log_ratio_summary(summary: xr.Dataset, coords: np.ndarray, obs: pd.DataFrame, groupby: str):
-    """Two panels: the per-cell log-ratio on an embedding, and its per-group distributions
-    with intervals (see :func:`log_ratio_embedding` and :func:`log_ratio_by_group`)."""
+def _y_range(values: np.ndarray, quantiles, must_show) -> tuple[float, float]:
+    """Y range of the violins: the ``quantiles`` of the finite ``values``, widened to the finite
+    entries of ``must_show``; everything when ``quantiles`` is None."""
+    finite = values[np.isfinite(values)]
+    if not finite.size:
+        return -1.0, 1.0
+    if quantiles is None:
+        low, high = float(finite.min()), float(finite.max())
+    else:
+        q_low, q_high = quantiles
+        if not 0 <= q_low < q_high <= 1:
+            raise ValueError(f"clip_quantiles must be (low, high) with 0 <= low < high <= 1; got {quantiles!r}.")
+        low, high = (float(v) for v in np.quantile(finite, [q_low, q_high]))
+    if must_show is not None:
+        shown = must_show[np.isfinite(must_show)]
+        if shown.size:
+            low, high = min(low, float(shown.min())), max(high, float(shown.max()))
+    return low, high
+
+
+def log_ratio_summary(summary: xr.Dataset, coords: np.ndarray, obs: pd.DataFrame, groupby: str, *,
+                      basis_name: str = "PC"):
+    """Two panels: the per-cell log-ratio on an embedding (axes named ``basis_name``), and its
+    per-group distributions with intervals (see :func:`log_ratio_embedding` and
+    :func:`log_ratio_by_group`)."""
     if groupby not in obs:
         raise ValueError(f"groupby {groupby!r} is not a column of obs (columns: {list(obs.columns)}).")
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.3), gridspec_kw={"width_ratios": [1, 1.2]})
     g1, g2 = summary.attrs.get("group1", "group1"), summary.attrs.get("group2", "group2")
-    log_ratio_embedding(summary["log_ratio"].values, coords, ax=axes[0], title=f"DA log-ratio, {g1} vs {g2}")
+    log_ratio_embedding(summary["log_ratio"].values, coords, ax=axes[0], title=f"DA log-ratio, {g1} vs {g2}",
+                        basis_name=basis_name)
     log_ratio_by_group(summary, obs[groupby].to_numpy(), groupby=groupby, ax=axes[1])
     fig.tight_layout()
     return fig

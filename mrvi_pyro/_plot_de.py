@@ -12,6 +12,11 @@ import pandas as pd
 from .plotting import embedding, plt
 
 
+P_VALUE_FLOOR = 1e-7
+"""Smallest p-value shown: the per-cell p-values are computed to an absolute accuracy of about
+1e-7 (:mod:`mrvi_pyro.de`), so smaller ones are not resolved and are drawn at this floor."""
+
+
 def _pick_covariate(values: Sequence[str], covariate: str | None) -> str:
     values = [str(v) for v in values]
     if covariate is None:
@@ -22,11 +27,13 @@ def _pick_covariate(values: Sequence[str], covariate: str | None) -> str:
 
 
 def effect_size_embedding(de, coords: np.ndarray, covariate: str | None = None, *, obs: pd.DataFrame | None = None,
-                          color: str | Sequence[str] | None = None, point_size: float = 4.0):
+                          color: str | Sequence[str] | None = None, point_size: float = 4.0, basis_name: str = "PC"):
     """Per-cell effect size and significance of one covariate on a 2-d embedding.
 
     Panels: ``log10(1 + effect_size)``, ``-log10(padj)``, then the ``obs`` columns ``color``
-    (e.g. cell type) for reference.
+    (e.g. cell type) for reference. ``padj`` is clipped below at ``P_VALUE_FLOOR`` (1e-7, the
+    absolute accuracy of the p-value computation), so ``-log10 padj`` tops out at 7: smaller
+    values are not resolved and would otherwise show as an arbitrary ~300.
 
     Parameters
     ----------
@@ -38,13 +45,16 @@ def effect_size_embedding(de, coords: np.ndarray, covariate: str | None = None, 
         Covariate column (default: the first).
     obs, color
         Extra panels coloured by these obs columns (``obs`` rows aligned with the cells).
+    point_size, basis_name
+        Appearance (``basis_name`` names the axes, e.g. the second value of
+        :func:`mrvi_pyro.plotting.basis_coords`).
     """
     covariate = _pick_covariate(de["covariate"].values, covariate)
     effect = np.asarray(de["effect_size"].sel(covariate=covariate).values, dtype=float)
     padj = np.asarray(de["padj"].sel(covariate=covariate).values, dtype=float)
     table = pd.DataFrame({
         f"log10(1 + effect size) {covariate}": np.log10(1 + effect),
-        "-log10 padj": -np.log10(np.clip(padj, 1e-300, 1)),
+        f"-log10 padj (clipped at {P_VALUE_FLOOR:g})": -np.log10(np.clip(padj, P_VALUE_FLOOR, 1)),
     })
     keys = list(table.columns)
     if color is not None:
@@ -57,7 +67,7 @@ def effect_size_embedding(de, coords: np.ndarray, covariate: str | None = None, 
             table[key] = obs[key].to_numpy()
             keys.append(key)
     return embedding(np.asarray(coords), table, keys, title=f"Differential expression: {covariate}",
-                     point_size=point_size)
+                     point_size=point_size, basis_name=basis_name)
 
 
 def top_genes_heatmap(summary: pd.DataFrame, covariate: str | None = None, *, n_genes: int = 5,
@@ -97,9 +107,43 @@ def top_genes_heatmap(summary: pd.DataFrame, covariate: str | None = None, *, n_
     return fig
 
 
+def _significance(part: pd.DataFrame, y: str) -> tuple[np.ndarray, str]:
+    """(-log10 of an error probability, axis label) for the volcano's y axis."""
+    if y == "pde_mean":
+        error = 1.0 - part[y].to_numpy(dtype=float)
+        return error, "-log10(1 - mean P(|lfc| >= delta))"
+    return part[y].to_numpy(dtype=float), f"-log10 {y}"
+
+
+def _place_labels(ax, points: pd.DataFrame, x: str, y: str, limit: int) -> list:
+    """Write gene names next to ``points`` (best first), skipping any whose text would overlap an
+    earlier one, at most ``limit``; returns the texts kept."""
+    renderer = ax.figure.canvas.get_renderer()
+    panel = ax.get_window_extent(renderer)
+    middle = sum(ax.get_xlim()) / 2
+    kept, boxes = [], []
+    for _, row in points.iterrows():
+        if len(kept) >= limit:
+            break
+        right = row[x] <= middle  # write towards the panel's centre
+        text = ax.annotate(str(row["gene"]), (row[x], row[y]), fontsize=6, xytext=(2 if right else -2, 2),
+                           textcoords="offset points", ha="left" if right else "right")
+        box = text.get_window_extent(renderer).expanded(1.05, 1.15)
+        inside = panel.x0 <= box.x0 and box.x1 <= panel.x1 and panel.y0 <= box.y0 and box.y1 <= panel.y1
+        if not inside or any(box.overlaps(other) for other in boxes):
+            text.remove()
+            continue
+        kept.append(text)
+        boxes.append(box)
+    return kept
+
+
 def volcano(summary: pd.DataFrame, covariate: str | None = None, *, groups: Sequence | None = None,
-            highlight: Sequence[str] | None = None, n_label: int = 5, x: str = "lfc_mean", y: str = "pde_mean"):
-    """Volcano plot per group: mean LFC against the mean posterior DE probability.
+            highlight: Sequence[str] | None = None, n_label: int = 10, x: str = "lfc_mean", y: str = "pde_mean"):
+    """Volcano plot per group: mean LFC against a significance measure on a -log10 scale.
+
+    The panels share both axes, so a group whose genes barely move looks flat next to one whose
+    genes move a lot.
 
     Parameters
     ----------
@@ -112,33 +156,62 @@ def volcano(summary: pd.DataFrame, covariate: str | None = None, *, groups: Sequ
     highlight
         Genes drawn in red (e.g. known or planted DE genes).
     n_label
-        The top ``n_label`` genes of each group (by ``rank``) get their names written.
-    x, y
-        Columns on the axes (``y`` may also be e.g. ``lfc_std_mean``).
+        At most this many genes per panel get their names written: the best-ranked ones (by
+        ``rank``) whose labels do not overlap a better-ranked gene's label.
+    x
+        Column on the x axis (log2 fold change).
+    y
+        Significance column. ``"pde_mean"`` (default): the y axis is ``-log10(1 - pde_mean)``,
+        where ``1 - pde_mean`` is the posterior probability that the gene's |LFC| is below
+        ``delta``, averaged over the group's cells (a posterior error probability: 2 means 1%).
+        Any other column is read as p-values (e.g. a per-gene ``padj`` from another test) and
+        drawn as ``-log10``. Values below ``P_VALUE_FLOOR`` (1e-7, the accuracy of the p-value
+        computation; for ``pde_mean``, below the smallest nonzero value in the table, the
+        resolution of the posterior draws) are drawn at that floor as triangles.
     """
     if "gene" not in summary:
         raise ValueError("summary has no gene columns: run differential_expression with store_lfc=True.")
     if y not in summary:
         raise ValueError(f"Column {y!r} not in the summary (pde needs delta); columns: {list(summary.columns)}.")
     covariate = _pick_covariate(summary["covariate"].unique(), covariate)
-    table = summary[summary["covariate"] == covariate]
+    table = summary[summary["covariate"] == covariate].copy()
+    error, label = _significance(table, y)
+    if (error < 0).any() or (error > 1).any():
+        raise ValueError(f"Column {y!r} is not a probability (values outside [0, 1]); pass a p-value column as y.")
+    positive = error[error > 0]
+    floor = P_VALUE_FLOOR if y != "pde_mean" else (positive.min() if positive.size else 1e-3)
+    floor = max(floor, P_VALUE_FLOOR)
+    table["_saturated"] = error < floor
+    table["_y"] = -np.log10(np.clip(error, floor, 1.0))
     names = list(pd.unique(table["group"])) if groups is None else list(groups)
     marked = set() if highlight is None else {str(g) for g in highlight}
-    fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.4), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.4), squeeze=False, sharex=True, sharey=True)
     for ax, name in zip(axes[0], names):
         part = table[table["group"] == name]
         hit = part["gene"].isin(marked).to_numpy()
-        ax.scatter(part[x][~hit], part[y][~hit], s=6, color="0.6", label="other")
-        if hit.any():
-            ax.scatter(part[x][hit], part[y][hit], s=10, color="tab:red", label="highlighted")
-        for _, row in part[part["rank"] <= n_label].iterrows():
-            ax.annotate(row["gene"], (row[x], row[y]), fontsize=6, xytext=(2, 2), textcoords="offset points")
+        saturated = part["_saturated"].to_numpy()
+        for mask, colour, size, tag in ((~hit, "0.6", 6, "other"), (hit, "tab:red", 10, "highlighted")):
+            ax.scatter(part[x][mask & ~saturated], part["_y"][mask & ~saturated], s=size, color=colour, label=tag)
+            if (mask & saturated).any():
+                ax.scatter(part[x][mask & saturated], part["_y"][mask & saturated], s=size + 6, color=colour,
+                           marker="^", label=f"{tag}, at floor")
         ax.axvline(0, color="0.8", lw=0.8)
         ax.set_title(str(name))
         ax.set_xlabel(f"{x} (log2)")
-    axes[0, 0].set_ylabel(y)
-    if marked:
-        axes[0, 0].legend(frameon=False, fontsize=7)
+    span = float(np.nanmax(np.abs(table[x].to_numpy(dtype=float)))) if len(table) else 1.0
+    axes[0, 0].set_xlim(-1.05 * (span or 1.0), 1.05 * (span or 1.0))
+    axes[0, 0].set_ylim(0, 1.08 * max(float(table["_y"].max()), 1.0))
+    axes[0, 0].set_ylabel(label)
     fig.suptitle(f"Volcano: {covariate}")
     fig.tight_layout()
+    for ax, name in zip(axes[0], names):
+        part = table[table["group"] == name]
+        ranked = part.sort_values("rank") if "rank" in part else part
+        _place_labels(ax, ranked, x, "_y", n_label)
+    if marked or table["_saturated"].any():
+        unique = {}
+        for ax in axes[0]:
+            handles, tags = ax.get_legend_handles_labels()
+            unique.update({t: h for t, h in zip(tags, handles) if t not in unique})
+        axes[0, 0].legend(unique.values(), unique.keys(), frameon=False, fontsize=7)
     return fig

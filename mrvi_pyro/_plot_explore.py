@@ -35,6 +35,20 @@ def _square_matrix(distances, group):
     )
 
 
+def _colour_limit(distances, values: np.ndarray, vmax) -> float:
+    """Upper end of the colour scale: over all groups (``"shared"``), this group's (``"group"``),
+    or a number."""
+    if isinstance(vmax, str):
+        if vmax not in ("shared", "group"):
+            raise ValueError(f"vmax must be 'shared', 'group' or a positive number; got {vmax!r}.")
+        pool = np.asarray(distances.values if vmax == "shared" else values, dtype=float)
+        finite = pool[np.isfinite(pool)]
+        return float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+    if not np.isfinite(vmax) or vmax <= 0:
+        raise ValueError(f"vmax must be 'shared', 'group' or a positive number; got {vmax!r}.")
+    return float(vmax)
+
+
 PALETTES = ("tab10", "Set2", "Dark2", "Accent", "Pastel1")
 """Qualitative colour maps of successive categorical colour bars (tab20 beyond 8 categories)."""
 
@@ -61,6 +75,7 @@ def sample_distance_heatmap(
     linkage: np.ndarray | None = None,
     linkage_method: str = "average",
     cmap: str = "magma_r",
+    vmax: str | float = "shared",
     title: str | None = None,
     figsize: tuple[float, float] | None = None,
 ):
@@ -84,6 +99,11 @@ def sample_distance_heatmap(
         optimal leaf ordering (:func:`mrvi_pyro.explore.sample_linkage`).
     linkage_method
         Linkage method when ``linkage`` is None.
+    vmax
+        Upper end of the colour scale (the lower end is 0). ``"shared"`` (default): the largest
+        distance over *all* groups of a grouped DataArray, so that heatmaps of different groups
+        are comparable (a group without sample structure looks pale, not as structured as one
+        with it); ``"group"``: this group's own largest distance; or a number.
     cmap, title, figsize
         Appearance.
 
@@ -94,7 +114,8 @@ def sample_distance_heatmap(
     from scipy.cluster.hierarchy import dendrogram
 
     values, samples, group_name = _square_matrix(distances, group)
-    keys = [] if color_by is None else ([color_by] if isinstance(color_by, str) else list(color_by))
+    keys = [] if color_by is None else ([color_by] if isinstance(color_by, str) else list(dict.fromkeys(color_by)))
+    limit = _colour_limit(distances, values, vmax)
     if keys:
         if sample_info is None:
             raise ValueError("color_by needs sample_info (e.g. model.sample_info).")
@@ -127,7 +148,8 @@ def sample_distance_heatmap(
         if legend:
             handles += [Patch(color="none", label=key)] + legend
     ax_heat = fig.add_subplot(grid[-1, 0])
-    image = ax_heat.imshow(values[np.ix_(order, order)], cmap=cmap, aspect="auto", interpolation="nearest")
+    image = ax_heat.imshow(values[np.ix_(order, order)], cmap=cmap, vmin=0.0, vmax=limit, aspect="auto",
+                           interpolation="nearest")
     labels = [samples[i] for i in order]
     fontsize = 8 if n <= 40 else 5
     show_labels = n <= 80
@@ -137,7 +159,8 @@ def sample_distance_heatmap(
         ax_heat.set_xticklabels(labels, rotation=90, fontsize=fontsize)
         ax_heat.set_yticklabels(labels, fontsize=fontsize)
     ax_bar = fig.add_subplot(grid[-1, 1])
-    fig.colorbar(image, cax=ax_bar, label="distance")
+    fig.colorbar(image, cax=ax_bar, label="distance" + (" (scale shared by all groups)" if vmax == "shared"
+                                                         and group_name is not None else ""))
     if handles:
         fig.legend(handles=handles, loc="upper right", fontsize=7, frameon=False)
     fig.suptitle(title or (f"Local sample distances: {group_name}" if group_name else "Local sample distances"))

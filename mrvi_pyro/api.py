@@ -383,17 +383,37 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
         use_mean: bool = True,
         batch_size: int | None = None,
         seed: int = 0,
+        key_added: str | None = None,
+        overwrite: bool = False,
     ) -> np.ndarray:
         """Posterior u (n_cells, n_latent_u), or z under each cell's own sample when ``give_z``.
 
         ``use_mean=False`` returns one posterior draw per cell (seeded by ``seed``).
+
+        ``key_added`` (e.g. ``"X_mrvi_u"``, for ``sc.pp.neighbors(adata, use_rep="X_mrvi_u")``)
+        also writes the result to ``adata.obsm[key_added]`` of the AnnData analysed (``adata``,
+        or the model's own); it needs all its cells (``indices=None``) and refuses a key that
+        exists unless ``overwrite=True``. The returned array is the same either way.
         """
         _check_optional_positive("batch_size", batch_size)
+        target = self.adata if adata is None else adata
+        if key_added is not None:
+            if not isinstance(key_added, str) or not key_added:
+                raise ValueError(f"key_added must be a non-empty string (an obsm key); got {key_added!r}.")
+            if indices is not None:
+                raise ValueError("key_added writes one row per cell of adata.obsm, so it needs indices=None; "
+                                 "subset the AnnData instead.")
+            if target is not None and key_added in target.obsm and not overwrite:
+                raise ValueError(f"adata.obsm already has {key_added!r}; pass overwrite=True to replace it, "
+                                 "or choose another key_added.")
         data = self._cell_data(adata)
-        return latent_representation(
+        latent = latent_representation(
             self.module, data, self._indices(data, indices), give_z=give_z, use_mean=use_mean,
             batch_size=batch_size or 1024, seed=seed,
         )
+        if key_added is not None:
+            target.obsm[key_added] = latent.copy()
+        return latent
 
     def get_normalized_expression(
         self,

@@ -179,15 +179,17 @@ def _fit(args: argparse.Namespace) -> int:
 
 
 def analyze_model(model, adata, out: Path, *, groupby: str, de: str | None = None, da: str | None = None,
-                  quiet: bool = False, mc_samples: int = 20, seed: int = 0) -> dict:
+                  quiet: bool = False, mc_samples: int = 20, seed: int = 0, basis: str | None = None) -> dict:
     """Run the analyses on a trained model and write arrays (zarr), tables (CSV), figures (PNG)
-    and ``report.html`` into ``out``. Returns the results by name."""
+    and ``report.html`` into ``out``. Returns the results by name. Cells are drawn on
+    ``adata.obsm[basis]`` (e.g. ``"X_umap"``), or on the first two principal components of u
+    when ``basis`` is None."""
     import matplotlib.pyplot as plt
 
     from . import plotting
     from .report import Section, write_html_report
 
-    _check_columns(adata, groupby, de, da)
+    _check_columns(adata, groupby, de, da, basis)
     out = Path(out)
     results_dir = out / "results"
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -202,11 +204,11 @@ def analyze_model(model, adata, out: Path, *, groupby: str, de: str | None = Non
         if not quiet:
             print(f"[analyze] {message}", flush=True)
 
-    coords = plotting.pca_2d(model.get_latent_representation(adata))
+    coords, axes_name = plotting.basis_coords(adata, basis, latent=model.get_latent_representation(adata))
     overview = Section("Model", [repr(model)], [save_figure(plotting.training_history(model.history), "training_history.png")]
                        if model.history is not None else [])
-    overview.figures.append(save_figure(plotting.embedding(coords, adata.obs, [groupby, model.registry.sample_key]),
-                                        "u_embedding.png"))
+    overview.figures.append(save_figure(plotting.embedding(coords, adata.obs, [groupby, model.registry.sample_key],
+                                                           basis_name=axes_name), "u_embedding.png"))
     sections.append(overview)
 
     step(f"local sample distances by {groupby}")
@@ -221,7 +223,7 @@ def analyze_model(model, adata, out: Path, *, groupby: str, de: str | None = Non
                                                             for i in range(len(names))]})
     spread = spread.sort_values("mean_between_sample_distance", ascending=False)
     spread.to_csv(out / "sample_distance_spread.csv", index=False)
-    colour_by = [c for c in (de, da) if c is not None and c in model.sample_info][:2] or None
+    colour_by = list(dict.fromkeys(c for c in (de, da) if c is not None and c in model.sample_info)) or None
     figures = [save_figure(plotting.sample_distance_heatmap(group_means, group=name, sample_info=model.sample_info,
                                                             color_by=colour_by, title=f"{groupby} = {name}"),
                            f"sample_distances_{_safe(name)}.png")
@@ -242,7 +244,7 @@ def analyze_model(model, adata, out: Path, *, groupby: str, de: str | None = Non
         column = str(de_result["covariate"].values[0])
         figures = [
             save_figure(plotting.effect_size_embedding(de_result, coords, covariate=column, obs=adata.obs,
-                                                       color=groupby), "de_effect_size.png"),
+                                                       color=groupby, basis_name=axes_name), "de_effect_size.png"),
             save_figure(plotting.top_genes_heatmap(table, covariate=column, n_genes=5), "de_top_genes.png"),
             save_figure(plotting.volcano(table, covariate=column), "de_volcano.png"),
         ]
@@ -260,7 +262,8 @@ def analyze_model(model, adata, out: Path, *, groupby: str, de: str | None = Non
         summary = model.differential_abundance_summary(da, adata=adata, groupby=groupby, seed=seed)
         per_group = summary[[v for v in summary.data_vars if v.startswith(f"{groupby}_")]].to_dataframe()
         per_group.to_csv(out / "da_summary.csv")
-        figure = save_figure(plotting.log_ratio_summary(summary, coords, adata.obs, groupby=groupby), "da_log_ratio.png")
+        figure = save_figure(plotting.log_ratio_summary(summary, coords, adata.obs, groupby=groupby,
+                                                                basis_name=axes_name), "da_log_ratio.png")
         sections.append(Section(f"Differential abundance: {summary.attrs.get('group1')} vs {summary.attrs.get('group2')}",
                                 ["Log-ratio of the aggregated posteriors of the two sample groups at each cell, with "
                                  "uncertainty from posterior draws and Bayesian-bootstrap weights over samples."],
@@ -271,12 +274,14 @@ def analyze_model(model, adata, out: Path, *, groupby: str, de: str | None = Non
     return results
 
 
-def _check_columns(adata, groupby: str, de: str | None, da: str | None) -> None:
+def _check_columns(adata, groupby: str, de: str | None, da: str | None, basis: str | None = None) -> None:
     if groupby not in adata.obs:
         raise ValueError(f"--groupby {groupby!r} is not a column of obs (columns: {list(adata.obs.columns)})")
     for flag, key in (("--de", de), ("--da", da)):
         if key is not None and key not in adata.obs:
             raise ValueError(f"{flag} {key!r} is not a column of obs (columns: {list(adata.obs.columns)})")
+    if basis is not None and basis not in adata.obsm:
+        raise ValueError(f"--basis {basis!r} is not a key of obsm (keys: {list(adata.obsm.keys())})")
 
 
 def _write_zarr(dataset, path: Path) -> None:
@@ -318,7 +323,7 @@ def _analyze(args: argparse.Namespace) -> int:
     with directory_lock(out, "analyze"):
         adata = _read_h5ad(data_path)
         model = MRVI.load(run_dir / "model", adata=adata)
-        _check_columns(adata, args.groupby, args.de, args.da)
+        _check_columns(adata, args.groupby, args.de, args.da, args.basis)
         previous = sorted(p for p in out.iterdir() if _matches(p.name, ANALYSIS_OUTPUTS))
         if previous and not args.overwrite:
             raise ValueError(f"{out} already holds analysis outputs ({', '.join(p.name for p in previous[:4])}); "
@@ -327,7 +332,7 @@ def _analyze(args: argparse.Namespace) -> int:
         staging.mkdir()
         try:
             analyze_model(model, adata, staging, groupby=args.groupby, de=args.de, da=args.da,
-                          quiet=args.quiet, mc_samples=args.mc_samples, seed=args.seed)
+                          quiet=args.quiet, mc_samples=args.mc_samples, seed=args.seed, basis=args.basis)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -388,6 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--groupby", required=True, help="obs column to group cells by (e.g. cell type)")
     analyze.add_argument("--de", default=None, help="sample covariate for differential expression")
     analyze.add_argument("--da", default=None, help="sample covariate for differential abundance")
+    analyze.add_argument("--basis", default=None,
+                         help="obsm key of the 2-d embedding to draw cells on, e.g. X_umap (default: PCA of u)")
     analyze.add_argument("--out", default=None, help="output directory (default: DIR)")
     analyze.add_argument("--mc-samples", type=int, default=20, help="posterior draws for DE log fold-changes")
     analyze.add_argument("--seed", type=int, default=0)

@@ -204,3 +204,22 @@ def test_train_rejects_bad_plan_kwargs(small_adata, kwargs, match):
     with pytest.raises(ValueError, match=match):
         model.train(max_epochs=1, progress_bar=False, **kwargs)
     assert not model.is_trained
+
+
+def test_latent_representation_key_added_writes_obsm(small_adata):
+    model = MRVI(small_adata, n_latent=6, n_latent_u=4)
+    adata = model.adata
+    with pytest.warns(UserWarning, match="not been trained"):
+        u = model.get_latent_representation(key_added="X_mrvi_u")
+    assert adata.obsm["X_mrvi_u"].shape == (adata.n_obs, 4)
+    np.testing.assert_array_equal(adata.obsm["X_mrvi_u"], u)
+    with pytest.raises(ValueError, match="already has 'X_mrvi_u'; pass overwrite=True"):
+        model.get_latent_representation(key_added="X_mrvi_u")
+    np.testing.assert_array_equal(adata.obsm["X_mrvi_u"], u)  # refused: left as it was
+    with pytest.warns(UserWarning, match="not been trained"):
+        z = model.get_latent_representation(give_z=True, key_added="X_mrvi_u", overwrite=True)
+    np.testing.assert_array_equal(adata.obsm["X_mrvi_u"], z)
+    assert z.shape == (adata.n_obs, 6)
+    with pytest.raises(ValueError, match="needs indices=None"):
+        model.get_latent_representation(indices=[0, 1], key_added="X_sub")
+    assert "X_sub" not in adata.obsm

@@ -81,6 +81,8 @@ def test_analyze_command_and_its_errors(tmp_path, small_adata, capsys):
     assert main(["analyze", str(tmp_path / "run"), "--groupby", "celltype"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --groupby 'celltype' is not a column of obs") and len(err.strip().splitlines()) == 1
+    assert main(["analyze", str(tmp_path / "run"), "--groupby", "cell_type", "--basis", "X_umap"]) == 2
+    assert capsys.readouterr().err.startswith("error: --basis 'X_umap' is not a key of obsm")
     assert main(["analyze", str(tmp_path / "nowhere"), "--groupby", "cell_type"]) == 2
     assert "pass --data" in capsys.readouterr().err
     assert main(["analyze", str(tmp_path / "run"), "--groupby", "cell_type", "--de", "cell_type"]) == 2

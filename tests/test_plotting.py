@@ -1,0 +1,181 @@
+"""Figures read like a biologist would read them: comparable scales, significance on the volcano's
+y axis, clipped ranges marked, nothing drawn over the data. Rendered with Agg, checked on artists."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import anndata  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+import xarray as xr  # noqa: E402
+from matplotlib.collections import PathCollection  # noqa: E402
+
+from mrvi_pyro import plotting  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close("all")
+
+
+def grouped_distances() -> xr.DataArray:
+    """Two groups of 6 samples: 'null' with distances <= 0.12, 'affected' with distances up to 1.2."""
+    rng = np.random.default_rng(0)
+    blocks = []
+    for scale in (0.12, 1.2):
+        points = rng.normal(size=(6, 3))
+        d = np.linalg.norm(points[:, None] - points[None], axis=-1)
+        blocks.append(scale * d / d.max())
+    samples = [f"s{i}" for i in range(6)]
+    return xr.DataArray(np.stack(blocks), dims=("cell_type_name", "sample_x", "sample_y"),
+                        coords={"cell_type_name": ["null", "affected"], "sample_x": samples, "sample_y": samples})
+
+
+def heat_image(fig):
+    return [im for ax in fig.axes for im in ax.get_images() if im.get_array().shape == (6, 6)][0]
+
+
+def test_sample_distance_heatmaps_share_one_colour_scale_by_default():
+    distances = grouped_distances()
+    null = heat_image(plotting.sample_distance_heatmap(distances, group="null"))
+    affected = heat_image(plotting.sample_distance_heatmap(distances, group="affected"))
+    assert null.get_clim() == affected.get_clim() == pytest.approx((0.0, 1.2))
+    own = heat_image(plotting.sample_distance_heatmap(distances, group="null", vmax="group"))
+    assert own.get_clim() == pytest.approx((0.0, 0.12))
+    assert heat_image(plotting.sample_distance_heatmap(distances, group="null", vmax=2.0)).get_clim() == (0.0, 2.0)
+    with pytest.raises(ValueError, match="vmax must be 'shared', 'group' or a positive number"):
+        plotting.sample_distance_heatmap(distances, group="null", vmax="global")
+
+
+def test_a_column_named_twice_gets_one_colour_bar_and_one_legend_entry():
+    info = pd.DataFrame({"disease": ["a", "b"] * 3}, index=[f"s{i}" for i in range(6)])
+    fig = plotting.sample_distance_heatmap(grouped_distances(), group="affected", sample_info=info,
+                                           color_by=["disease", "disease"])
+    assert len(fig.axes) == 4  # dendrogram, one colour bar, heatmap, scale
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert labels == ["disease", "a", "b"]
+
+
+def de_table() -> pd.DataFrame:
+    """Two groups: 'null' (|lfc| <= 0.05, pde ~ 0) and 'affected' (|lfc| up to 2, pde up to 1)."""
+    rng = np.random.default_rng(1)
+    frames = []
+    for group, scale in (("null", 0.05), ("affected", 2.0)):
+        lfc = rng.uniform(-scale, scale, 60)
+        pde = np.clip(np.abs(lfc) / 2.0, 0, 1)
+        pde[:3] = 1.0 if group == "affected" else pde[:3]  # saturated: every draw beyond delta
+        table = pd.DataFrame({"group": group, "covariate": "disease", "gene": [f"g{i}" for i in range(60)],
+                              "lfc_mean": lfc, "pde_mean": pde})
+        table = table.iloc[np.argsort(-np.abs(lfc))]
+        table.insert(3, "rank", np.arange(1, 61))
+        frames.append(table)
+    return pd.concat(frames, ignore_index=True)
+
+
+def test_volcano_shows_significance_on_shared_axes_with_few_non_overlapping_labels():
+    table = de_table()
+    fig = plotting.volcano(table, n_label=40)
+    null, affected = fig.axes[:2]
+    assert null.get_xlim() == affected.get_xlim() and null.get_xlim()[1] >= 1.9  # null genes look flat
+    assert null.get_ylim() == affected.get_ylim()
+    assert null.get_ylabel().startswith("-log10(1 - mean P(|lfc| >= delta))")
+    ys = np.concatenate([c.get_offsets()[:, 1] for c in affected.collections if isinstance(c, PathCollection)])
+    finite = table[table.group == "affected"]
+    floor = (1 - finite.pde_mean)[(1 - finite.pde_mean) > 0].min()
+    assert ys.max() == pytest.approx(-np.log10(floor))  # saturated genes sit at the resolution floor
+    assert any(c.get_paths() and isinstance(c, PathCollection) and len(c.get_offsets()) == 3
+               for c in affected.collections)  # the 3 saturated genes drawn apart (triangles)
+    renderer = fig.canvas.get_renderer()
+    for ax in (null, affected):
+        texts = ax.texts
+        assert 1 <= len(texts) <= 40
+        boxes = [t.get_window_extent(renderer) for t in texts]
+        assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+        panel = ax.get_window_extent(renderer)
+        assert all(panel.x0 <= b.x0 and b.x1 <= panel.x1 for b in boxes)  # no name leaves its panel
+    default = plotting.volcano(table)
+    assert max(len(ax.texts) for ax in default.axes) <= 10
+
+
+def test_volcano_reads_p_value_columns_at_the_accuracy_floor():
+    table = de_table().assign(padj=lambda t: np.where(t["rank"] <= 2, 0.0, 0.5))
+    fig = plotting.volcano(table, y="padj")
+    ys = np.concatenate([c.get_offsets()[:, 1] for c in fig.axes[0].collections])
+    assert ys.max() == pytest.approx(7.0) and fig.axes[0].get_ylabel() == "-log10 padj"
+    with pytest.raises(ValueError, match="not a probability"):
+        plotting.volcano(table.assign(lfc_std_mean=3.0), y="lfc_std_mean")
+
+
+def test_effect_size_map_clips_padj_at_the_p_value_accuracy():
+    n = 50
+    padj = np.full((n, 1), 0.5)
+    padj[:5] = 0.0  # not resolved below ~1e-7
+    de = xr.Dataset({"effect_size": (("cell_name", "covariate"), np.ones((n, 1))),
+                     "padj": (("cell_name", "covariate"), padj)}, coords={"covariate": ["disease"]})
+    fig = plotting.effect_size_embedding(de, np.random.default_rng(0).normal(size=(n, 2)))
+    panel = fig.axes[1]
+    assert "clipped at 1e-07" in panel.get_title()
+    assert panel.collections[0].get_array().max() == pytest.approx(7.0)
+
+
+def test_da_violins_clip_the_y_range_and_mark_the_clipped_cells():
+    rng = np.random.default_rng(2)
+    values = rng.normal(0.0, 1.0, 400)
+    values[:4] = -40.0  # a few extreme cells
+    groups = np.repeat(["A", "B"], 200)
+    summary = xr.Dataset({"log_ratio": ("cell_name", values)}, attrs={"group1": "disease", "group2": "healthy"})
+    fig = plotting.log_ratio_by_group(summary, groups)
+    ax = fig.axes[0]
+    low, high = ax.get_ylim()
+    assert -5 < low < -2 and 2 < high < 5
+    edge_low, edge_high = np.quantile(values, [0.01, 0.99])
+    marked = {(float(c.get_offsets()[0, 0]), float(c.get_offsets()[0, 1])): int(t.get_text())
+              for c, t in zip([c for c in ax.collections if isinstance(c, PathCollection)], ax.texts)}
+    expected = {}
+    for x, name in enumerate(["A", "B"]):
+        part = values[groups == name]
+        for edge, count in ((edge_low, (part < edge_low).sum()), (edge_high, (part > edge_high).sum())):
+            if count:
+                expected[(float(x), float(edge))] = int(count)
+    assert marked == pytest.approx(expected) and marked[(0.0, float(edge_low))] >= 4  # the -40 cells
+    full = plotting.log_ratio_by_group(summary, groups, clip_quantiles=None)
+    assert full.axes[0].get_ylim()[0] < -40
+
+
+def test_embedding_draws_in_random_order_with_the_legend_outside():
+    n = 300
+    obs = pd.DataFrame({"sample": pd.Categorical(np.repeat(["a", "b", "c"], n // 3))})
+    coords = np.random.default_rng(3).normal(size=(n, 2))
+    fig = plotting.embedding(coords, obs, "sample")
+    ax = fig.axes[0]
+    points = ax.collections[0]
+    drawn = points.get_offsets()
+    assert len(ax.collections) == 1 and len(drawn) == n
+    last_drawn = [np.flatnonzero((coords == p).all(1))[0] for p in drawn[-n // 3:]]
+    assert len(set(obs["sample"].to_numpy()[last_drawn])) == 3  # the last third is not one sample
+    fig.canvas.draw()
+    legend = ax.get_legend().get_window_extent()
+    assert legend.x0 >= ax.get_window_extent().x1  # legend right of the data panel
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["a", "b", "c"]
+
+
+def test_basis_coords_read_any_obsm_key_and_fall_back_to_pca():
+    adata = anndata.AnnData(np.zeros((20, 3), dtype=np.float32))
+    umap = np.random.default_rng(4).normal(size=(20, 2))
+    adata.obsm["X_umap"] = umap
+    coords, name = plotting.basis_coords(adata, "X_umap")
+    np.testing.assert_array_equal(coords, umap)
+    assert name == "UMAP"
+    latent = np.random.default_rng(5).normal(size=(20, 4))
+    coords, name = plotting.basis_coords(adata, latent=latent)
+    np.testing.assert_allclose(coords, plotting.pca_2d(latent))
+    assert name == "PC"
+    with pytest.raises(ValueError, match="'X_tsne' is not a key of adata.obsm.*X_umap"):
+        plotting.basis_coords(adata, "X_tsne")
+    fig = plotting.embedding(*plotting.basis_coords(adata, "X_umap")[:1], pd.DataFrame({"v": np.arange(20.0)}), "v",
+                             basis_name="UMAP")
+    assert fig.axes[0].get_xlabel() == "UMAP1"
