@@ -44,7 +44,7 @@ def _colour_limit(distances, values: np.ndarray, vmax) -> float:
         pool = np.asarray(distances.values if vmax == "shared" else values, dtype=float)
         finite = pool[np.isfinite(pool)]
         return float(finite.max()) if finite.size and finite.max() > 0 else 1.0
-    if not np.isfinite(vmax) or vmax <= 0:
+    if isinstance(vmax, bool) or not isinstance(vmax, (int, float, np.number)) or not np.isfinite(vmax) or vmax <= 0:
         raise ValueError(f"vmax must be 'shared', 'group' or a positive number; got {vmax!r}.")
     return float(vmax)
 

@@ -49,6 +49,9 @@ def test_sample_distance_heatmaps_share_one_colour_scale_by_default():
     assert heat_image(plotting.sample_distance_heatmap(distances, group="null", vmax=2.0)).get_clim() == (0.0, 2.0)
     with pytest.raises(ValueError, match="vmax must be 'shared', 'group' or a positive number"):
         plotting.sample_distance_heatmap(distances, group="null", vmax="global")
+    for bad in ([1.0], 0.0, float("nan")):
+        with pytest.raises(ValueError, match="vmax must be"):
+            plotting.sample_distance_heatmap(distances, group="null", vmax=bad)
 
 
 def test_a_column_named_twice_gets_one_colour_bar_and_one_legend_entry():
