@@ -24,6 +24,7 @@ from ._api_de import DEMixin
 from ._api_explore import ExploreMixin
 from .data import CellData, Registry, build_sample_info, get_registry
 from .data import setup_anndata as _setup_anndata
+from .explore import check_positive
 from .io import history_from_json, history_to_json, read_model, write_model
 from .module import ARCHITECTURE, MrVIModule, default_max_epochs
 from .posterior import latent_representation, make_generator, normalized_expression
@@ -144,8 +145,9 @@ def _saved_configuration(metadata: dict, dir_path) -> tuple[Registry, dict]:
 
 
 def _check_optional_positive(name: str, value) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
-        raise ValueError(f"{name} must be a positive integer; got {value!r}.")
+    """:func:`mrvi_pyro.explore.check_positive` for arguments where ``None`` means a default."""
+    if value is not None:
+        check_positive(name, value)
 
 
 class MRVI(ExploreMixin, DEMixin, DAMixin):
