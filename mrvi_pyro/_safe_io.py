@@ -41,7 +41,7 @@ def _nearest_existing(path: Path) -> Path:
 
 
 def check_target(path: str | os.PathLike, *, overwrite: bool, what: str,
-                 replaceable: Callable[[Path], str | None] = lambda p: None, flag: str = "overwrite=True") -> Path:
+                 replaceable: Callable[[Path], str | None], flag: str = "overwrite=True") -> Path:
     """Refuse a write to ``path`` unless it is free, or replaceable and ``overwrite`` is set.
 
     Parameters
@@ -54,7 +54,8 @@ def check_target(path: str | os.PathLike, *, overwrite: bool, what: str,
         How the error messages name the target (e.g. ``"zarr_path"``).
     replaceable
         Returns None when an existing non-empty ``path`` is something mrvi_pyro wrote (and may
-        be replaced), else the reason it is not.
+        be replaced), else the reason it is not. Required: no writer may replace a directory
+        without saying what it recognises as its own.
     flag
         How the messages name the permission (``"--overwrite"`` on the command line).
 
@@ -130,7 +131,7 @@ class StagedPath:
     """
 
     def __init__(self, path: str | os.PathLike, *, overwrite: bool, what: str,
-                 replaceable: Callable[[Path], str | None] = lambda p: None, flag: str = "overwrite=True"):
+                 replaceable: Callable[[Path], str | None], flag: str = "overwrite=True"):
         self.target = check_target(path, overwrite=overwrite, what=what, replaceable=replaceable, flag=flag)
         self.target.parent.mkdir(parents=True, exist_ok=True)
         self.staging = sibling(self.target, "partial")
@@ -145,7 +146,7 @@ class StagedPath:
 
 @contextlib.contextmanager
 def staged_directory(path: str | os.PathLike, *, overwrite: bool, what: str,
-                     replaceable: Callable[[Path], str | None] = lambda p: None,
+                     replaceable: Callable[[Path], str | None],
                      flag: str = "overwrite=True") -> Iterator[Path]:
     """Yield a new temporary sibling directory of ``path``; on success it replaces ``path``.
 
