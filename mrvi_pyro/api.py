@@ -339,6 +339,7 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
         progress_bar: bool = True,
         validation_size: float | None = None,
         plan_kwargs: dict | None = None,
+        checkpoint_dir: str | os.PathLike | None = None,
     ) -> TrainingResult:
         """Train by SVI on minibatches (see :func:`mrvi_pyro.train.train_svi`).
 
@@ -351,6 +352,15 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
         ``eps``, ``n_epochs_kl_warmup``, ``max_norm`` or ``gradient_clip_val`` (= ``clip_norm``)
         and ``optimizer`` (``"Adam"`` only); they override the keyword defaults, and giving a
         setting both ways with different values is an error.
+
+        ``checkpoint_dir`` (a new or empty directory, default None: no checkpoint) receives a
+        checkpoint after every epoch, written atomically (a kill at any moment leaves the last
+        complete one). Calling ``train`` again with the same ``checkpoint_dir``, data and
+        arguments -- in this process or a new one, on a freshly built ``MRVI`` -- resumes after
+        the last complete epoch and continues to ``max_epochs`` (which may be raised); on CPU
+        the result equals that of an uninterrupted run. A checkpoint of another configuration,
+        other training arguments or other data is refused naming what differs, and a
+        non-empty directory that is not a checkpoint is refused; neither is changed.
         """
         options = _plan_options(
             plan_kwargs, lr=lr, weight_decay=weight_decay, eps=eps, clip_norm=clip_norm,
@@ -365,6 +375,10 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
                 **options, early_stopping=early_stopping,
                 early_stopping_patience=early_stopping_patience, early_stopping_min_delta=early_stopping_min_delta,
                 scale_observations=self.scale_observations, seed=seed, device=device, progress_bar=progress_bar,
+                checkpoint_dir=checkpoint_dir,
+                checkpoint_identity=None if checkpoint_dir is None else {
+                    "model": self.init_params, "registry": self.registry.__dict__,
+                },
             )
         except TrainingDivergedError as err:
             self.diverged = str(err).split(";")[0]  # analyses now refuse these weights

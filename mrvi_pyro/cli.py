@@ -1,7 +1,9 @@
 """The ``mrvi-pyro`` command.
 
 - ``mrvi-pyro fit DATA.h5ad --sample-key K [--batch-key K] [--labels-key K] [--layer L] --out DIR``
-  trains MrVI and saves it (``DIR/model``) with its training history and figures.
+  trains MrVI and saves it (``DIR/model``) with its training history and figures. A checkpoint
+  written after every epoch (``DIR/checkpoint``) lets ``--resume`` continue a fit that was
+  interrupted (Ctrl-C, a kill, a crash) exactly where it stopped.
 - ``mrvi-pyro demo --out DIR`` simulates a cohort with planted truth, trains MrVI on it, saves the
   model and writes figures and a summary.
 
@@ -11,7 +13,8 @@ traceback; Ctrl-C exits with status 130.
 Outputs are never lost or mixed: ``fit`` and ``demo`` check ``--out`` before training, refuse a
 non-empty one unless ``--overwrite`` (and then only a previous run directory), build the run in
 a temporary sibling and rename it into place when complete, so an interrupted run leaves
-``--out`` as it was. ``analyze`` holds a lock file in its output directory, refuses earlier
+``--out`` as it was, apart from the checkpoint of the interrupted fit in ``--out/checkpoint``
+(Ctrl-C prints the command that resumes it). ``analyze`` holds a lock file in its output directory, refuses earlier
 analysis outputs unless ``--overwrite`` (which removes them, so no stale DE/DA result stays
 beside new ones), writes into a temporary subdirectory and moves the results in at the end.
 """
@@ -21,6 +24,8 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
+import os
+import shlex
 import shutil
 import sys
 import time
@@ -30,7 +35,9 @@ import numpy as np
 import pandas as pd
 
 
-RUN_OUTPUTS = ("model", "fit.json", "history.csv", "training_history.png", "u_embedding.png", "simulated.h5ad")
+CHECKPOINT_DIR = "checkpoint"
+"""Where ``fit`` keeps its training checkpoint inside the run directory."""
+RUN_OUTPUTS = ("model", CHECKPOINT_DIR, "fit.json", "history.csv", "training_history.png", "u_embedding.png", "simulated.h5ad")
 """What ``fit`` (and ``demo``) write into a run directory."""
 ANALYSIS_OUTPUTS = ("results", "sample_distance_spread.csv", "sample_distances_*.png", "de_summary.csv",
                     "de_effect_size.png", "de_top_genes.png", "de_volcano.png", "da_summary.csv", "da_log_ratio.png",
@@ -46,8 +53,13 @@ def _run_rule(path: Path) -> str | None:
     """``replaceable`` rule of run directories: only our own outputs, and no analysis running."""
     from ._safe_io import LOCK_FILE, lock_owner
 
+    from .checkpoint import checkpoint_rule
+
     if lock_owner(path / LOCK_FILE) is not None:
-        return f"an analysis is writing to it ({path / LOCK_FILE})"
+        return f"another mrvi-pyro process is writing to it ({path / LOCK_FILE})"
+    checkpoint = path / CHECKPOINT_DIR
+    if checkpoint.exists() and (not checkpoint.is_dir() or checkpoint_rule(checkpoint) is not None):
+        return f"its {CHECKPOINT_DIR!r} is not a mrvi_pyro checkpoint"
     foreign = sorted(p.name for p in path.iterdir()
                      if p.name != LOCK_FILE and not _matches(p.name, RUN_OUTPUTS + ANALYSIS_OUTPUTS))
     return f"holds files mrvi-pyro does not write ({foreign[:5]})" if foreign else None
@@ -132,9 +144,11 @@ def _read_h5ad(path: str):
 
 
 def fit_and_save(adata, out: Path, *, sample_key: str, batch_key=None, labels_key=None, layer=None,
-                 max_epochs=None, batch_size=128, seed=0, quiet=False, data_path=None, shown_dir=None):
-    """Register ``adata`` (unless it already is, with these keys), train MrVI, save it to
-    ``out/model`` with history and figures. ``shown_dir`` names ``out`` in messages."""
+                 max_epochs=None, batch_size=128, seed=0, quiet=False, data_path=None, shown_dir=None,
+                 checkpoint_dir=None):
+    """Register ``adata`` (unless it already is, with these keys), train MrVI (with a checkpoint
+    in ``checkpoint_dir``, resumed if it holds one), save it to ``out/model`` with history and
+    figures. ``shown_dir`` names ``out`` in messages."""
     from . import MRVI, plotting
     from .data import REGISTRY_KEY, get_registry
 
@@ -144,7 +158,8 @@ def fit_and_save(adata, out: Path, *, sample_key: str, batch_key=None, labels_ke
         MRVI.setup_anndata(adata, sample_key=sample_key, batch_key=batch_key, labels_key=labels_key, layer=layer)
     model = MRVI(adata, seed=seed)
     start = time.perf_counter()
-    model.train(max_epochs=max_epochs, batch_size=batch_size, seed=seed, progress_bar=not quiet)
+    model.train(max_epochs=max_epochs, batch_size=batch_size, seed=seed, progress_bar=not quiet,
+                checkpoint_dir=checkpoint_dir)
     seconds = time.perf_counter() - start
     out.mkdir(parents=True, exist_ok=True)
     model.save(out / "model")
@@ -163,6 +178,7 @@ def fit_and_save(adata, out: Path, *, sample_key: str, batch_key=None, labels_ke
 
 def _fit(args: argparse.Namespace) -> int:
     from . import MRVI
+    from ._safe_io import directory_lock, remove_stale_siblings, replace_directory, sibling
 
     adata = _read_h5ad(args.data)
     print(f"{args.data}: {adata.n_obs} cells x {adata.n_vars} genes")
@@ -170,12 +186,89 @@ def _fit(args: argparse.Namespace) -> int:
     MRVI.setup_anndata(adata, sample_key=args.sample_key, batch_key=args.batch_key, labels_key=args.labels_key,
                        layer=args.layer)
     out = Path(args.out)
-    with _staged_run(out, args.overwrite) as staging:
-        fit_and_save(adata, staging, sample_key=args.sample_key, batch_key=args.batch_key,
-                     labels_key=args.labels_key, layer=args.layer, max_epochs=args.max_epochs,
-                     batch_size=args.batch_size, seed=args.seed, quiet=args.quiet, data_path=args.data,
-                     shown_dir=out)
+    _check_fit_target(out, overwrite=args.overwrite, resume=args.resume)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_siblings(out)
+    checkpoint = out / CHECKPOINT_DIR
+    try:
+        with directory_lock(out, "fit"):
+            if not args.resume and checkpoint.exists():
+                shutil.rmtree(checkpoint)  # an earlier fit's, checked above; --overwrite starts again
+            staging = sibling(out, "partial")
+            staging.mkdir()
+            try:
+                fit_and_save(adata, staging, sample_key=args.sample_key, batch_key=args.batch_key,
+                             labels_key=args.labels_key, layer=args.layer, max_epochs=args.max_epochs,
+                             batch_size=args.batch_size, seed=args.seed, quiet=args.quiet, data_path=args.data,
+                             shown_dir=out, checkpoint_dir=checkpoint)
+                shutil.copytree(checkpoint, staging / CHECKPOINT_DIR, copy_function=_link_or_copy)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            replace_directory(staging, out)  # the finished run, checkpoint included, in one rename
+    except BaseException as err:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # made by this run and still empty: leave no trace
+        if isinstance(err, KeyboardInterrupt):
+            return _interrupted_fit(out, args.argv)
+        raise
     return 0
+
+
+def _check_fit_target(out: Path, *, overwrite: bool, resume: bool) -> None:
+    """Refuse an ``--out`` that ``fit`` must not write to, before any training."""
+    from ._safe_io import LOCK_FILE, check_target, lock_owner
+    from .checkpoint import checkpoint_rule
+
+    lock = out / LOCK_FILE
+    if out.is_dir() and lock.is_file():
+        owner = lock_owner(lock)
+        if owner is not None:
+            raise ValueError(f"another mrvi-pyro process (pid {owner}) is writing to {out}; wait for it to finish "
+                             "or choose another --out.")
+        lock.unlink()  # left by a killed mrvi-pyro process
+    checkpoint = out / CHECKPOINT_DIR
+    has_checkpoint = checkpoint.is_dir() and checkpoint_rule(checkpoint) is None
+    outputs = sorted(p.name for p in out.iterdir() if p.name != CHECKPOINT_DIR) if out.is_dir() else []
+    if resume and not has_checkpoint:
+        raise ValueError(f"--resume: {out} holds no checkpoint of an earlier fit; run without --resume to start one.")
+    if resume and outputs and not overwrite:
+        raise ValueError(f"--resume: {out} also holds the outputs of a finished fit ({', '.join(outputs[:4])}), "
+                         "which the resumed fit replaces when it completes; add --overwrite to allow that.")
+    if has_checkpoint and not outputs and not resume and not overwrite:
+        raise ValueError(f"{out} holds the checkpoint of an unfinished fit ({_epochs_done(checkpoint)} epochs done); "
+                         "pass --resume to continue it (same data and options), or --overwrite to start again.")
+    check_target(out, overwrite=overwrite or resume, what="--out", replaceable=_run_rule, flag="--overwrite")
+
+
+def _epochs_done(checkpoint: Path) -> int | str:
+    try:
+        return int(json.loads((checkpoint / "checkpoint.json").read_text())["epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "?"
+
+
+def _link_or_copy(source: str, destination: str) -> None:
+    """Hard link (checkpoint files are replaced, never rewritten in place), else copy."""
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copy2(source, destination)
+
+
+def _interrupted_fit(out: Path, argv: list[str]) -> int:
+    """Ctrl-C during ``fit``: say what was kept and the exact command that resumes it."""
+    checkpoint = out / CHECKPOINT_DIR
+    if not checkpoint.is_dir():
+        print("error: interrupted before the first epoch completed; no checkpoint was saved and earlier outputs "
+              f"in {out} are as before", file=sys.stderr)
+        return 130
+    command = ["mrvi-pyro", *argv, *([] if "--resume" in argv else ["--resume"])]
+    print(f"error: interrupted; the checkpoint of the last complete epoch ({_epochs_done(checkpoint)}) is in "
+          f"{checkpoint} (earlier outputs in {out} are as before). Continue with:\n  {shlex.join(command)}",
+          file=sys.stderr)
+    return 130
 
 
 def analyze_model(model, adata, out: Path, *, groupby: str, de: str | None = None, da: str | None = None,
@@ -315,6 +408,9 @@ def _analyze(args: argparse.Namespace) -> int:
     from ._safe_io import directory_lock, move_into, sibling
 
     run_dir = Path(args.dir)
+    if not (run_dir / "model").exists() and (run_dir / CHECKPOINT_DIR).is_dir():
+        raise ValueError(f"{run_dir} holds an unfinished fit (a checkpoint, no model yet); finish it first with "
+                         "`mrvi-pyro fit ... --resume` (same arguments as the fit, plus --resume)")
     data_path = args.data if args.data is not None else _recorded_data(run_dir)
     out = Path(args.out or run_dir)
     if out.exists() and not out.is_dir():
@@ -384,7 +480,11 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--quiet", action="store_true", help="no progress bar")
     fit.add_argument("--overwrite", action="store_true",
-                     help="replace an earlier run in --out (its model and analysis outputs)")
+                     help="replace an earlier run in --out (its model, checkpoint and analysis outputs)")
+    fit.add_argument("--resume", action="store_true",
+                     help="continue the interrupted fit whose checkpoint is in --out/checkpoint (same data and "
+                          "options; --max-epochs may be raised); with --overwrite also when --out holds a finished "
+                          "run, whose outputs are replaced when the resumed fit completes")
     fit.set_defaults(func=_fit)
 
     analyze = sub.add_parser("analyze", help="run distances, DE and DA on a fitted model; write results and a report")
@@ -410,6 +510,7 @@ def main(argv: list[str] | None = None) -> int:
     matplotlib.use("Agg")  # files only; no display needed
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
     except (ValueError, KeyError, OSError) as err:

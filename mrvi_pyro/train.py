@@ -21,6 +21,9 @@ and on Linux the allocator keeps freed minibatch memory for reuse (:func:`tune_m
 
 from __future__ import annotations
 
+import contextlib
+import os
+import random
 import time
 from dataclasses import dataclass
 
@@ -32,6 +35,7 @@ from pyro.infer import Trace_ELBO
 from tqdm.auto import tqdm
 
 from ._malloc import tune_malloc
+from .checkpoint import TrainingCheckpoint, TrainingState, data_identity
 from .data import CellData
 
 
@@ -214,6 +218,8 @@ def train_svi(
     seed: int = 0,
     device: str | torch.device = "auto",
     progress_bar: bool = True,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_identity: dict | None = None,
 ) -> TrainingResult:
     """Fit ``module`` by SVI.
 
@@ -246,11 +252,24 @@ def train_svi(
         ``"auto"``, ``"cpu"`` or ``"cuda"``.
     progress_bar
         Show a tqdm bar with the current losses.
+    checkpoint_dir
+        Directory of a checkpoint written atomically after every epoch (:mod:`mrvi_pyro.checkpoint`).
+        If it already holds one, training resumes after its last complete epoch, exactly where
+        the interrupted run was (parameters, optimiser, random states, minibatch order,
+        history, early stopping), and continues to ``max_epochs``. A checkpoint of another
+        run (training arguments other than ``max_epochs`` and ``progress_bar``, the module's
+        parameters or ``checkpoint_identity``, or the data) is refused, as is a non-empty
+        directory that is not a checkpoint. None (default): no checkpoint, no cost.
+    checkpoint_identity
+        More JSON-able facts a checkpoint must match to be resumed (the facade passes the
+        model's configuration).
 
     Raises
     ------
     TrainingDivergedError
         When the loss or gradient becomes non-finite (no update is applied with it).
+    ValueError
+        For an invalid argument, or a ``checkpoint_dir`` that cannot be used.
     """
 
     def number(v):
@@ -278,39 +297,84 @@ def train_svi(
         if not valid:
             raise ValueError(f"{name} must be {rule}; got {value!r}.")
     device = resolve_device(device)
+    settings = dict(  # what the loop needs besides the split; with train_size, what a resume must match
+        batch_size=batch_size, lr=lr, weight_decay=weight_decay, eps=eps, clip_norm=clip_norm,
+        n_epochs_kl_warmup=n_epochs_kl_warmup, early_stopping=early_stopping,
+        early_stopping_patience=early_stopping_patience, early_stopping_min_delta=early_stopping_min_delta,
+        scale_observations=scale_observations, seed=seed,
+    )
+    checkpoint, resume = None, None
+    if checkpoint_dir is not None:
+        identity = {
+            "training": {**settings, "train_size": train_size, "device": device.type},
+            "parameters": {k: list(v.shape) for k, v in module.state_dict().items()},
+            "data": data_identity(data),
+            **(checkpoint_identity or {}),
+        }
+        checkpoint = TrainingCheckpoint(checkpoint_dir, identity)
+        if checkpoint.epoch > max_epochs:
+            raise ValueError(
+                f"checkpoint_dir {checkpoint_dir} holds {checkpoint.epoch} completed epochs, more than "
+                f"max_epochs={max_epochs}; pass max_epochs >= {checkpoint.epoch} to resume it."
+            )
+        resume = checkpoint.read()
     rng = np.random.default_rng(seed)
     train_idx, val_idx = split_indices(len(data), train_size, rng)
+    if resume is not None:
+        module.load_state_dict(resume.module)
+        train_idx, val_idx = resume.train_indices, resume.validation_indices
     tune_malloc()
     module.to(device)
     params = [p for p in module.parameters() if p.requires_grad]
     flat = FlatParameters(params) if FlatParameters.supported(params) else None
     try:
         return _train_loop(
-            module, data, flat, params, train_idx, val_idx, rng, max_epochs=max_epochs, batch_size=batch_size,
-            lr=lr, weight_decay=weight_decay, eps=eps, clip_norm=clip_norm, n_epochs_kl_warmup=n_epochs_kl_warmup,
-            early_stopping=early_stopping, early_stopping_patience=early_stopping_patience,
-            early_stopping_min_delta=early_stopping_min_delta, scale_observations=scale_observations, seed=seed,
-            device=device, progress_bar=progress_bar,
+            module, data, flat, params, train_idx, val_idx, rng, max_epochs=max_epochs, **settings,
+            device=device, progress_bar=progress_bar, checkpoint=checkpoint, resume=resume,
         )
     finally:
         if flat is not None:
             flat.release()
 
 
+@contextlib.contextmanager
+def _global_random_states(resume: TrainingState | None):
+    """Nothing without ``resume``; with it, the caller's numpy and Python random states are
+    kept aside for the block (which sets the checkpoint's) and given back afterwards."""
+    if resume is None:
+        yield
+        return
+    numpy_state, python_state = np.random.get_state(), random.getstate()
+    try:
+        yield
+    finally:
+        np.random.set_state(numpy_state)
+        random.setstate(python_state)
+
+
 def _train_loop(module, data, flat, params, train_idx, val_idx, rng, *, max_epochs, batch_size, lr, weight_decay,
                 eps, clip_norm, n_epochs_kl_warmup, early_stopping, early_stopping_patience,
-                early_stopping_min_delta, scale_observations, seed, device, progress_bar) -> "TrainingResult":
+                early_stopping_min_delta, scale_observations, seed, device, progress_bar, checkpoint,
+                resume) -> "TrainingResult":
     n_train = len(train_idx)
     weights = (
         sample_balance_weights(data.sample_index, data.registry.n_samples) if scale_observations else None
     )
     optimizer = make_adam([flat.flat] if flat is not None else params, lr=lr, eps=eps, weight_decay=weight_decay)
     elbo = Trace_ELBO()
-    rows, best, since_best, stopped = [], np.inf, 0, False
+    rows, best, since_best, stopped, first = [], np.inf, 0, False, 0
     fork_devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=fork_devices), pyro.validation_enabled(False):
-        torch.manual_seed(seed)
-        bar = tqdm(range(max_epochs), desc="Training", unit="epoch", disable=not progress_bar, leave=False)
+    with (torch.random.fork_rng(devices=fork_devices), _global_random_states(resume),
+          pyro.validation_enabled(False)):
+        if resume is None:
+            torch.manual_seed(seed)
+        else:
+            optimizer.load_state_dict(resume.optimizer)
+            resume.restore_random_states(rng, device)
+            rows, best, since_best = [dict(row) for row in resume.rows], resume.best, resume.since_best
+            stopped, first = resume.stopped_early, resume.epoch
+        bar = tqdm(range(first, max_epochs if not stopped else first), initial=first, total=max_epochs,
+                   desc="Training", unit="epoch", disable=not progress_bar, leave=False)
         for epoch in bar:
             start = time.perf_counter()
             kl_weight = min(1.0, epoch / n_epochs_kl_warmup) if n_epochs_kl_warmup > 0 else 1.0
@@ -365,8 +429,14 @@ def _train_loop(module, data, flat, params, train_idx, val_idx, rng, *, max_epoc
                 best, since_best = monitored, 0
             else:
                 since_best += 1
-            if early_stopping and since_best >= early_stopping_patience:
-                stopped = True
+            stopped = early_stopping and since_best >= early_stopping_patience
+            if checkpoint is not None:
+                checkpoint.write(TrainingState.capture(
+                    epoch=epoch + 1, rows=rows, best=best, since_best=since_best, stopped_early=stopped,
+                    module=module, optimizer=optimizer, train_indices=train_idx, validation_indices=val_idx,
+                    minibatch_rng=rng, device=device,
+                ))
+            if stopped:
                 break
         bar.close()
     module.eval()
