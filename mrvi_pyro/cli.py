@@ -218,7 +218,7 @@ def _fit(args: argparse.Namespace) -> int:
 
 def _check_fit_target(out: Path, *, overwrite: bool, resume: bool) -> None:
     """Refuse an ``--out`` that ``fit`` must not write to, before any training."""
-    from ._safe_io import LOCK_FILE, check_target, lock_owner
+    from ._safe_io import LOCK_FILE, check_target, lock_owner, remove_stale_siblings
     from .checkpoint import checkpoint_rule
 
     lock = out / LOCK_FILE
@@ -229,6 +229,8 @@ def _check_fit_target(out: Path, *, overwrite: bool, resume: bool) -> None:
                              "or choose another --out.")
         lock.unlink()  # left by a killed mrvi-pyro process
     checkpoint = out / CHECKPOINT_DIR
+    if out.is_dir():
+        remove_stale_siblings(checkpoint)  # a checkpoint write that was killed half-way
     has_checkpoint = checkpoint.is_dir() and checkpoint_rule(checkpoint) is None
     outputs = sorted(p.name for p in out.iterdir() if p.name != CHECKPOINT_DIR) if out.is_dir() else []
     if resume and not has_checkpoint:

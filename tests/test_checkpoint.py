@@ -273,6 +273,7 @@ def test_fit_interrupted_by_ctrl_c_and_killed_resumes_to_the_uninterrupted_model
     printed = err.strip().splitlines()[-1].strip()
     assert printed == shlex.join(["mrvi-pyro", *_fit_arguments(data, run), "--resume"])
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint"]
+    (run / f".checkpoint.partial-{process.pid}-0123abcd").mkdir()  # as a write killed half-way leaves it
     assert main(_fit_arguments(data, run)) == 2  # without --resume: refused, nothing touched
     assert "holds the checkpoint of an unfinished fit" in capsys.readouterr().err
     assert main(["analyze", str(run), "--groupby", "cell_type"]) == 2
