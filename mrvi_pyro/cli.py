@@ -135,7 +135,7 @@ def fit_and_save(adata, out: Path, *, sample_key: str, batch_key=None, labels_ke
                  max_epochs=None, batch_size=128, seed=0, quiet=False, data_path=None, shown_dir=None):
     """Register ``adata`` (unless it already is, with these keys), train MrVI, save it to
     ``out/model`` with history and figures. ``shown_dir`` names ``out`` in messages."""
-    from . import MRVI, plotting
+    from . import MRVI, pl
     from .data import REGISTRY_KEY, get_registry
 
     keys = (sample_key, batch_key, labels_key, layer)
@@ -150,10 +150,10 @@ def fit_and_save(adata, out: Path, *, sample_key: str, batch_key=None, labels_ke
     model.save(out / "model")
     (out / "fit.json").write_text(json.dumps({"data": str(Path(data_path).resolve()) if data_path else None}))
     model.history.to_csv(out / "history.csv")
-    plotting.training_history(model.history).savefig(out / "training_history.png", dpi=110)
+    pl.training_history(model.history).savefig(out / "training_history.png", dpi=110)
     colors = [k for k in (labels_key, batch_key, sample_key) if k is not None][:2]
-    coords = plotting.pca_2d(model.get_latent_representation())
-    plotting.embedding(coords, adata.obs, colors, title="MrVI u (PCA)").savefig(out / "u_embedding.png", dpi=110)
+    pl.embedding(adata, color=colors, latent=model.get_latent_representation(), title="MrVI u (PCA)").savefig(
+        out / "u_embedding.png", dpi=110)
     last = model.history.iloc[-1]
     val = f", validation {last['elbo_validation']:.1f}" if "elbo_validation" in last else ""
     print(f"trained {len(model.history)} epochs in {seconds:.1f} s; -ELBO/cell train {last['elbo_train']:.1f}{val} "
@@ -186,7 +186,7 @@ def analyze_model(model, adata, out: Path, *, groupby: str, de: str | None = Non
     when ``basis`` is None."""
     import matplotlib.pyplot as plt
 
-    from . import plotting
+    from . import pl
     from .report import Section, write_html_report
 
     _check_columns(adata, groupby, de, da, basis)
@@ -204,10 +204,10 @@ def analyze_model(model, adata, out: Path, *, groupby: str, de: str | None = Non
         if not quiet:
             print(f"[analyze] {message}", flush=True)
 
-    coords, axes_name = plotting.basis_coords(adata, basis, latent=model.get_latent_representation(adata))
-    overview = Section("Model", [repr(model)], [save_figure(plotting.training_history(model.history), "training_history.png")]
+    coords, axes_name = pl.basis_coords(adata, basis, latent=model.get_latent_representation(adata))
+    overview = Section("Model", [repr(model)], [save_figure(pl.training_history(model.history), "training_history.png")]
                        if model.history is not None else [])
-    overview.figures.append(save_figure(plotting.embedding(coords, adata.obs, [groupby, model.registry.sample_key],
+    overview.figures.append(save_figure(pl.embedding(coords, obs=adata.obs, color=[groupby, model.registry.sample_key],
                                                            basis_name=axes_name), "u_embedding.png"))
     sections.append(overview)
 
@@ -224,7 +224,7 @@ def analyze_model(model, adata, out: Path, *, groupby: str, de: str | None = Non
     spread = spread.sort_values("mean_between_sample_distance", ascending=False)
     spread.to_csv(out / "sample_distance_spread.csv", index=False)
     colour_by = list(dict.fromkeys(c for c in (de, da) if c is not None and c in model.sample_info)) or None
-    figures = [save_figure(plotting.sample_distance_heatmap(group_means, group=name, sample_info=model.sample_info,
+    figures = [save_figure(pl.sample_distance_heatmap(group_means, group=name, sample_info=model.sample_info,
                                                             color_by=colour_by, title=f"{groupby} = {name}"),
                            f"sample_distances_{_safe(name)}.png")
                for name in spread[groupby].head(6)]
@@ -243,10 +243,10 @@ def analyze_model(model, adata, out: Path, *, groupby: str, de: str | None = Non
         table.to_csv(out / "de_summary.csv", index=False)
         column = str(de_result["covariate"].values[0])
         figures = [
-            save_figure(plotting.effect_size_embedding(de_result, coords, covariate=column, obs=adata.obs,
+            save_figure(pl.effect_size_embedding(de_result, coords, covariate=column, obs=adata.obs,
                                                        color=groupby, basis_name=axes_name), "de_effect_size.png"),
-            save_figure(plotting.top_genes_heatmap(table, covariate=column, n_genes=5), "de_top_genes.png"),
-            save_figure(plotting.volcano(table, covariate=column), "de_volcano.png"),
+            save_figure(pl.top_genes_heatmap(table, covariate=column, n_genes=5), "de_top_genes.png"),
+            save_figure(pl.volcano(table, covariate=column), "de_volcano.png"),
         ]
         top = table[table["rank"] <= 10] if "rank" in table else table
         sections.append(Section(f"Differential expression: {column}",
@@ -262,7 +262,7 @@ def analyze_model(model, adata, out: Path, *, groupby: str, de: str | None = Non
         summary = model.differential_abundance_summary(da, adata=adata, groupby=groupby, seed=seed)
         per_group = summary[[v for v in summary.data_vars if v.startswith(f"{groupby}_")]].to_dataframe()
         per_group.to_csv(out / "da_summary.csv")
-        figure = save_figure(plotting.log_ratio_summary(summary, coords, adata.obs, groupby=groupby,
+        figure = save_figure(pl.log_ratio_summary(summary, coords, adata.obs, groupby=groupby,
                                                                 basis_name=axes_name), "da_log_ratio.png")
         sections.append(Section(f"Differential abundance: {summary.attrs.get('group1')} vs {summary.attrs.get('group2')}",
                                 ["Log-ratio of the aggregated posteriors of the two sample groups at each cell, with "

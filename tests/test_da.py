@@ -9,7 +9,7 @@ import torch
 from scipy.special import logsumexp
 from sklearn.metrics import roc_auc_score
 
-from mrvi_pyro import _plot_da, da
+from mrvi_pyro import da, pl
 
 
 def _disease_log_ratio(result):
@@ -198,8 +198,8 @@ def test_summary_facade_recovers_planted_type_and_is_seeded(trained_model, sim_a
     assert all(xr_equal)
     other = trained_model.differential_abundance_summary("disease", **{**kwargs, "seed": 6})
     assert not np.array_equal(summary["log_ratio_sd"].values, other["log_ratio_sd"].values)
-    fig = _plot_da.log_ratio_summary(summary, np.random.default_rng(0).normal(size=(sim_adata.n_obs, 2)),
-                                     sim_adata.obs, "cell_type")
+    fig = pl.log_ratio_summary(summary, np.random.default_rng(0).normal(size=(sim_adata.n_obs, 2)),
+                               sim_adata.obs, "cell_type")
     assert len(fig.axes) >= 2
 
 
