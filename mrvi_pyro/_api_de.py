@@ -19,7 +19,7 @@ from anndata import AnnData
 from . import de
 from ._safe_io import StagedPath, zarr_replaceable
 from .explore import check_positive
-from .data import sample_covariates
+from .data import check_key_added, sample_covariates
 
 
 def _as_list(value, name: str) -> list[str]:
@@ -86,6 +86,7 @@ class DEMixin:
         paired_draws: bool = True,
         regression_uncertainty: bool = True,
         seed: int = 0,
+        key_added: str | None = None,
         **filter_samples_kwargs,
     ) -> xr.Dataset:
         """Cell-specific differential expression by counterfactual regression.
@@ -160,8 +161,8 @@ class DEMixin:
             it was.
         overwrite
             Ours: replace an existing non-empty ``zarr_path`` (only if it is a zarr store;
-            anything else is refused). False (default): an existing non-empty ``zarr_path`` is a
-            ``ValueError``.
+            anything else is refused) and existing ``obs`` columns of ``key_added``. False
+            (default): either is a ``ValueError``, raised before any work.
         paired_draws
             Ours: the same posterior draw of u on both arms of an LFC (False reproduces the
             reference's unpaired comparison, for diagnostics).
@@ -172,6 +173,12 @@ class DEMixin:
             (each draw still has its own regression).
         seed
             Ours: seeds the posterior draws and the permutations.
+        key_added
+            Ours: also write per-cell summaries into ``adata.obs`` (of the AnnData analysed), for
+            scanpy (``sc.pl.umap(adata, color=...)``): for each ``covariate`` value ``c``,
+            ``"<key_added>_effect_size_<c>"`` and ``"<key_added>_padj_<c>"`` (e.g.
+            ``key_added="mrvi_de"`` gives ``mrvi_de_effect_size_disease_disease``). Existing
+            columns are refused unless ``overwrite=True``; the registered columns always.
         **filter_samples_kwargs
             Passed to :func:`mrvi_pyro.admissibility.outlier_cell_sample_pairs`.
 
@@ -260,6 +267,10 @@ class DEMixin:
             covariates, keys, normalize_design_matrix=normalize_design_matrix, batch_shares=shares,
             level_names=self.registry.batch_categories, add_batch_specific_offsets=add_batch_specific_offsets,
         )
+        if key_added is not None:
+            columns = [f"{key_added}_{name}_{c}" for c in design.covariate_names for name in ("effect_size", "padj")]
+            check_key_added(key_added, adata.obs, columns, where="adata.obs", overwrite=overwrite,
+                            registry=self.registry)
         if pvalue_method == "robust":
             fallback = de.robust_fallback_columns(design)
             if fallback:
@@ -356,6 +367,10 @@ class DEMixin:
             "seed": int(seed),
         }
         result = xr.Dataset(data_vars, coords=coords, attrs=attrs)
+        if key_added is not None:
+            for j, c in enumerate(design.covariate_names):
+                adata.obs[f"{key_added}_effect_size_{c}"] = np.asarray(out["effect_size"][:, j])
+                adata.obs[f"{key_added}_padj_{c}"] = np.asarray(out["padj"][:, j])
         if sink is None:
             return result
         if not sink.on_disk:

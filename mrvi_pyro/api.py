@@ -22,7 +22,7 @@ from . import __version__
 from ._api_da import DAMixin
 from ._api_de import DEMixin
 from ._api_explore import ExploreMixin
-from .data import CellData, Registry, build_sample_info, get_registry
+from .data import CellData, Registry, build_sample_info, check_key_added, get_registry
 from .data import setup_anndata as _setup_anndata
 from .explore import check_positive
 from .io import history_from_json, history_to_json, read_model, write_model
@@ -400,14 +400,11 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
         _check_optional_positive("batch_size", batch_size)
         target = self.adata if adata is None else adata
         if key_added is not None:
-            if not isinstance(key_added, str) or not key_added:
-                raise ValueError(f"key_added must be a non-empty string (an obsm key); got {key_added!r}.")
+            if target is not None:
+                check_key_added(key_added, target.obsm, [key_added], where="adata.obsm", overwrite=overwrite)
             if indices is not None:
                 raise ValueError("key_added writes one row per cell of adata.obsm, so it needs indices=None; "
                                  "subset the AnnData instead.")
-            if target is not None and key_added in target.obsm and not overwrite:
-                raise ValueError(f"adata.obsm already has {key_added!r}; pass overwrite=True to replace it, "
-                                 "or choose another key_added.")
         data = self._cell_data(adata)
         latent = latent_representation(
             self.module, data, self._indices(data, indices), give_z=give_z, use_mean=use_mean,

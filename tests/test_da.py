@@ -248,3 +248,20 @@ def test_does_not_modify_adata(trained_model, sim_adata):
     obs, uns_keys, obsm_keys = small.obs.copy(), set(small.uns), set(small.obsm)
     trained_model.differential_abundance(small, sample_cov_keys=["disease"], compute_log_enrichment=True)
     assert small.obs.equals(obs) and set(small.uns) == uns_keys and set(small.obsm) == obsm_keys
+
+
+def test_key_added_writes_per_cell_log_ratios_to_obs(small_adata):
+    from mrvi_pyro import MRVI
+
+    model = MRVI(small_adata, n_latent=6, n_latent_u=4)
+    model.train(max_epochs=1, progress_bar=False)
+    small_adata.obs["mrvi_da_log_ratio_disease_disease"] = "mine"
+    with pytest.raises(ValueError, match="already has 'mrvi_da_log_ratio_disease_disease'; pass overwrite=True"):
+        model.differential_abundance(sample_cov_keys=["disease"], key_added="mrvi_da")
+    assert (small_adata.obs["mrvi_da_log_ratio_disease_disease"] == "mine").all()  # the user's column is kept
+    result = model.differential_abundance(sample_cov_keys=["disease"], key_added="mrvi_da", overwrite=True)
+    levels = [str(v) for v in result["disease"].values]
+    assert levels == ["healthy", "disease"]
+    expected = (result["disease_log_probs"].sel(disease="disease") - result["disease_log_probs"].sel(disease="healthy"))
+    np.testing.assert_array_equal(small_adata.obs["mrvi_da_log_ratio_disease_disease"], expected.values)
+    assert [c for c in small_adata.obs if c.startswith("mrvi_da")] == ["mrvi_da_log_ratio_disease_disease"]
