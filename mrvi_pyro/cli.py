@@ -26,8 +26,8 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
+# numpy, pandas, torch, anndata and matplotlib are imported inside the subcommands, so that
+# `mrvi-pyro --help` and `--version` answer at once.
 
 
 RUN_OUTPUTS = ("model", "fit.json", "history.csv", "training_history.png", "u_embedding.png", "simulated.h5ad")
@@ -90,6 +90,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 def check_against_truth(model, results: dict, truth) -> list[str]:
     """One line per analysis comparing its result with the simulation's planted truth."""
+    import numpy as np
+
     from . import explore
     from ._metrics import adjusted_rand_index, auroc
 
@@ -185,6 +187,8 @@ def analyze_model(model, adata, out: Path, *, groupby: str, de: str | None = Non
     ``adata.obsm[basis]`` (e.g. ``"X_umap"``), or on the first two principal components of u
     when ``basis`` is None."""
     import matplotlib.pyplot as plt
+    import numpy as np
+    import pandas as pd
 
     from . import pl
     from .report import Section, write_html_report
@@ -349,45 +353,64 @@ def _analyze(args: argparse.Namespace) -> int:
 
 def _knn_agreement(coords, labels, k: int = 15) -> float:
     """Share of each cell's k nearest neighbours (in ``coords``) that share its label."""
+    import numpy as np
     from scipy.spatial import cKDTree
 
     _, neighbours = cKDTree(coords).query(coords, k=k + 1)
     return float(np.mean(labels[neighbours[:, 1:]] == labels[:, None]))
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where there is none to show (None, off switches)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mrvi-pyro", description="MrVI in Pyro: multi-sample single-cell analysis.")
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="mrvi-pyro", description="MrVI in Pyro: multi-sample single-cell analysis.",
+                                     formatter_class=_HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="simulate a cohort, train MrVI and write figures and a summary")
-    demo.add_argument("--out", default="mrvi_demo", help="output directory (default: mrvi_demo)")
-    demo.add_argument("--n-cells", type=int, default=3000)
-    demo.add_argument("--n-genes", type=int, default=200)
-    demo.add_argument("--n-samples", type=int, default=12)
-    demo.add_argument("--max-epochs", type=int, default=100)
+
+    def command(name: str, text: str):
+        return sub.add_parser(name, help=text, description=text, formatter_class=_HelpFormatter)
+
+    demo = command("demo", "simulate a cohort, train MrVI and write figures, a summary and a report")
+    demo.add_argument("--out", default="mrvi_demo", help="output directory")
+    demo.add_argument("--n-cells", type=int, default=3000, help="simulated cells")
+    demo.add_argument("--n-genes", type=int, default=200, help="simulated genes")
+    demo.add_argument("--n-samples", type=int, default=12, help="simulated samples")
+    demo.add_argument("--max-epochs", type=int, default=100, help="training epochs")
     demo.add_argument("--batch-size", type=int, default=128,
-                      help="cells per step (default 128, as MRVI.train; with 256 the hidden grouping was "
-                           "recovered for 2 of 5 simulation seeds in 100 epochs, with 128 for all 5)")
+                      help="cells per step (as MRVI.train; with 256 the hidden grouping was recovered for 2 of 5 "
+                           "simulation seeds in 100 epochs, with 128 for all 5)")
     demo.add_argument("--seed", type=int, default=3, help="seeds the simulation, initialisation and training")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
     demo.set_defaults(func=_demo)
 
-    fit = sub.add_parser("fit", help="train MrVI on an .h5ad of raw counts and save it")
+    fit = command("fit", "train MrVI on an .h5ad of raw counts and save it")
     fit.add_argument("data", help="AnnData file (.h5ad) with raw counts")
     fit.add_argument("--sample-key", required=True, help="obs column of the sample (e.g. donor)")
     fit.add_argument("--batch-key", default=None, help="obs column of a nuisance covariate (batch, site)")
     fit.add_argument("--labels-key", default=None, help="obs column of cell-type labels")
-    fit.add_argument("--layer", default=None, help="layer holding the raw counts (default X)")
+    fit.add_argument("--layer", default=None, help="layer holding the raw counts (default: X)")
     fit.add_argument("--out", required=True, help="output directory")
-    fit.add_argument("--max-epochs", type=int, default=None, help="default: min(round(20000 / n_cells * 400), 400)")
-    fit.add_argument("--batch-size", type=int, default=128, help="cells per step (default 128, as MRVI.train)")
-    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--max-epochs", type=int, default=None,
+                     help="training epochs (default: min(round(20000 / n_cells * 400), 400))")
+    fit.add_argument("--batch-size", type=int, default=128, help="cells per step (as MRVI.train)")
+    fit.add_argument("--seed", type=int, default=0, help="seeds the initialisation and training")
     fit.add_argument("--quiet", action="store_true", help="no progress bar")
     fit.add_argument("--overwrite", action="store_true",
                      help="replace an earlier run in --out (its model and analysis outputs)")
     fit.set_defaults(func=_fit)
 
-    analyze = sub.add_parser("analyze", help="run distances, DE and DA on a fitted model; write results and a report")
+    analyze = command("analyze", "run distances, DE and DA on a fitted model; write results and a report")
     analyze.add_argument("dir", help="directory written by `mrvi-pyro fit`")
     analyze.add_argument("--data", default=None, help="AnnData file (default: the one used by fit)")
     analyze.add_argument("--groupby", required=True, help="obs column to group cells by (e.g. cell type)")
@@ -397,19 +420,19 @@ def build_parser() -> argparse.ArgumentParser:
                          help="obsm key of the 2-d embedding to draw cells on, e.g. X_umap (default: PCA of u)")
     analyze.add_argument("--out", default=None, help="output directory (default: DIR)")
     analyze.add_argument("--mc-samples", type=int, default=20, help="posterior draws for DE log fold-changes")
-    analyze.add_argument("--seed", type=int, default=0)
-    analyze.add_argument("--quiet", action="store_true")
+    analyze.add_argument("--seed", type=int, default=0, help="seeds the posterior draws")
+    analyze.add_argument("--quiet", action="store_true", help="no progress messages")
     analyze.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier analysis")
     analyze.set_defaults(func=_analyze)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
     import matplotlib
 
     matplotlib.use("Agg")  # files only; no display needed
-    parser = build_parser()
-    args = parser.parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, KeyError, OSError) as err:

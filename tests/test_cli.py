@@ -90,3 +90,30 @@ def test_analyze_command_and_its_errors(tmp_path, small_adata, capsys):
     assert main(["analyze", str(tmp_path / "run"), "--groupby", "cell_type", "--de", "cell_type", "--overwrite"]) == 2
     assert "not a sample-level covariate" in capsys.readouterr().err
     assert (tmp_path / "run" / "de_summary.csv").is_file()  # the failed run left the earlier outputs
+
+
+def test_help_and_version_answer_without_loading_the_heavy_libraries():
+    code = ("import sys\nfrom mrvi_pyro.cli import main\n"
+            "for argv in (['--help'], ['--version'], ['fit', '--help']):\n"
+            "    try:\n        main(argv)\n    except SystemExit as done:\n        assert done.code == 0, argv\n"
+            "heavy = sorted(m for m in ('torch', 'anndata', 'pyro', 'numpy', 'pandas', 'matplotlib', 'xarray') "
+            "if m in sys.modules)\nprint('heavy:', heavy)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    import mrvi_pyro
+
+    assert f"mrvi-pyro {mrvi_pyro.__version__}" in result.stdout
+    assert "heavy: []" in result.stdout
+    assert "--batch-size BATCH_SIZE\n                        cells per step (as MRVI.train) (default: 128)" in result.stdout
+    assert "(default: None)" not in result.stdout and "(default: False)" not in result.stdout
+
+
+def test_the_package_imports_lazily_and_keeps_its_public_names():
+    code = ("import sys, types\nimport mrvi_pyro\nassert 'torch' not in sys.modules\n"
+            "from mrvi_pyro import MRVI, pl\nimport mrvi_pyro.model, mrvi_pyro.guide\n"
+            "assert not isinstance(mrvi_pyro.model, types.ModuleType) and callable(mrvi_pyro.guide)\n"
+            "assert mrvi_pyro.model is sys.modules['mrvi_pyro.model'].model and MRVI is mrvi_pyro.api.MRVI\n"
+            "assert mrvi_pyro.plotting.volcano is pl.volcano and callable(mrvi_pyro.datasets.simulate)\n"
+            "print('ok')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
