@@ -99,6 +99,7 @@ class DAMixin:
         quantile_threshold: float = 0.05,
         admissibility_threshold: float = 0.0,
         batch_size: int = 256,
+        *,
         flavor: str = "ball",
         seed: int = 0,
     ) -> xr.Dataset:

@@ -18,7 +18,7 @@ from anndata import AnnData
 
 from . import de
 from ._safe_io import StagedPath, zarr_replaceable
-from .explore import check_positive
+from .explore import check_positive, check_use_vmap
 from .data import check_key_added, sample_covariates
 
 
@@ -66,6 +66,7 @@ class DEMixin:
         sample_cov_keys: Sequence[str] | None = None,
         sample_subset: Sequence[str] | None = None,
         batch_size: int = 128,
+        use_vmap: str | bool = "auto",
         normalize_design_matrix: bool = True,
         add_batch_specific_offsets: bool = False,
         mc_samples: int = 50,
@@ -110,6 +111,9 @@ class DEMixin:
             Only these samples enter the regression (default: all).
         batch_size
             Cells per chunk.
+        use_vmap
+            Accepted for compatibility with scvi-tools and ignored (cells and samples are always
+            tensor dimensions): ``"auto"``, True or False.
         normalize_design_matrix
             Standardise numeric covariates (coefficients per standard deviation); indicator
             columns stay 0/1.
@@ -204,6 +208,7 @@ class DEMixin:
         """
         if sample_cov_keys is None:
             raise ValueError("Pass sample_cov_keys=[...]: the sample-level obs columns to regress on.")
+        check_use_vmap(use_vmap)
         keys = _as_list(sample_cov_keys, "sample_cov_keys")
         if not keys:
             raise ValueError("sample_cov_keys is empty; pass at least one sample-level obs column.")
