@@ -1,16 +1,31 @@
 """The command line."""
 
+import contextlib
+import io
 import subprocess
 import sys
 
+import pytest
+
 from mrvi_pyro.cli import main
 
+from ._chromium import CHROMIUM, NO_BROWSER, render
 
-def test_demo_runs_end_to_end(tmp_path, capsys):
-    code = main(["demo", "--out", str(tmp_path), "--n-cells", "400", "--n-genes", "120", "--n-samples", "6",
-                 "--max-epochs", "3", "--quiet"])
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """A small demo run (400 cells, 3 epochs): its output directory and what it printed."""
+    out_dir = tmp_path_factory.mktemp("demo")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = main(["demo", "--out", str(out_dir), "--n-cells", "400", "--n-genes", "120", "--n-samples", "6",
+                     "--max-epochs", "3", "--quiet"])
     assert code == 0
-    out = capsys.readouterr().out
+    return out_dir, printed.getvalue()
+
+
+def test_demo_runs_end_to_end(demo_run):
+    out_dir, out = demo_run
     assert "trained 3 epochs" in out
     for prefix in ("distances: largest between-sample spread", "DE: highest effect size", "DA: highest log-ratio"):
         assert prefix in out, prefix
@@ -18,9 +33,24 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
                  "de_summary.csv", "da_summary.csv", "sample_distance_spread.csv", "report.html",
                  "results/local_sample_distances.zarr", "results/differential_expression.zarr",
                  "results/differential_abundance.zarr"):
-        assert (tmp_path / name).exists(), name
-    assert (tmp_path / "u_embedding.png").stat().st_size > 10_000
-    _check_report(tmp_path)
+        assert (out_dir / name).exists(), name
+    assert (out_dir / "u_embedding.png").stat().st_size > 10_000
+    _check_report(out_dir)
+    text = (out_dir / "report.html").read_text()
+    for group in ("type_0", "type_1", "type_2", "type_3"):  # every cell type in the DE table
+        assert text.count(f'<td class="text">{group}</td>') >= 3, group  # distances, DE and DA tables
+    assert "Training curves: -ELBO per cell" in text and "simulated.h5ad" in text
+    assert "mrvi-pyro demo --out" in text  # the command line in the run metadata
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason=NO_BROWSER)
+def test_demo_report_renders_in_headless_chromium(demo_run, tmp_path):
+    out_dir, _ = demo_run
+    state = render(CHROMIUM, out_dir / "report.html", tmp_path / "demo_report_1280px.png", width=1280)
+    assert len(state["images"]) == len(list(out_dir.glob("*.png"))) >= 8
+    assert all(image["complete"] and image["width"] > 0 for image in state["images"]), state["images"]
+    assert state["scrollWidth"] <= 1280 == state["innerWidth"]
+    assert state["console_errors"] == []
 
 
 def _check_report(out_dir):

@@ -8,6 +8,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 
 from ._base import axes_or_new, cell_coords, finish, is_anndata
 
@@ -136,6 +137,7 @@ def training_history(history, *, ax=None, show: bool | None = None):
     fig, ax = axes_or_new(ax, (5, 3.5))
     for column in columns:
         ax.plot(history.index, history[column], label=column.replace("elbo_", ""))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("-ELBO per cell")
     ax.legend(frameon=False)
