@@ -295,3 +295,19 @@ def test_training_history_reads_a_model_or_its_history():
     model.history = None
     with pytest.raises(ValueError, match="an untrained model has no history"):
         pl.training_history(model)
+
+
+def test_every_figure_function_follows_the_pl_conventions():
+    import inspect
+
+    helpers = {"P_VALUE_FLOOR", "basis_coords", "pca_2d", "da_log_ratio"}
+    first = {"adata", "de", "summary", "distances", "log_ratio", "history"}
+    single_panel = {"embedding", "training_history", "top_genes_heatmap", "volcano", "log_ratio_embedding",
+                    "log_ratio_by_group", "local_distance_embedding"}
+    for name in sorted(set(pl.__all__) - helpers):
+        function = getattr(pl, name)
+        parameters = inspect.signature(function).parameters
+        assert function.__doc__ and "show" in function.__doc__, name
+        assert next(iter(parameters)) in first, name  # the AnnData or the result first
+        assert parameters["show"].kind is inspect.Parameter.KEYWORD_ONLY and parameters["show"].default is None, name
+        assert ("ax" in parameters) == (name in single_panel), name
