@@ -17,7 +17,7 @@ from anndata import AnnData
 
 from . import da
 from .admissibility import outlier_cell_sample_pairs
-from .data import sample_covariates
+from .data import check_key_added, sample_covariates
 from .explore import check_positive
 
 
@@ -99,6 +99,7 @@ class DAMixin:
         quantile_threshold: float = 0.05,
         admissibility_threshold: float = 0.0,
         batch_size: int = 256,
+        *,
         flavor: str = "ball",
         seed: int = 0,
     ) -> xr.Dataset:
@@ -154,6 +155,8 @@ class DAMixin:
         max_components_per_sample: int | None = None,
         seed: int = 0,
         component_chunk: int = da.COMPONENT_CHUNK,
+        key_added: str | None = None,
+        overwrite: bool = False,
     ) -> xr.Dataset:
         """Per-cell log densities of the samples' aggregated posteriors, and of covariate levels.
 
@@ -184,6 +187,15 @@ class DAMixin:
             Ours: seed of the component subsample.
         component_chunk
             Ours: component cells per block (memory ~ 512 x component_chunk doubles).
+        key_added
+            Ours: also write the per-cell log-ratio of each level against the first level of
+            each key into ``adata.obs`` (of the AnnData analysed), for scanpy:
+            ``"<key_added>_log_ratio_<key>_<level>"`` = ``log q_level - log q_first`` (e.g.
+            ``key_added="mrvi_da"`` gives ``mrvi_da_log_ratio_disease_disease``, disease vs
+            healthy; NaN where a cell's own sample is the only one of a level).
+        overwrite
+            Ours: replace existing ``obs`` columns of ``key_added`` (False: a ``ValueError``
+            before any work; the registered columns are always refused).
 
         Returns
         -------
@@ -195,6 +207,11 @@ class DAMixin:
         keys = [] if sample_cov_keys is None else ([sample_cov_keys] if isinstance(sample_cov_keys, str)
                                                     else list(sample_cov_keys))
         groups = {key: self._sample_groups(adata, key, names, subset) for key in keys}  # validates first
+        if key_added is not None:
+            columns = [f"{key_added}_log_ratio_{key}_{level}" for key, (levels, _) in groups.items()
+                       for level in levels[1:]]
+            check_key_added(key_added, adata.obs, columns, where="adata.obs", overwrite=overwrite,
+                            registry=self.registry)
 
         log_probs = da.sample_log_probs(
             self.module, data, max_components_per_sample=max_components_per_sample, batch_size=batch_size,
@@ -220,6 +237,11 @@ class DAMixin:
                     log_probs, cell_sample, membership, omit_original_sample=omit_original_sample, warn=False,
                 ) - da.group_log_probs(
                     log_probs, cell_sample, outside, omit_original_sample=omit_original_sample, warn=False))
+        if key_added is not None:
+            for key, (levels, _) in groups.items():
+                level_log_probs = data_vars[f"{key}_log_probs"][1]
+                for v, level in enumerate(levels[1:], start=1):
+                    adata.obs[f"{key_added}_log_ratio_{key}_{level}"] = level_log_probs[:, v] - level_log_probs[:, 0]
         return xr.Dataset(data_vars, coords=coords)
 
     def differential_abundance_summary(

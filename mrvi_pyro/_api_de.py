@@ -18,8 +18,8 @@ from anndata import AnnData
 
 from . import de
 from ._safe_io import StagedPath, zarr_replaceable
-from .explore import check_positive
-from .data import sample_covariates
+from .explore import check_positive, check_use_vmap
+from .data import check_key_added, sample_covariates
 
 
 def _as_list(value, name: str) -> list[str]:
@@ -66,6 +66,7 @@ class DEMixin:
         sample_cov_keys: Sequence[str] | None = None,
         sample_subset: Sequence[str] | None = None,
         batch_size: int = 128,
+        use_vmap: str | bool = "auto",
         normalize_design_matrix: bool = True,
         add_batch_specific_offsets: bool = False,
         mc_samples: int = 50,
@@ -86,6 +87,7 @@ class DEMixin:
         paired_draws: bool = True,
         regression_uncertainty: bool = True,
         seed: int = 0,
+        key_added: str | None = None,
         **filter_samples_kwargs,
     ) -> xr.Dataset:
         """Cell-specific differential expression by counterfactual regression.
@@ -109,6 +111,9 @@ class DEMixin:
             Only these samples enter the regression (default: all).
         batch_size
             Cells per chunk.
+        use_vmap
+            Accepted for compatibility with scvi-tools and ignored (cells and samples are always
+            tensor dimensions): ``"auto"``, True or False.
         normalize_design_matrix
             Standardise numeric covariates (coefficients per standard deviation); indicator
             columns stay 0/1.
@@ -160,8 +165,8 @@ class DEMixin:
             it was.
         overwrite
             Ours: replace an existing non-empty ``zarr_path`` (only if it is a zarr store;
-            anything else is refused). False (default): an existing non-empty ``zarr_path`` is a
-            ``ValueError``.
+            anything else is refused) and existing ``obs`` columns of ``key_added``. False
+            (default): either is a ``ValueError``, raised before any work.
         paired_draws
             Ours: the same posterior draw of u on both arms of an LFC (False reproduces the
             reference's unpaired comparison, for diagnostics).
@@ -172,6 +177,12 @@ class DEMixin:
             (each draw still has its own regression).
         seed
             Ours: seeds the posterior draws and the permutations.
+        key_added
+            Ours: also write per-cell summaries into ``adata.obs`` (of the AnnData analysed), for
+            scanpy (``sc.pl.umap(adata, color=...)``): for each ``covariate`` value ``c``,
+            ``"<key_added>_effect_size_<c>"`` and ``"<key_added>_padj_<c>"`` (e.g.
+            ``key_added="mrvi_de"`` gives ``mrvi_de_effect_size_disease_disease``). Existing
+            columns are refused unless ``overwrite=True``; the registered columns always.
         **filter_samples_kwargs
             Passed to :func:`mrvi_pyro.admissibility.outlier_cell_sample_pairs`.
 
@@ -197,6 +208,7 @@ class DEMixin:
         """
         if sample_cov_keys is None:
             raise ValueError("Pass sample_cov_keys=[...]: the sample-level obs columns to regress on.")
+        check_use_vmap(use_vmap)
         keys = _as_list(sample_cov_keys, "sample_cov_keys")
         if not keys:
             raise ValueError("sample_cov_keys is empty; pass at least one sample-level obs column.")
@@ -260,6 +272,10 @@ class DEMixin:
             covariates, keys, normalize_design_matrix=normalize_design_matrix, batch_shares=shares,
             level_names=self.registry.batch_categories, add_batch_specific_offsets=add_batch_specific_offsets,
         )
+        if key_added is not None:
+            columns = [f"{key_added}_{name}_{c}" for c in design.covariate_names for name in ("effect_size", "padj")]
+            check_key_added(key_added, adata.obs, columns, where="adata.obs", overwrite=overwrite,
+                            registry=self.registry)
         if pvalue_method == "robust":
             fallback = de.robust_fallback_columns(design)
             if fallback:
@@ -356,6 +372,10 @@ class DEMixin:
             "seed": int(seed),
         }
         result = xr.Dataset(data_vars, coords=coords, attrs=attrs)
+        if key_added is not None:
+            for j, c in enumerate(design.covariate_names):
+                adata.obs[f"{key_added}_effect_size_{c}"] = np.asarray(out["effect_size"][:, j])
+                adata.obs[f"{key_added}_padj_{c}"] = np.asarray(out["padj"][:, j])
         if sink is None:
             return result
         if not sink.on_disk:

@@ -133,7 +133,7 @@ class ExploreMixin:
         ``(cell_name, mc_sample, sample, latent_dim)`` when ``use_mean`` is False. It holds
         n_cells x S x L floats in memory (chunk over ``indices`` for very large data).
         """
-        del use_vmap
+        explore.check_use_vmap(use_vmap)
         explore.check_positive("batch_size", batch_size)
         data = self._cell_data(adata)
         idx = self._indices(data, indices)
@@ -206,7 +206,8 @@ class ExploreMixin:
             the posterior mean) or False (D averaged over draws). The diagonal is then
             ``-mu_n / sigma_n``.
         use_vmap
-            Accepted for compatibility with scvi-tools and ignored.
+            Accepted for compatibility with scvi-tools and ignored (samples are always a tensor
+            dimension).
         groupby
             obs key(s) of cell-level categories; each adds a variable ``"<key>"`` with dims
             ``("<key>_name", "sample_x", "sample_y")``: the mean matrix over the group's cells
@@ -245,7 +246,7 @@ class ExploreMixin:
         float32. Matrices are symmetric with a zero diagonal (unless normalised). Attributes
         record the options; ``attrs["zarr_path"]`` the store when one was written.
         """
-        del use_vmap
+        explore.check_use_vmap(use_vmap)
         keys = _groupby_keys(groupby)
         if not keep_cell and not keys:
             raise ValueError(

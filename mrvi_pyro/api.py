@@ -22,7 +22,7 @@ from . import __version__
 from ._api_da import DAMixin
 from ._api_de import DEMixin
 from ._api_explore import ExploreMixin
-from .data import CellData, Registry, build_sample_info, get_registry
+from .data import CellData, Registry, build_sample_info, check_key_added, get_registry
 from .data import setup_anndata as _setup_anndata
 from .explore import check_positive
 from .io import history_from_json, history_to_json, read_model, write_model
@@ -199,6 +199,7 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
     def __init__(
         self,
         adata: AnnData,
+        *,
         n_latent: int = 30,
         n_latent_u: int = 10,
         encoder_n_hidden: int = 128,
@@ -245,6 +246,7 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
     @staticmethod
     def setup_anndata(
         adata: AnnData,
+        *,
         sample_key: str,
         batch_key: str | None = None,
         labels_key: str | None = None,
@@ -323,11 +325,11 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
     def train(
         self,
         max_epochs: int | None = None,
+        *,
         batch_size: int = 128,
         train_size: float = 0.9,
         early_stopping: bool = False,
         lr: float = 2e-3,
-        *,
         weight_decay: float = 1e-8,
         eps: float = 1e-8,
         clip_norm: float = 40.0,
@@ -395,9 +397,10 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
         self,
         adata: AnnData | None = None,
         indices: Sequence[int] | None = None,
-        give_z: bool = False,
-        use_mean: bool = True,
         batch_size: int | None = None,
+        use_mean: bool = True,
+        give_z: bool = False,
+        *,
         seed: int = 0,
         key_added: str | None = None,
         overwrite: bool = False,
@@ -414,14 +417,11 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
         _check_optional_positive("batch_size", batch_size)
         target = self.adata if adata is None else adata
         if key_added is not None:
-            if not isinstance(key_added, str) or not key_added:
-                raise ValueError(f"key_added must be a non-empty string (an obsm key); got {key_added!r}.")
+            if target is not None:
+                check_key_added(key_added, target.obsm, [key_added], where="adata.obsm", overwrite=overwrite)
             if indices is not None:
                 raise ValueError("key_added writes one row per cell of adata.obsm, so it needs indices=None; "
                                  "subset the AnnData instead.")
-            if target is not None and key_added in target.obsm and not overwrite:
-                raise ValueError(f"adata.obsm already has {key_added!r}; pass overwrite=True to replace it, "
-                                 "or choose another key_added.")
         data = self._cell_data(adata)
         latent = latent_representation(
             self.module, data, self._indices(data, indices), give_z=give_z, use_mean=use_mean,
@@ -444,6 +444,8 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
         batch_size: int | None = None,
         return_mean: bool = False,
         return_numpy: bool | None = None,
+        silent: bool = True,
+        *,
         seed: int = 0,
     ) -> pd.DataFrame | np.ndarray:
         """Decoded expression of each cell under its own sample (scvi-tools' names and defaults).
@@ -473,6 +475,8 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
             (n_samples, n_cells, n_genes) is returned.
         return_numpy
             Return an ndarray instead of a DataFrame (None: only when the result is not 2-d per cell).
+        silent
+            Accepted for compatibility with scvi-tools and ignored (no progress bar is shown).
         seed
             Seeds the posterior draws.
 
@@ -530,7 +534,7 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
         return var_names.get_indexer(genes)
 
     # ----- persistence --------------------------------------------------------------------
-    def save(self, dir_path: str | os.PathLike, overwrite: bool = False, save_anndata: bool = False) -> None:
+    def save(self, dir_path: str | os.PathLike, *, overwrite: bool = False, save_anndata: bool = False) -> None:
         """Save weights (``model.pt``) and JSON metadata (``model.json``) to ``dir_path``.
 
         The save is atomic (written beside ``dir_path``, then renamed into place), and replaces
@@ -550,7 +554,7 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
                     adata=self.adata if save_anndata else None)
 
     @classmethod
-    def load(cls, dir_path: str | os.PathLike, adata: AnnData | None = None, device: str = "cpu",
+    def load(cls, dir_path: str | os.PathLike, adata: AnnData | None = None, *, device: str = "cpu",
              guide=None) -> "MRVI":
         """Load a model saved by :meth:`save`.
 

@@ -31,8 +31,8 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
+# numpy, pandas, torch, anndata and matplotlib are imported inside the subcommands, so that
+# `mrvi-pyro --help` and `--version` answer at once.
 
 
 CHECKPOINT_DIR = "checkpoint"
@@ -93,7 +93,8 @@ def _demo(args: argparse.Namespace) -> int:
               f"(lower is better mixed; chance {adata.obs['batch'].value_counts(normalize=True).max():.2f}) "
               "(figure: u_embedding.png)")
         results = analyze_model(model, adata, staging, groupby="cell_type", de=truth["de_covariate"],
-                                da=truth["da_covariate"], quiet=args.quiet, mc_samples=10, seed=args.seed)
+                                da=truth["da_covariate"], quiet=args.quiet, mc_samples=10, seed=args.seed,
+                                data_path=staging / "simulated.h5ad", command=args.command_line)
     for line in check_against_truth(model, results, truth):
         print(line)
     print(f"report: {out / 'report.html'}")
@@ -102,6 +103,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 def check_against_truth(model, results: dict, truth) -> list[str]:
     """One line per analysis comparing its result with the simulation's planted truth."""
+    import numpy as np
+
     from . import explore
     from ._metrics import adjusted_rand_index, auroc
 
@@ -149,7 +152,7 @@ def fit_and_save(adata, out: Path, *, sample_key: str, batch_key=None, labels_ke
     """Register ``adata`` (unless it already is, with these keys), train MrVI (with a checkpoint
     in ``checkpoint_dir``, resumed if it holds one), save it to ``out/model`` with history and
     figures. ``shown_dir`` names ``out`` in messages."""
-    from . import MRVI, plotting
+    from . import MRVI, pl
     from .data import REGISTRY_KEY, get_registry
 
     keys = (sample_key, batch_key, labels_key, layer)
@@ -165,10 +168,10 @@ def fit_and_save(adata, out: Path, *, sample_key: str, batch_key=None, labels_ke
     model.save(out / "model")
     (out / "fit.json").write_text(json.dumps({"data": str(Path(data_path).resolve()) if data_path else None}))
     model.history.to_csv(out / "history.csv")
-    plotting.training_history(model.history).savefig(out / "training_history.png", dpi=110)
+    pl.training_history(model.history).savefig(out / "training_history.png", dpi=110)
     colors = [k for k in (labels_key, batch_key, sample_key) if k is not None][:2]
-    coords = plotting.pca_2d(model.get_latent_representation())
-    plotting.embedding(coords, adata.obs, colors, title="MrVI u (PCA)").savefig(out / "u_embedding.png", dpi=110)
+    pl.embedding(adata, color=colors, latent=model.get_latent_representation(), title="MrVI u (PCA)").savefig(
+        out / "u_embedding.png", dpi=110)
     last = model.history.iloc[-1]
     val = f", validation {last['elbo_validation']:.1f}" if "elbo_validation" in last else ""
     print(f"trained {len(model.history)} epochs in {seconds:.1f} s; -ELBO/cell train {last['elbo_train']:.1f}{val} "
@@ -274,15 +277,19 @@ def _interrupted_fit(out: Path, argv: list[str]) -> int:
 
 
 def analyze_model(model, adata, out: Path, *, groupby: str, de: str | None = None, da: str | None = None,
-                  quiet: bool = False, mc_samples: int = 20, seed: int = 0, basis: str | None = None) -> dict:
+                  quiet: bool = False, mc_samples: int = 20, seed: int = 0, basis: str | None = None,
+                  data_path: str | Path | None = None, command: list[str] | None = None) -> dict:
     """Run the analyses on a trained model and write arrays (zarr), tables (CSV), figures (PNG)
     and ``report.html`` into ``out``. Returns the results by name. Cells are drawn on
     ``adata.obsm[basis]`` (e.g. ``"X_umap"``), or on the first two principal components of u
-    when ``basis`` is None."""
+    when ``basis`` is None. ``data_path`` (named and checksummed) and ``command`` go into the
+    report's run metadata."""
     import matplotlib.pyplot as plt
+    import numpy as np
+    import pandas as pd
 
-    from . import plotting
-    from .report import Section, write_html_report
+    from . import pl
+    from .report import Section, run_metadata, write_html_report
 
     _check_columns(adata, groupby, de, da, basis)
     out = Path(out)
@@ -290,20 +297,25 @@ def analyze_model(model, adata, out: Path, *, groupby: str, de: str | None = Non
     results_dir.mkdir(parents=True, exist_ok=True)
     results, sections = {}, []
 
-    def save_figure(fig, name):
-        fig.savefig(out / name, dpi=110)
+    def save_figure(fig, name, caption):
+        fig.savefig(out / name, dpi=110, bbox_inches="tight")  # nothing cut at the edges
         plt.close(fig)
-        return out / name
+        return out / name, caption
 
     def step(message):
         if not quiet:
             print(f"[analyze] {message}", flush=True)
 
-    coords, axes_name = plotting.basis_coords(adata, basis, latent=model.get_latent_representation(adata))
-    overview = Section("Model", [repr(model)], [save_figure(plotting.training_history(model.history), "training_history.png")]
-                       if model.history is not None else [])
-    overview.figures.append(save_figure(plotting.embedding(coords, adata.obs, [groupby, model.registry.sample_key],
-                                                           basis_name=axes_name), "u_embedding.png"))
+    coords, axes_name = pl.basis_coords(adata, basis, latent=model.get_latent_representation(adata))
+    overview = Section("Model", preformatted=[repr(model)])
+    if model.history is not None:
+        overview.figures.append(save_figure(pl.training_history(model.history), "training_history.png",
+                                            "Training curves: -ELBO per cell of the training and validation cells, "
+                                            "per epoch."))
+    where = f"{basis}" if basis else "the first two principal components of u"
+    overview.figures.append(save_figure(
+        pl.embedding(coords, obs=adata.obs, color=[groupby, model.registry.sample_key], basis_name=axes_name),
+        "u_embedding.png", f"Cells on {where}, coloured by {groupby} and by sample."))
     sections.append(overview)
 
     step(f"local sample distances by {groupby}")
@@ -319,14 +331,17 @@ def analyze_model(model, adata, out: Path, *, groupby: str, de: str | None = Non
     spread = spread.sort_values("mean_between_sample_distance", ascending=False)
     spread.to_csv(out / "sample_distance_spread.csv", index=False)
     colour_by = list(dict.fromkeys(c for c in (de, da) if c is not None and c in model.sample_info)) or None
-    figures = [save_figure(plotting.sample_distance_heatmap(group_means, group=name, sample_info=model.sample_info,
-                                                            color_by=colour_by, title=f"{groupby} = {name}"),
-                           f"sample_distances_{_safe(name)}.png")
+    figures = [save_figure(pl.sample_distance_heatmap(group_means, group=name, sample_info=model.sample_info,
+                                                      color_by=colour_by, title=f"{groupby} = {name}"),
+                           f"sample_distances_{_safe(name)}.png",
+                           f"Distances between samples in the cells of {groupby} {name}, samples ordered by "
+                           "hierarchical clustering; one colour scale for all groups.")
                for name in spread[groupby].head(6)]
     sections.append(Section(f"Local sample distances by {groupby}",
                             ["Average distance between the counterfactual states of each pair of samples, over the "
                              f"cells of each {groupby} (largest spread first; up to 6 groups shown)."],
-                            figures, [("Mean between-sample distance per group", spread)]))
+                            figures, [(f"Mean distance between two samples, per {groupby}",
+                                       spread.rename(columns={"mean_between_sample_distance": "mean distance"}))]))
     results["distance_spread"] = spread
 
     if de is not None:
@@ -338,16 +353,20 @@ def analyze_model(model, adata, out: Path, *, groupby: str, de: str | None = Non
         table.to_csv(out / "de_summary.csv", index=False)
         column = str(de_result["covariate"].values[0])
         figures = [
-            save_figure(plotting.effect_size_embedding(de_result, coords, covariate=column, obs=adata.obs,
-                                                       color=groupby, basis_name=axes_name), "de_effect_size.png"),
-            save_figure(plotting.top_genes_heatmap(table, covariate=column, n_genes=5), "de_top_genes.png"),
-            save_figure(plotting.volcano(table, covariate=column), "de_volcano.png"),
+            save_figure(pl.effect_size_embedding(de_result, coords, covariate=column, obs=adata.obs,
+                                                 color=groupby, basis_name=axes_name), "de_effect_size.png",
+                        f"Per-cell effect size of {column} and its adjusted p-value, on the cells' embedding."),
+            save_figure(pl.top_genes_heatmap(table, covariate=column, n_genes=5), "de_top_genes.png",
+                        f"Mean log2 fold-change of the 5 top genes of each {groupby}."),
+            save_figure(pl.volcano(table, covariate=column), "de_volcano.png",
+                        f"Volcano plot per {groupby}: mean log2 fold-change against the posterior probability "
+                        "that the change is smaller than delta (shared axes)."),
         ]
-        top = table[table["rank"] <= 10] if "rank" in table else table
         sections.append(Section(f"Differential expression: {column}",
                                 ["Per-cell regression of counterfactual states on the sample covariate; effect size = "
-                                 "chi-squared statistic; log fold-changes decoded with paired posterior draws."],
-                                figures, [(f"Top genes per {groupby}", top)]))
+                                 "chi-squared statistic; log fold-changes decoded with paired posterior draws. The "
+                                 "full table of every gene is de_summary.csv."],
+                                figures, [(f"Top genes of every {groupby}", _de_top_genes(table, groupby))]))
         results["de"], results["de_table"] = de_result, table
 
     if da is not None:
@@ -357,16 +376,44 @@ def analyze_model(model, adata, out: Path, *, groupby: str, de: str | None = Non
         summary = model.differential_abundance_summary(da, adata=adata, groupby=groupby, seed=seed)
         per_group = summary[[v for v in summary.data_vars if v.startswith(f"{groupby}_")]].to_dataframe()
         per_group.to_csv(out / "da_summary.csv")
-        figure = save_figure(plotting.log_ratio_summary(summary, coords, adata.obs, groupby=groupby,
-                                                                basis_name=axes_name), "da_log_ratio.png")
-        sections.append(Section(f"Differential abundance: {summary.attrs.get('group1')} vs {summary.attrs.get('group2')}",
+        g1, g2 = summary.attrs.get("group1"), summary.attrs.get("group2")
+        figure = save_figure(pl.log_ratio_summary(summary, coords, adata.obs, groupby=groupby, basis_name=axes_name),
+                             "da_log_ratio.png",
+                             f"Log-ratio of the {g1} and {g2} samples' densities at each cell (left) and its "
+                             f"distribution per {groupby} with the group mean and highest-density interval (right).")
+        shown = per_group.reset_index().rename(columns=lambda c: c.removeprefix(f"{groupby}_"))
+        interval = f"{100 * summary.attrs.get('hdi_prob', 0.95):.0f}% HDI"
+        shown = shown.rename(columns={"name": groupby, "log_ratio": "mean log-ratio", "log_ratio_sd": "sd",
+                                      "log_ratio_lower": f"{interval} lower", "log_ratio_upper": f"{interval} upper",
+                                      "prob_positive": "P(log-ratio > 0)", "n_cells": "cells"})
+        sections.append(Section(f"Differential abundance: {g1} vs {g2}",
                                 ["Log-ratio of the aggregated posteriors of the two sample groups at each cell, with "
                                  "uncertainty from posterior draws and Bayesian-bootstrap weights over samples."],
-                                [figure], [(f"Per-{groupby} log-ratio", per_group.reset_index())]))
+                                [figure], [(f"Mean log-ratio per {groupby}", shown)]))
         results["da"], results["da_summary"], results["da_table"] = da_result, summary, per_group
 
-    write_html_report(out / "report.html", "mrvi_pyro analysis report", sections)
+    write_html_report(out / "report.html", "mrvi_pyro analysis report", sections,
+                      metadata=run_metadata(data_path=data_path, seed=seed, command=command))
     return results
+
+
+def _de_top_genes(table, groupby: str, n_genes: int = 5):
+    """One row per group of a DE summary: cells, mean effect size, share of significant cells
+    and the ``n_genes`` top genes with their mean log2 fold-changes (largest effect first)."""
+    import pandas as pd
+
+    rows = []
+    for group in pd.unique(table["group"]):
+        part = table[table["group"] == group]
+        first = part.iloc[0]
+        row = {groupby: str(group), "cells": int(first["n_cells"]), "mean effect size": float(first["effect_size_mean"]),
+               "share of cells with padj < 0.05": float(first["frac_significant"])}
+        if "gene" in part:
+            top = part.sort_values("rank").head(n_genes)
+            row[f"top {n_genes} genes (mean log2 FC)"] = ", ".join(
+                f"{gene} ({lfc:+.2f})" for gene, lfc in zip(top["gene"], top["lfc_mean"]))
+        rows.append(row)
+    return pd.DataFrame(rows).sort_values("mean effect size", ascending=False)
 
 
 def _check_columns(adata, groupby: str, de: str | None, da: str | None, basis: str | None = None) -> None:
@@ -430,7 +477,8 @@ def _analyze(args: argparse.Namespace) -> int:
         staging.mkdir()
         try:
             analyze_model(model, adata, staging, groupby=args.groupby, de=args.de, da=args.da,
-                          quiet=args.quiet, mc_samples=args.mc_samples, seed=args.seed, basis=args.basis)
+                          quiet=args.quiet, mc_samples=args.mc_samples, seed=args.seed, basis=args.basis,
+                          data_path=data_path, command=args.command_line)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -447,39 +495,58 @@ def _analyze(args: argparse.Namespace) -> int:
 
 def _knn_agreement(coords, labels, k: int = 15) -> float:
     """Share of each cell's k nearest neighbours (in ``coords``) that share its label."""
+    import numpy as np
     from scipy.spatial import cKDTree
 
     _, neighbours = cKDTree(coords).query(coords, k=k + 1)
     return float(np.mean(labels[neighbours[:, 1:]] == labels[:, None]))
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where there is none to show (None, off switches)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mrvi-pyro", description="MrVI in Pyro: multi-sample single-cell analysis.")
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="mrvi-pyro", description="MrVI in Pyro: multi-sample single-cell analysis.",
+                                     formatter_class=_HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="simulate a cohort, train MrVI and write figures and a summary")
-    demo.add_argument("--out", default="mrvi_demo", help="output directory (default: mrvi_demo)")
-    demo.add_argument("--n-cells", type=int, default=3000)
-    demo.add_argument("--n-genes", type=int, default=200)
-    demo.add_argument("--n-samples", type=int, default=12)
-    demo.add_argument("--max-epochs", type=int, default=100)
+
+    def command(name: str, text: str):
+        return sub.add_parser(name, help=text, description=text, formatter_class=_HelpFormatter)
+
+    demo = command("demo", "simulate a cohort, train MrVI and write figures, a summary and a report")
+    demo.add_argument("--out", default="mrvi_demo", help="output directory")
+    demo.add_argument("--n-cells", type=int, default=3000, help="simulated cells")
+    demo.add_argument("--n-genes", type=int, default=200, help="simulated genes")
+    demo.add_argument("--n-samples", type=int, default=12, help="simulated samples")
+    demo.add_argument("--max-epochs", type=int, default=100, help="training epochs")
     demo.add_argument("--batch-size", type=int, default=128,
-                      help="cells per step (default 128, as MRVI.train; with 256 the hidden grouping was "
-                           "recovered for 2 of 5 simulation seeds in 100 epochs, with 128 for all 5)")
+                      help="cells per step (as MRVI.train; with 256 the hidden grouping was recovered for 2 of 5 "
+                           "simulation seeds in 100 epochs, with 128 for all 5)")
     demo.add_argument("--seed", type=int, default=3, help="seeds the simulation, initialisation and training")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
     demo.set_defaults(func=_demo)
 
-    fit = sub.add_parser("fit", help="train MrVI on an .h5ad of raw counts and save it")
+    fit = command("fit", "train MrVI on an .h5ad of raw counts and save it")
     fit.add_argument("data", help="AnnData file (.h5ad) with raw counts")
     fit.add_argument("--sample-key", required=True, help="obs column of the sample (e.g. donor)")
     fit.add_argument("--batch-key", default=None, help="obs column of a nuisance covariate (batch, site)")
     fit.add_argument("--labels-key", default=None, help="obs column of cell-type labels")
-    fit.add_argument("--layer", default=None, help="layer holding the raw counts (default X)")
+    fit.add_argument("--layer", default=None, help="layer holding the raw counts (default: X)")
     fit.add_argument("--out", required=True, help="output directory")
-    fit.add_argument("--max-epochs", type=int, default=None, help="default: min(round(20000 / n_cells * 400), 400)")
-    fit.add_argument("--batch-size", type=int, default=128, help="cells per step (default 128, as MRVI.train)")
-    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--max-epochs", type=int, default=None,
+                     help="training epochs (default: min(round(20000 / n_cells * 400), 400))")
+    fit.add_argument("--batch-size", type=int, default=128, help="cells per step (as MRVI.train)")
+    fit.add_argument("--seed", type=int, default=0, help="seeds the initialisation and training")
     fit.add_argument("--quiet", action="store_true", help="no progress bar")
     fit.add_argument("--overwrite", action="store_true",
                      help="replace an earlier run in --out (its model, checkpoint and analysis outputs)")
@@ -489,7 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "run, whose outputs are replaced when the resumed fit completes")
     fit.set_defaults(func=_fit)
 
-    analyze = sub.add_parser("analyze", help="run distances, DE and DA on a fitted model; write results and a report")
+    analyze = command("analyze", "run distances, DE and DA on a fitted model; write results and a report")
     analyze.add_argument("dir", help="directory written by `mrvi-pyro fit`")
     analyze.add_argument("--data", default=None, help="AnnData file (default: the one used by fit)")
     analyze.add_argument("--groupby", required=True, help="obs column to group cells by (e.g. cell type)")
@@ -499,19 +566,20 @@ def build_parser() -> argparse.ArgumentParser:
                          help="obsm key of the 2-d embedding to draw cells on, e.g. X_umap (default: PCA of u)")
     analyze.add_argument("--out", default=None, help="output directory (default: DIR)")
     analyze.add_argument("--mc-samples", type=int, default=20, help="posterior draws for DE log fold-changes")
-    analyze.add_argument("--seed", type=int, default=0)
-    analyze.add_argument("--quiet", action="store_true")
+    analyze.add_argument("--seed", type=int, default=0, help="seeds the posterior draws")
+    analyze.add_argument("--quiet", action="store_true", help="no progress messages")
     analyze.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier analysis")
     analyze.set_defaults(func=_analyze)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.command_line = ["mrvi-pyro", *(sys.argv[1:] if argv is None else argv)]
     import matplotlib
 
     matplotlib.use("Agg")  # files only; no display needed
-    parser = build_parser()
-    args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)

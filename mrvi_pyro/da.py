@@ -535,13 +535,13 @@ def summarize_replicates(replicates: np.ndarray, hdi_prob: float = 0.95) -> dict
 
     NaN replicates of a cell (cells without an estimate) give NaN summaries.
     """
-    import arviz as az
+    from ._arviz import hdi
 
     r = np.asarray(replicates, dtype=np.float64)
     finite = np.isfinite(r).all(0)
     safe = np.where(finite, r, 0.0)
     if r.shape[0] > 1:
-        interval = np.asarray(az.hdi(safe[None], hdi_prob=hdi_prob))
+        interval = hdi(safe[None], hdi_prob)
         interval = interval.reshape(*r.shape[1:], 2)
     else:
         interval = np.stack([safe[0], safe[0]], -1)

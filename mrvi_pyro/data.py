@@ -431,3 +431,30 @@ def sample_covariates(adata: AnnData, registry: Registry, keys: str | list[str])
             )
     present = [s for s in registry.sample_categories if s in set(samples)]
     return grouped.first().reindex(present)
+
+
+def check_key_added(key_added, mapping, columns: list[str], *, where: str, overwrite: bool,
+                    registry: Registry | None = None) -> None:
+    """The rule of every ``key_added``: refuse, before any work, to write ``columns`` into
+    ``mapping`` (an AnnData's ``obs`` or ``obsm``, named ``where`` in messages) when one of them
+    exists, unless ``overwrite=True``; the registered sample, nuisance and label columns are
+    refused even then.
+
+    Raises
+    ------
+    ValueError
+        For a ``key_added`` that is not a non-empty string, or a column it would overwrite.
+    """
+    if not isinstance(key_added, str) or not key_added:
+        raise ValueError(f"key_added must be a non-empty string (a prefix of {where} keys) or None; got {key_added!r}.")
+    if registry is not None:
+        registered = {registry.sample_key, registry.batch_key, registry.labels_key} - {None}
+        taken = [c for c in columns if c in registered]
+        if taken:
+            raise ValueError(f"key_added={key_added!r} would write {taken[0]!r}, a column the model was set up "
+                             "with; choose another key_added.")
+    existing = [c for c in columns if c in mapping]
+    if existing and not overwrite:
+        shown = ", ".join(map(repr, existing[:5])) + (", ..." if len(existing) > 5 else "")
+        raise ValueError(f"{where} already has {shown}; pass overwrite=True to replace "
+                         f"{'it' if len(existing) == 1 else 'them'}, or choose another key_added.")

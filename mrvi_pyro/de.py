@@ -908,11 +908,11 @@ def summarize_lfc_draws(lfc: torch.Tensor, delta: float | None, credible_interva
     if delta is not None:
         out["pde"] = (lfc.abs() >= delta).float().mean(0)
     if credible_interval is not None:
-        import arviz as az
+        from ._arviz import hdi
 
-        bounds = az.hdi(lfc.cpu().numpy()[None], hdi_prob=float(credible_interval))
-        out["lfc_lower"] = torch.as_tensor(np.asarray(bounds)[..., 0])
-        out["lfc_upper"] = torch.as_tensor(np.asarray(bounds)[..., 1])
+        bounds = hdi(lfc.cpu().numpy()[None], float(credible_interval))
+        out["lfc_lower"] = torch.as_tensor(bounds[..., 0])
+        out["lfc_upper"] = torch.as_tensor(bounds[..., 1])
     return out
 
 

@@ -77,6 +77,13 @@ def check_positive(name: str, value) -> int:
     return int(value)
 
 
+def check_use_vmap(use_vmap) -> None:
+    """scvi-tools' ``use_vmap`` is accepted and ignored (samples are always a tensor dimension
+    here); ``ValueError`` unless it is one of the reference's values."""
+    if use_vmap not in ("auto", True, False) or isinstance(use_vmap, (int, float)) and not isinstance(use_vmap, bool):
+        raise ValueError(f"use_vmap must be 'auto', True or False (it is accepted and ignored); got {use_vmap!r}.")
+
+
 def check_norm(norm: str) -> float:
     """``p`` of ``norm``; ``ValueError`` naming the allowed norms otherwise."""
     if norm not in NORMS:
