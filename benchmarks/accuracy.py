@@ -241,7 +241,7 @@ def format_rows(rows: list[dict], keys: list[str]) -> str:
         return "-" if value is None else str(value)
 
     body = [[cell(row.get(key)) for key in keys] for row in rows]
-    widths = [max(len(key), *(len(line[i]) for line in body)) for i, key in enumerate(keys)]
+    widths = [max([len(key)] + [len(line[i]) for line in body]) for i, key in enumerate(keys)]
     lines = ["  ".join(key.rjust(w) for key, w in zip(keys, widths)), "  ".join("-" * w for w in widths)]
     lines += ["  ".join(value.rjust(w) for value, w in zip(line, widths)) for line in body]
     return "\n".join(lines)
