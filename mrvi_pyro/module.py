@@ -50,10 +50,13 @@ PX_KWARGS = {
 }
 LIKELIHOODS = ("nb", "poisson")
 ARCHITECTURE = 3
-"""Architecture version of new models. 2: the reference's blocks (residual MLPs with layer
+"""Architecture version of new models. 3: as 2, with the attention lifts in the reference's
+product form (a bias-free token lift times ``nn.MultiheadAttention``'s input projection; the
+keys and values share one token lift). 2: the reference's blocks (residual MLPs with layer
 norms in the attention blocks, the reference's encoder blocks, ``z_base`` with bias, inverse
-dispersion initialised at ``exp(N(0, 1))``). 1: models saved before (files without the field
-load as 1 and compute what they computed then)."""
+dispersion initialised at ``exp(N(0, 1))``) with one linear map per lift. 1: models saved before
+version 2 (files without the field load as 1). Every version loads and computes what it
+computed when it was saved."""
 ARCHITECTURES = (1, 2, 3)
 SAMPLE_MAPPERS = ("attention", "mlp", "linear")
 
