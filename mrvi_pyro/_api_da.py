@@ -15,7 +15,7 @@ import pandas as pd
 import xarray as xr
 from anndata import AnnData
 
-from . import da
+from . import da, distributed
 from .admissibility import outlier_cell_sample_pairs
 from .data import sample_covariates
 from .explore import check_positive
@@ -125,7 +125,10 @@ class DAMixin:
         out = outlier_cell_sample_pairs(
             self.module, data, flavor=flavor, subsample_size=subsample_size, quantile_threshold=quantile_threshold,
             admissibility_threshold=admissibility_threshold, batch_size=batch_size, seed=seed,
+            partition=distributed.CellPartition.current(len(data), batch_size),
         )
+        if out is None:  # a rank other than 0 of a distributed launch
+            return None
         coords = {"cell_name": np.asarray(data.obs_names), "sample": list(self.registry.sample_categories)}
         dims = ("cell_name", "sample")
         return xr.Dataset(
@@ -198,8 +201,11 @@ class DAMixin:
 
         log_probs = da.sample_log_probs(
             self.module, data, max_components_per_sample=max_components_per_sample, batch_size=batch_size,
-            component_chunk=component_chunk, seed=seed,
-        )[:, present]
+            component_chunk=component_chunk, seed=seed, partition=distributed.CellPartition.current(len(data), batch_size),
+        )
+        if log_probs is None:  # a rank other than 0 of a distributed launch
+            return None
+        log_probs = log_probs[:, present]
         position = np.full(self.registry.n_samples, -1)
         position[present] = np.arange(len(present))
         cell_sample = position[data.sample_index]

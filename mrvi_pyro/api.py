@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 from anndata import AnnData
 
-from . import __version__
+from . import __version__, distributed
 from ._api_da import DAMixin
 from ._api_de import DEMixin
 from ._api_explore import ExploreMixin
@@ -522,8 +522,12 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
         The save is atomic (written beside ``dir_path``, then renamed into place), and replaces
         an earlier save as a whole: no file of it (e.g. an old ``adata.h5ad``) survives.
         ``overwrite=True`` is needed to replace a non-empty ``dir_path``, and only an earlier
-        mrvi_pyro save is ever replaced.
+        mrvi_pyro save is ever replaced. In a distributed launch only rank 0 writes (all ranks
+        hold the same weights); the others return at once, so a rank that reads the save should
+        wait for rank 0 first (``torch.distributed.barrier()``).
         """
+        if distributed.rank() != 0:
+            return
         metadata = {
             "package_version": __version__,
             "init_params": self.init_params,

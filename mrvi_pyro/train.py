@@ -21,6 +21,7 @@ and on Linux the allocator keeps freed minibatch memory for reuse (:func:`tune_m
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -33,6 +34,7 @@ from tqdm.auto import tqdm
 
 from ._malloc import tune_malloc
 from .data import CellData
+from .distributed import Replicas
 
 
 class TrainingDivergedError(FloatingPointError):
@@ -179,19 +181,31 @@ def _call_args(batch: dict) -> tuple:
 
 
 def evaluate_loss(module, data: CellData, indices: np.ndarray, *, batch_size: int, device, kl_weight=1.0,
-                  cell_weights: np.ndarray | None = None) -> float:
-    """Negative ELBO per cell over ``indices`` (one posterior draw per cell, no gradients)."""
+                  cell_weights: np.ndarray | None = None, replicas: Replicas | None = None) -> float:
+    """Negative ELBO per cell over ``indices`` (one posterior draw per cell, no gradients).
+
+    With ``replicas`` (data-parallel training) each rank evaluates its share of every chunk and
+    the sum is all-reduced, so every rank returns the single-process value.
+    """
     elbo = Trace_ELBO()
     total = 0.0
     was_training = module.training
     module.eval()
     with torch.no_grad():
-        for chunk, batch in data.iter_batches(indices, batch_size, device):
+        for start in range(0, len(indices), batch_size):
+            chunk, weight, draws = indices[start : start + batch_size], 1.0, contextlib.nullcontext()
+            if replicas is not None:
+                chunk, share, draws = replicas.shard(chunk)
+                weight = float(share > 0)
+            batch = data.batch(chunk, device)
             scale = None if cell_weights is None else torch.as_tensor(cell_weights[chunk], device=device)
-            total += float(elbo.differentiable_loss(
-                module.model, module.guide, *_call_args(batch), kl_weight=kl_weight, cell_scale=scale
-            ))
+            with draws:
+                total += weight * float(elbo.differentiable_loss(
+                    module.model, module.guide, *_call_args(batch), kl_weight=kl_weight, cell_scale=scale
+                ))
     module.train(was_training)
+    if replicas is not None:
+        total = float(replicas.all_reduce_sum([total])[0])
     return total / max(len(indices), 1)
 
 
@@ -226,7 +240,10 @@ def train_svi(
     max_epochs
         Number of passes over the training cells.
     batch_size
-        Cells per step.
+        Cells per step. In data-parallel training (inside ``torchrun`` or
+        :func:`mrvi_pyro.distributed.launch`) this is the *global* minibatch: each of the W ranks
+        takes ``batch_size / W`` of its cells (W must divide it), and the run reproduces one
+        process with this ``batch_size`` (see :mod:`mrvi_pyro.distributed`).
     train_size
         Share of cells used for training; the rest is the validation set.
     lr, weight_decay, eps, clip_norm
@@ -251,6 +268,10 @@ def train_svi(
     ------
     TrainingDivergedError
         When the loss or gradient becomes non-finite (no update is applied with it).
+    ValueError
+        For an invalid argument; in data-parallel training also (on every rank) when the ranks
+        disagree on the data, the model or the arguments, or the world size does not divide
+        ``batch_size``.
     """
 
     def number(v):
@@ -278,19 +299,33 @@ def train_svi(
         if not valid:
             raise ValueError(f"{name} must be {rule}; got {value!r}.")
     device = resolve_device(device)
+    replicas = Replicas.current()  # None in a single process
+    if replicas is not None:
+        replicas.check_training(module, data, {
+            "max_epochs": int(max_epochs), "batch_size": int(batch_size), "train_size": float(train_size),
+            "lr": float(lr), "weight_decay": float(weight_decay), "eps": float(eps), "clip_norm": float(clip_norm),
+            "n_epochs_kl_warmup": int(n_epochs_kl_warmup), "early_stopping": bool(early_stopping),
+            "early_stopping_patience": int(early_stopping_patience),
+            "early_stopping_min_delta": float(early_stopping_min_delta),
+            "scale_observations": bool(scale_observations), "seed": int(seed),
+        })
+        device = replicas.device(device)
+        progress_bar = progress_bar and replicas.is_main
     rng = np.random.default_rng(seed)
     train_idx, val_idx = split_indices(len(data), train_size, rng)
     tune_malloc()
     module.to(device)
     params = [p for p in module.parameters() if p.requires_grad]
     flat = FlatParameters(params) if FlatParameters.supported(params) else None
+    if replicas is not None:
+        replicas.broadcast_parameters([flat.flat] if flat is not None else params)
     try:
         return _train_loop(
             module, data, flat, params, train_idx, val_idx, rng, max_epochs=max_epochs, batch_size=batch_size,
             lr=lr, weight_decay=weight_decay, eps=eps, clip_norm=clip_norm, n_epochs_kl_warmup=n_epochs_kl_warmup,
             early_stopping=early_stopping, early_stopping_patience=early_stopping_patience,
             early_stopping_min_delta=early_stopping_min_delta, scale_observations=scale_observations, seed=seed,
-            device=device, progress_bar=progress_bar,
+            device=device, progress_bar=progress_bar, replicas=replicas,
         )
     finally:
         if flat is not None:
@@ -299,7 +334,8 @@ def train_svi(
 
 def _train_loop(module, data, flat, params, train_idx, val_idx, rng, *, max_epochs, batch_size, lr, weight_decay,
                 eps, clip_norm, n_epochs_kl_warmup, early_stopping, early_stopping_patience,
-                early_stopping_min_delta, scale_observations, seed, device, progress_bar) -> "TrainingResult":
+                early_stopping_min_delta, scale_observations, seed, device, progress_bar,
+                replicas=None) -> "TrainingResult":
     n_train = len(train_idx)
     weights = (
         sample_balance_weights(data.sample_index, data.registry.n_samples) if scale_observations else None
@@ -319,14 +355,20 @@ def _train_loop(module, data, flat, params, train_idx, val_idx, rng, *, max_epoc
             epoch_loss, n_clipped, n_steps = 0.0, torch.zeros((), device=device), 0
             for step in range(0, n_train, batch_size):
                 pos = positions[step : step + batch_size]
+                n_batch, share, draws = len(pos), 1.0, contextlib.nullcontext()
+                if replicas is not None:  # this rank's slice; its share of the global per-cell mean
+                    pos, share, draws = replicas.shard(pos)
                 cells = train_idx[pos]
                 batch = data.batch(cells, device)
                 scale = None if weights is None else torch.as_tensor(weights[cells], device=device)
-                loss = elbo.differentiable_loss(
-                    module.model, module.guide, *_call_args(batch), n_obs=n_train,
-                    subsample=torch.as_tensor(pos, device=device), kl_weight=kl_weight, cell_scale=scale,
-                ) / n_train  # per-cell mean of the minibatch
-                if not torch.isfinite(loss.detach()):
+                with draws:
+                    loss = elbo.differentiable_loss(
+                        module.model, module.guide, *_call_args(batch), n_obs=n_train,
+                        subsample=torch.as_tensor(pos, device=device), kl_weight=kl_weight, cell_scale=scale,
+                    ) / n_train * share  # per-cell mean of the (global) minibatch
+                if replicas is not None and not torch.isfinite(loss.detach()):
+                    loss = loss * torch.nan  # every rank then sees a non-finite gradient and stops
+                elif not torch.isfinite(loss.detach()):
                     raise TrainingDivergedError(
                         f"The loss became {loss.detach().item()} at epoch {epoch} (step {step // batch_size}); "
                         "training stopped and the parameters keep their last finite values. "
@@ -337,25 +379,32 @@ def _train_loop(module, data, flat, params, train_idx, val_idx, rng, *, max_epoc
                     flat.zero_grad()
                     loss.backward()
                     flat.check_grads()
+                    if replicas is not None:
+                        replicas.all_reduce_gradients([flat.flat])
                     grad_norm = flat.clip_grad_norm_(clip_norm)
                 else:
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
+                    if replicas is not None:
+                        replicas.all_reduce_gradients(params)
                     grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_norm, foreach=True)
                 if not torch.isfinite(grad_norm):
                     raise TrainingDivergedError(
-                        f"The gradient became non-finite at epoch {epoch} (step {step // batch_size}); "
+                        f"The {'loss or ' if replicas is not None else ''}gradient became non-finite at epoch {epoch} (step {step // batch_size}); "
                         "no update was applied. Try a lower learning rate (e.g. lr=5e-4)."
                     )
                 optimizer.step()
                 n_clipped += grad_norm > clip_norm
                 n_steps += 1
-                epoch_loss += float(loss.detach()) * len(pos)
+                epoch_loss += float(loss.detach()) * n_batch
+            if replicas is not None:
+                epoch_loss = float(replicas.all_reduce_sum([epoch_loss])[0])
             row = {"epoch": epoch, "kl_weight": kl_weight, "elbo_train": epoch_loss / n_train,
                    "clipped_share": float(n_clipped) / max(n_steps, 1)}
             if len(val_idx):
                 row["elbo_validation"] = evaluate_loss(
-                    module, data, val_idx, batch_size=max(batch_size, 512), device=device, cell_weights=weights
+                    module, data, val_idx, batch_size=max(batch_size, 512), device=device, cell_weights=weights,
+                    replicas=replicas,
                 )
             row["seconds"] = time.perf_counter() - start
             rows.append(row)
