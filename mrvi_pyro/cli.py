@@ -1,7 +1,8 @@
 """The ``mrvi-pyro`` command.
 
-- ``mrvi-pyro fit DATA.h5ad --sample-key K [--batch-key K] [--labels-key K] [--layer L] --out DIR``
-  trains MrVI and saves it (``DIR/model``) with its training history and figures.
+- ``mrvi-pyro fit DATA.h5ad --sample-key K [--batch-key K] [--labels-key K] [--layer L] [--nproc N] --out DIR``
+  trains MrVI (data-parallel on N local processes with ``--nproc``) and saves it (``DIR/model``)
+  with its training history and figures.
 - ``mrvi-pyro demo --out DIR`` simulates a cohort with planted truth, trains MrVI on it, saves the
   model and writes figures and a summary.
 
@@ -131,11 +132,28 @@ def _read_h5ad(path: str):
         raise ValueError(f"{path} is not a readable .h5ad file ({type(err).__name__}: {err})") from None
 
 
+def _train_rank(data_path: str, keys: dict, seed: int, options: dict):
+    """One rank of ``fit --nproc``: read the data, train data-parallel, return the weights and
+    history (rank 0's are what the launching process keeps)."""
+    from . import MRVI, distributed
+
+    adata = _read_h5ad(data_path)
+    MRVI.setup_anndata(adata, **keys)
+    model = MRVI(adata, seed=seed)
+    progress_bar = options.pop("progress_bar") and distributed.rank() == 0
+    model.train(**options, seed=seed, progress_bar=progress_bar)
+    return {k: v.cpu() for k, v in model.module.state_dict().items()}, model.history
+
+
 def fit_and_save(adata, out: Path, *, sample_key: str, batch_key=None, labels_key=None, layer=None,
-                 max_epochs=None, batch_size=128, seed=0, quiet=False, data_path=None, shown_dir=None):
+                 max_epochs=None, batch_size=128, seed=0, quiet=False, data_path=None, shown_dir=None, nproc=1):
     """Register ``adata`` (unless it already is, with these keys), train MrVI, save it to
-    ``out/model`` with history and figures. ``shown_dir`` names ``out`` in messages."""
-    from . import MRVI, plotting
+    ``out/model`` with history and figures. ``shown_dir`` names ``out`` in messages.
+
+    ``nproc > 1`` trains data-parallel on that many local ranks (:func:`mrvi_pyro.distributed.launch`;
+    each reads ``data_path``), with ``batch_size`` the global minibatch; this process then
+    writes the outputs."""
+    from . import MRVI, distributed, plotting
     from .data import REGISTRY_KEY, get_registry
 
     keys = (sample_key, batch_key, labels_key, layer)
@@ -144,7 +162,14 @@ def fit_and_save(adata, out: Path, *, sample_key: str, batch_key=None, labels_ke
         MRVI.setup_anndata(adata, sample_key=sample_key, batch_key=batch_key, labels_key=labels_key, layer=layer)
     model = MRVI(adata, seed=seed)
     start = time.perf_counter()
-    model.train(max_epochs=max_epochs, batch_size=batch_size, seed=seed, progress_bar=not quiet)
+    if nproc > 1:
+        options = {"max_epochs": max_epochs, "batch_size": batch_size, "progress_bar": not quiet}
+        state, history = distributed.launch(_train_rank, nproc, str(data_path), dict(zip(
+            ("sample_key", "batch_key", "labels_key", "layer"), keys)), seed, options)
+        model.module.load_state_dict(state)
+        model.history, model.is_trained = history, True
+    else:
+        model.train(max_epochs=max_epochs, batch_size=batch_size, seed=seed, progress_bar=not quiet)
     seconds = time.perf_counter() - start
     out.mkdir(parents=True, exist_ok=True)
     model.save(out / "model")
@@ -156,8 +181,9 @@ def fit_and_save(adata, out: Path, *, sample_key: str, batch_key=None, labels_ke
     plotting.embedding(coords, adata.obs, colors, title="MrVI u (PCA)").savefig(out / "u_embedding.png", dpi=110)
     last = model.history.iloc[-1]
     val = f", validation {last['elbo_validation']:.1f}" if "elbo_validation" in last else ""
-    print(f"trained {len(model.history)} epochs in {seconds:.1f} s; -ELBO/cell train {last['elbo_train']:.1f}{val} "
-          f"(model: {Path(shown_dir or out) / 'model'})")
+    ranks = f" on {nproc} ranks" if nproc > 1 else ""
+    print(f"trained {len(model.history)} epochs{ranks} in {seconds:.1f} s; -ELBO/cell train {last['elbo_train']:.1f}"
+          f"{val} (model: {Path(shown_dir or out) / 'model'})")
     return model
 
 
@@ -169,12 +195,17 @@ def _fit(args: argparse.Namespace) -> int:
     # input errors first, then the output directory, both before the (long) training
     MRVI.setup_anndata(adata, sample_key=args.sample_key, batch_key=args.batch_key, labels_key=args.labels_key,
                        layer=args.layer)
+    if args.nproc < 1:
+        raise ValueError(f"--nproc must be a positive integer; got {args.nproc}")
+    if args.batch_size % args.nproc:
+        raise ValueError(f"--batch-size {args.batch_size} is the global minibatch and must be divisible by "
+                         f"--nproc {args.nproc} (each rank takes batch-size / nproc cells)")
     out = Path(args.out)
     with _staged_run(out, args.overwrite) as staging:
         fit_and_save(adata, staging, sample_key=args.sample_key, batch_key=args.batch_key,
                      labels_key=args.labels_key, layer=args.layer, max_epochs=args.max_epochs,
                      batch_size=args.batch_size, seed=args.seed, quiet=args.quiet, data_path=args.data,
-                     shown_dir=out)
+                     shown_dir=out, nproc=args.nproc)
     return 0
 
 
@@ -382,6 +413,10 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--max-epochs", type=int, default=None, help="default: min(round(20000 / n_cells * 400), 400)")
     fit.add_argument("--batch-size", type=int, default=128, help="cells per step (default 128, as MRVI.train)")
     fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--nproc", type=int, default=1,
+                     help="train data-parallel on this many local processes (torch.distributed: gloo on CPU, "
+                          "NCCL with one GPU each); --batch-size is the global minibatch and must be divisible "
+                          "by it (default 1)")
     fit.add_argument("--quiet", action="store_true", help="no progress bar")
     fit.add_argument("--overwrite", action="store_true",
                      help="replace an earlier run in --out (its model and analysis outputs)")

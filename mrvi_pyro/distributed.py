@@ -59,6 +59,7 @@ the full result (other ranks return ``None``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -459,8 +460,32 @@ def _run_rank(local_rank: int, fn, args: tuple, nproc: int, port: int, backend: 
         if local_rank == 0:
             with open(os.path.join(result_dir, "result.pkl"), "wb") as f:
                 pickle.dump(result, f)
+    except Exception as err:  # hand the exception itself to the launching process
+        with contextlib.suppress(Exception), open(os.path.join(result_dir, f"error{local_rank}.pkl"), "wb") as f:
+            pickle.dump(err, f)
+        raise
     finally:
         dist.destroy_process_group()
+
+
+def _root_cause(result_dir: str, failed_rank: int) -> BaseException | None:
+    """The exception of the rank that caused a launch to fail: a saved exception that is not
+    a collective's broken connection (what the other ranks see once a rank dies), preferring
+    the rank the launcher saw fail first."""
+    errors = {}
+    for name in os.listdir(result_dir):
+        if name.startswith("error"):
+            with contextlib.suppress(Exception), open(os.path.join(result_dir, name), "rb") as f:
+                errors[int(name[5:-4])] = pickle.load(f)
+
+    def secondary(err):
+        return isinstance(err, RuntimeError) and (
+            isinstance(err, getattr(dist, "DistError", ())) or any(w in str(err) for w in ("gloo", "NCCL", "Connection"))
+        )
+
+    ranks = [failed_rank] + sorted(r for r in errors if r != failed_rank)
+    primary = [errors[r] for r in ranks if r in errors and not secondary(errors[r])]
+    return primary[0] if primary else errors.get(failed_rank)
 
 
 def launch(fn, nproc: int, *args, backend: str | None = None, threads: int | None = None,
@@ -471,7 +496,8 @@ def launch(fn, nproc: int, *args, backend: str | None = None, threads: int | Non
     ``args`` must be picklable: a module-level function; in a script, call ``launch`` under
     ``if __name__ == "__main__":``). The group uses a free local port, gloo on CPU or NCCL
     with one GPU per rank (``backend=None`` picks NCCL when there are at least ``nproc`` GPUs).
-    When a rank fails, the others are stopped and the failure is raised here.
+    When a rank fails, the others are stopped and its exception is raised here (e.g. the
+    ``ValueError`` of a bad input; the rank's traceback is chained as the cause).
 
     Parameters
     ----------
@@ -499,8 +525,14 @@ def launch(fn, nproc: int, *args, backend: str | None = None, threads: int | Non
         threads = max(1, (os.cpu_count() or 1) // nproc)
     result_dir = tempfile.mkdtemp(prefix="mrvi_pyro_launch_")
     try:
-        mp.start_processes(_run_rank, args=(fn, args, int(nproc), _free_port(), backend, threads, result_dir,
-                                            float(timeout_s)), nprocs=int(nproc), start_method="spawn")
+        try:
+            mp.start_processes(_run_rank, args=(fn, args, int(nproc), _free_port(), backend, threads, result_dir,
+                                                float(timeout_s)), nprocs=int(nproc), start_method="spawn")
+        except mp.ProcessRaisedException as failure:
+            cause = _root_cause(result_dir, failure.error_index)
+            if cause is None:
+                raise
+            raise cause from failure
         with open(os.path.join(result_dir, "result.pkl"), "rb") as f:
             return pickle.load(f)
     finally:

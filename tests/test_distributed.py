@@ -184,3 +184,38 @@ def test_bad_launch_stops_every_rank_with_a_clear_error(two_ranks, case, words):
 def test_launch_rejects_a_bad_nproc():
     with pytest.raises(ValueError, match="nproc"):
         distributed.launch(print, 0)
+
+
+def _fails_on_rank_1():
+    if distributed.rank() == 1:
+        raise ValueError("rank 1 was given a bad input")
+    torch.distributed.barrier()  # rank 0 waits here until the launch stops it
+
+
+def test_launch_raises_the_failing_rank_s_exception():
+    with pytest.raises(ValueError, match="rank 1 was given a bad input"):
+        distributed.launch(_fails_on_rank_1, 2, threads=1, timeout_s=120)
+
+
+def test_fit_command_on_two_ranks_matches_one_process(tmp_path, small_adata, capsys):
+    from mrvi_pyro.cli import main
+
+    path = tmp_path / "data.h5ad"
+    raw = small_adata.copy()
+    del raw.uns["_mrvi_pyro"]
+    raw.write_h5ad(path)
+    arguments = ["fit", str(path), "--sample-key", "sample", "--batch-key", "batch", "--max-epochs", "2", "--quiet"]
+    assert main([*arguments, "--nproc", "2", "--out", str(tmp_path / "two")]) == 0
+    assert "on 2 ranks" in capsys.readouterr().out
+    one = MRVI(small_adata, seed=0)  # what `fit` trains in one process
+    with _threads(1):
+        one.train(max_epochs=2, batch_size=128, seed=0, progress_bar=False)
+    two = MRVI.load(tmp_path / "two" / "model", adata=raw.copy())
+    a, b = one.module.state_dict(), two.module.state_dict()
+    diff = sum(float(((a[k].double() - b[k].double()) ** 2).sum()) for k in a) ** 0.5
+    assert diff / sum(float((a[k].double() ** 2).sum()) for k in a) ** 0.5 < PARAMETER_RTOL
+    np.testing.assert_allclose(two.history["elbo_train"], one.history["elbo_train"], rtol=HISTORY_RTOL)
+    assert two.is_trained and (tmp_path / "two" / "training_history.png").is_file()
+    assert main([*arguments, "--nproc", "3", "--out", str(tmp_path / "three")]) == 2
+    assert "must be divisible by --nproc 3" in capsys.readouterr().err
+    assert not (tmp_path / "three").exists()
