@@ -119,6 +119,11 @@ class DAMixin:
         Dataset with ``log_probs``, ``log_ratios``, ``is_admissible`` of dims
         ``(cell_name, sample)`` (all registry samples; samples without cells in ``adata`` are
         never admissible) and ``threshold`` (sample).
+
+        Inside a distributed launch (``torchrun`` or :func:`mrvi_pyro.distributed.launch`) every
+        rank computes a contiguous share of the cells (the posterior parameters and own-sample
+        scores are all-gathered); rank 0 returns the whole result, identical to one process, and the
+        other ranks return None.
         """
         check_positive("batch_size", batch_size)
         data = self._cell_data(adata)
@@ -192,6 +197,11 @@ class DAMixin:
         -------
         Dataset: ``log_probs`` (cell_name, sample); ``"<key>_log_probs"`` (cell_name, <key>);
         ``"<key>_log_enrichs"`` (cell_name, <key>) with ``compute_log_enrichment``.
+
+        Inside a distributed launch (``torchrun`` or :func:`mrvi_pyro.distributed.launch`) every
+        rank computes a contiguous share of the cells against the components of all cells (the
+        posterior parameters are all-gathered); rank 0 returns the whole result, identical to one
+        process, and the other ranks return None.
         """
         check_positive("batch_size", batch_size)
         data, adata, present, names, subset = self._da_inputs(adata, sample_subset, max_components_per_sample)

@@ -185,6 +185,11 @@ class DEMixin:
         (ours) ``nuisance_beta`` (cell_name, nuisance_term, latent_dim) for the intercept and
         offsets, and ``design_matrix`` (sample, design_column).
 
+        Inside a distributed launch (``torchrun`` or :func:`mrvi_pyro.distributed.launch`) every
+        rank computes a contiguous share of the cells (``padj`` is adjusted over all cells;
+        ``store_lfc`` is not available there yet); rank 0 returns the whole result, identical to one
+        process, and the other ranks return None.
+
         Differences from scvi-tools' MRVI: the design has an intercept (a binary covariate's
         coefficient is the contrast of its two levels) and the offsets and the intercept are
         not in the ``covariate`` coordinate; strings and booleans are accepted; the p-values

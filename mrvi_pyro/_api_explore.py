@@ -244,6 +244,11 @@ class ExploreMixin:
         xarray.Dataset with ``"cell"`` (when ``keep_cell``) and one variable per ``groupby`` key,
         float32. Matrices are symmetric with a zero diagonal (unless normalised). Attributes
         record the options; ``attrs["zarr_path"]`` the store when one was written.
+
+        Inside a distributed launch (``torchrun`` or :func:`mrvi_pyro.distributed.launch`) every
+        rank computes a contiguous share of the cells, with group sums all-reduced and per-cell
+        matrices written by each rank into its own chunks of the zarr store; rank 0 returns the
+        whole result, identical to one process, and the other ranks return None.
         """
         del use_vmap
         keys = _groupby_keys(groupby)

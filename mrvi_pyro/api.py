@@ -351,6 +351,12 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
         ``eps``, ``n_epochs_kl_warmup``, ``max_norm`` or ``gradient_clip_val`` (= ``clip_norm``)
         and ``optimizer`` (``"Adam"`` only); they override the keyword defaults, and giving a
         setting both ways with different values is an error.
+
+        Data-parallel: inside ``torchrun --nproc-per-node N`` (or
+        :func:`mrvi_pyro.distributed.launch`) the same call trains on N ranks, each reading its
+        share of every minibatch; ``batch_size`` is then the global minibatch (N must divide it)
+        and the run reproduces one process with that ``batch_size`` (see
+        :mod:`mrvi_pyro.distributed`).
         """
         options = _plan_options(
             plan_kwargs, lr=lr, weight_decay=weight_decay, eps=eps, clip_norm=clip_norm,

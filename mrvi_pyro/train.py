@@ -192,15 +192,11 @@ def evaluate_loss(module, data: CellData, indices: np.ndarray, *, batch_size: in
     was_training = module.training
     module.eval()
     with torch.no_grad():
-        for start in range(0, len(indices), batch_size):
-            chunk, weight, draws = indices[start : start + batch_size], 1.0, contextlib.nullcontext()
-            if replicas is not None:
-                chunk, share, draws = replicas.shard(chunk)
-                weight = float(share > 0)
-            batch = data.batch(chunk, device)
+        chunks = _minibatches(indices, batch_size, replicas)
+        for (chunk, _, share, draws), batch in zip(chunks, data.read_ahead([c[0] for c in chunks], device)):
             scale = None if cell_weights is None else torch.as_tensor(cell_weights[chunk], device=device)
             with draws:
-                total += weight * float(elbo.differentiable_loss(
+                total += float(share > 0) * float(elbo.differentiable_loss(
                     module.model, module.guide, *_call_args(batch), kl_weight=kl_weight, cell_scale=scale
                 ))
     module.train(was_training)
@@ -332,6 +328,20 @@ def train_svi(
             flat.release()
 
 
+def _minibatches(positions: np.ndarray, batch_size: int, replicas: Replicas | None) -> list[tuple]:
+    """One epoch's steps: ``(positions, global batch size, share of the loss, draws context)``.
+
+    In a single process these are the consecutive ``batch_size`` slices of ``positions``; in
+    data-parallel training each is this rank's slice of them (:meth:`Replicas.shard`).
+    """
+    steps = []
+    for start in range(0, len(positions), batch_size):
+        pos = positions[start : start + batch_size]
+        local, share, draws = (pos, 1.0, contextlib.nullcontext()) if replicas is None else replicas.shard(pos)
+        steps.append((local, len(pos), share, draws))
+    return steps
+
+
 def _train_loop(module, data, flat, params, train_idx, val_idx, rng, *, max_epochs, batch_size, lr, weight_decay,
                 eps, clip_norm, n_epochs_kl_warmup, early_stopping, early_stopping_patience,
                 early_stopping_min_delta, scale_observations, seed, device, progress_bar,
@@ -353,13 +363,10 @@ def _train_loop(module, data, flat, params, train_idx, val_idx, rng, *, max_epoc
             module.train()
             positions = rng.permutation(n_train)
             epoch_loss, n_clipped, n_steps = 0.0, torch.zeros((), device=device), 0
-            for step in range(0, n_train, batch_size):
-                pos = positions[step : step + batch_size]
-                n_batch, share, draws = len(pos), 1.0, contextlib.nullcontext()
-                if replicas is not None:  # this rank's slice; its share of the global per-cell mean
-                    pos, share, draws = replicas.shard(pos)
+            minibatches = _minibatches(positions, batch_size, replicas)
+            reads = data.read_ahead([train_idx[pos] for pos, *_ in minibatches], device)  # next one read meanwhile
+            for number, ((pos, n_batch, share, draws), batch) in enumerate(zip(minibatches, reads)):
                 cells = train_idx[pos]
-                batch = data.batch(cells, device)
                 scale = None if weights is None else torch.as_tensor(weights[cells], device=device)
                 with draws:
                     loss = elbo.differentiable_loss(
@@ -370,7 +377,7 @@ def _train_loop(module, data, flat, params, train_idx, val_idx, rng, *, max_epoc
                     loss = loss * torch.nan  # every rank then sees a non-finite gradient and stops
                 elif not torch.isfinite(loss.detach()):
                     raise TrainingDivergedError(
-                        f"The loss became {loss.detach().item()} at epoch {epoch} (step {step // batch_size}); "
+                        f"The loss became {loss.detach().item()} at epoch {epoch} (step {number}); "
                         "training stopped and the parameters keep their last finite values. "
                         "Try a lower learning rate (e.g. lr=5e-4), a smaller clip_norm, or check "
                         "that the counts are raw integers."
@@ -390,7 +397,8 @@ def _train_loop(module, data, flat, params, train_idx, val_idx, rng, *, max_epoc
                     grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_norm, foreach=True)
                 if not torch.isfinite(grad_norm):
                     raise TrainingDivergedError(
-                        f"The {'loss or ' if replicas is not None else ''}gradient became non-finite at epoch {epoch} (step {step // batch_size}); "
+                        f"The {'loss or ' if replicas is not None else ''}gradient became non-finite at epoch {epoch} "
+                        f"(step {number}); "
                         "no update was applied. Try a lower learning rate (e.g. lr=5e-4)."
                     )
                 optimizer.step()
