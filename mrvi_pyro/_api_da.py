@@ -130,7 +130,11 @@ class DAMixin:
         out = outlier_cell_sample_pairs(
             self.module, data, flavor=flavor, subsample_size=subsample_size, quantile_threshold=quantile_threshold,
             admissibility_threshold=admissibility_threshold, batch_size=batch_size, seed=seed,
-            partition=distributed.CellPartition.current(len(data), batch_size),
+            partition=distributed.CellPartition.current(
+                len(data), batch_size, module=self.module, data=data, arguments={
+                "analysis": "outliers", "flavor": flavor, "subsample_size": subsample_size, "seed": seed,
+                "quantile_threshold": quantile_threshold, "admissibility_threshold": admissibility_threshold,
+            }),
         )
         if out is None:  # a rank other than 0 of a distributed launch
             return None
@@ -211,7 +215,9 @@ class DAMixin:
 
         log_probs = da.sample_log_probs(
             self.module, data, max_components_per_sample=max_components_per_sample, batch_size=batch_size,
-            component_chunk=component_chunk, seed=seed, partition=distributed.CellPartition.current(len(data), batch_size),
+            component_chunk=component_chunk, seed=seed, partition=distributed.CellPartition.current(
+                len(data), batch_size, module=self.module, data=data, arguments={
+                    "analysis": "da", "max_components_per_sample": max_components_per_sample, "seed": seed}),
         )
         if log_probs is None:  # a rank other than 0 of a distributed launch
             return None

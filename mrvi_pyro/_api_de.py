@@ -243,7 +243,12 @@ class DEMixin:
                     f"store_lfc_metadata_subset {outside} not in sample_cov_keys {keys}; it must be a subset."
                 )
         data = self._cell_data(adata)
-        partition = distributed.CellPartition.current(len(data), batch_size)  # all cells in one process
+        partition = distributed.CellPartition.current(  # all cells in one process
+            len(data), batch_size, module=self.module, data=data, arguments={
+                "analysis": "de", "keys": keys, "subset": sample_subset, "seed": seed, "lambd": lambd,
+                "pvalue_method": pvalue_method, "filter": filter_inadmissible_samples,
+                "offsets": add_batch_specific_offsets, "normalize": normalize_design_matrix,
+                "n_permutations": n_permutations})
         adata = self.adata if adata is None else adata
         names = list(self.registry.sample_categories)
         if sample_subset is not None:

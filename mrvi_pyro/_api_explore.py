@@ -275,7 +275,11 @@ class ExploreMixin:
             codes, cats = _group_codes(adata, key)
             groupings[key], categories[key] = (codes, len(cats)), cats
         n_samples, n_latent = len(samples), self.module.config["n_latent"]
-        partition = distributed.CellPartition.current(len(idx), batch_size)  # all cells in one process
+        partition = distributed.CellPartition.current(  # all cells in one process
+            len(idx), batch_size, module=self.module, data=data, arguments={
+                "analysis": "distances", "cells": idx, "groupby": keys, "keep_cell": keep_cell, "use_mean": use_mean,
+                "normalize": normalize_distances, "norm": norm, "mc_samples": mc_samples, "seed": seed,
+                "zarr_path": None if zarr_path is None else os.fspath(zarr_path)})
         storage = explore.plan_cell_storage(
             len(idx), n_samples, n_latent, batch_size=batch_size,
             n_groups=sum(len(c) for c in categories.values()), keep_cell=keep_cell,

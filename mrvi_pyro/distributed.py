@@ -160,7 +160,8 @@ def check_same_everywhere(description: dict, what: str) -> None:
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, description)
     reference = gathered[0]
-    differing = sorted({key for d in gathered[1:] for key in set(d) | set(reference) if d.get(key) != reference.get(key)})
+    differing = sorted({key for d in gathered[1:] for key in set(d) | set(reference)
+                        if d.get(key) != reference.get(key)})
     if differing:
         details = "; ".join(
             f"{key}: " + ", ".join(f"rank {r} {_short(d.get(key))}" for r, d in enumerate(gathered))
@@ -366,9 +367,31 @@ class CellPartition:
         self.cells = cell_range(self.n_cells, int(batch_size)) if sharded else slice(0, self.n_cells)
 
     @classmethod
-    def current(cls, n_cells: int, batch_size: int) -> CellPartition:
-        """This rank's share inside a distributed launch, the whole range otherwise."""
-        return cls(n_cells, batch_size, sharded=ensure_process_group())
+    def current(cls, n_cells: int, batch_size: int, *, module=None, data=None,
+                arguments: dict | None = None) -> CellPartition:
+        """This rank's share inside a distributed launch, the whole range otherwise.
+
+        Inside a launch the ranks first check (one ``all_gather_object``) that they analyse the
+        same cells of the same data (``data``'s counts fingerprint and annotations) with the same
+        weights (a digest of ``module``'s state) and the same ``arguments``; otherwise every
+        rank raises the same ``ValueError``.
+        """
+        partition = cls(n_cells, batch_size, sharded=ensure_process_group())
+        if partition.sharded:
+            state = {} if module is None else module.state_dict()
+            weights = hashlib.sha256()
+            for name, tensor in state.items():
+                weights.update(name.encode())
+                weights.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            check_same_everywhere({
+                "n_cells": int(n_cells), "batch_size": int(batch_size),
+                "counts": _digest(getattr(data, "fingerprint", None)),
+                "annotations": _digest(getattr(data, "obs_signature", None)),
+                "weights": weights.hexdigest()[:16],
+                **{k: v if isinstance(v, (int, float, str, bool, type(None))) else _digest(v)
+                   for k, v in sorted((arguments or {}).items())},
+            }, "the analysis data, model weights or arguments")
+        return partition
 
     @classmethod
     def whole(cls, n_cells: int) -> CellPartition:
@@ -480,7 +503,8 @@ def _root_cause(result_dir: str, failed_rank: int) -> BaseException | None:
 
     def secondary(err):
         return isinstance(err, RuntimeError) and (
-            isinstance(err, getattr(dist, "DistError", ())) or any(w in str(err) for w in ("gloo", "NCCL", "Connection"))
+            isinstance(err, getattr(dist, "DistError", ()))
+            or any(word in str(err) for word in ("gloo", "NCCL", "Connection"))
         )
 
     ranks = [failed_rank] + sorted(r for r in errors if r != failed_rank)
@@ -540,6 +564,6 @@ def launch(fn, nproc: int, *args, backend: str | None = None, threads: int | Non
 
 
 __all__ = [
-    "CellPartition", "Replicas", "SameDraws", "all_gather_rows", "all_reduce_", "all_reduce_sum", "broadcast_", "cell_range",
-    "check_same_everywhere", "ensure_process_group", "gather_rows", "launch", "rank", "world_size",
+    "CellPartition", "Replicas", "SameDraws", "all_gather_rows", "all_reduce_", "all_reduce_sum", "broadcast_",
+    "cell_range", "check_same_everywhere", "ensure_process_group", "gather_rows", "launch", "rank", "world_size",
 ]

@@ -69,7 +69,7 @@ def _error(fn) -> str | None:
     return None
 
 
-def _bad_inputs(adata) -> dict:
+def _bad_inputs(adata, model) -> dict:
     """Each launch mistake must stop every rank with a ValueError (no hang)."""
     rank = distributed.rank()
     subset = adata[: 500 if rank == 1 else 600].copy()  # rank 1 reads other data
@@ -78,6 +78,11 @@ def _bad_inputs(adata) -> dict:
         "other_data": _error(lambda: MRVI(subset, seed=0).train(max_epochs=1, batch_size=128, progress_bar=False)),
         "other_seed": _error(lambda: MRVI(adata, seed=0).train(max_epochs=1, batch_size=128, seed=rank,
                                                               progress_bar=False)),
+        "analysis_other_seed": _error(lambda: model.differential_abundance(sample_cov_keys=["disease"], seed=rank,
+                                                                          max_components_per_sample=20)),
+        "analysis_other_data": _error(lambda: model.get_outlier_cell_sample_pairs(adata=subset)),
+        "analysis_other_weights": _error(lambda: MRVI(adata, seed=rank).get_local_sample_distances(
+            groupby="cell_type", keep_cell=False)),
     }
 
 
@@ -88,7 +93,7 @@ def _rank_work(single_process_state, zarr_path):
     model.module.load_state_dict(single_process_state)  # analyses of the very same weights
     results = _analyses(model, zarr_path)
     errors, returned_none = [None] * 2, [None] * 2
-    torch.distributed.all_gather_object(errors, _bad_inputs(adata))
+    torch.distributed.all_gather_object(errors, _bad_inputs(adata, model))
     torch.distributed.all_gather_object(returned_none, [r is None for r in results.values()])
     return {"state": state, "history": model.history, "analyses": results, "errors": errors,
             "returned_none": returned_none}
@@ -171,6 +176,9 @@ def test_rank_0_returns_the_results_and_the_others_none(two_ranks):
     ("indivisible", "divisible by the world size"),
     ("other_data", "disagree"),
     ("other_seed", "disagree"),
+    ("analysis_other_seed", "disagree on the analysis data, model weights or arguments"),
+    ("analysis_other_data", "disagree on the analysis data"),
+    ("analysis_other_weights", "weights"),
 ])
 def test_bad_launch_stops_every_rank_with_a_clear_error(two_ranks, case, words):
     messages = [errors[case] for errors in two_ranks["errors"]]
@@ -179,6 +187,8 @@ def test_bad_launch_stops_every_rank_with_a_clear_error(two_ranks, case, words):
         assert "seed" in messages[0]
     if case == "other_data":
         assert "n_obs" in messages[0]
+    if case == "analysis_other_seed":
+        assert "seed" in messages[0]
 
 
 def test_launch_rejects_a_bad_nproc():
