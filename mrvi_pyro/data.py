@@ -448,15 +448,16 @@ class CellData:
     def read_ahead(self, cell_lists: Iterable[np.ndarray], device: torch.device | str = "cpu") -> Iterator[dict]:
         """Yield :meth:`batch` of each index array in ``cell_lists``, in order.
 
-        For counts in a backed .h5ad (CSR) the minibatches are read ahead by a worker process
-        (a ``torch.utils.data.DataLoader`` worker that opens the file itself and reads the next
-        two minibatches while the caller uses the current one), so reading overlaps with
-        training. In-memory counts, other backed formats, and backed ones when the environment
-        variable ``MRVI_PYRO_READ_AHEAD=0`` is set, are read in place. (A thread would not
-        help: h5py holds the GIL while it reads.)
+        For counts in a backed .h5ad (CSR, opened read-only) the minibatches are read ahead by a
+        worker process (a ``torch.utils.data.DataLoader`` worker that opens the file itself and
+        reads the next two minibatches while the caller uses the current one), so reading
+        overlaps with training. In-memory counts, other backed formats or modes, and backed ones
+        when the environment variable ``MRVI_PYRO_READ_AHEAD=0`` is set, are read in place. (A
+        thread would not help: h5py holds the GIL while it reads.)
         """
         cell_lists = [np.asarray(cells, dtype=np.int64) for cells in cell_lists]
-        if self._backed_rows is None or os.environ.get("MRVI_PYRO_READ_AHEAD", "1") == "0":
+        in_worker = self._backed_rows is not None and self._read_only  # a writable file is locked by HDF5
+        if not in_worker or os.environ.get("MRVI_PYRO_READ_AHEAD", "1") == "0":
             for cells in cell_lists:
                 yield self.batch(cells, device)
             return

@@ -179,7 +179,12 @@ def _short(value) -> str:
 
 
 def _digest(value) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """A short hash of a JSON-able value or a numpy array (of all its bytes)."""
+    if isinstance(value, np.ndarray):
+        payload = f"{value.dtype}{value.shape}".encode() + np.ascontiguousarray(value).tobytes()
+    else:
+        payload = json.dumps(value, sort_keys=True, default=str).encode()
+    return hashlib.sha256(payload).hexdigest()[:16]
 
 
 # ----- data-parallel training -------------------------------------------------------------------

@@ -222,3 +222,19 @@ def test_backed_training_equals_in_memory_training(raw, tmp_path):
     np.testing.assert_array_equal(results[0].history["elbo_validation"], results[1].history["elbo_validation"])
     for (name, a), b in zip(results[0].module.state_dict().items(), results[1].module.state_dict().values()):
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=name)
+
+
+def test_a_writable_backed_file_is_read_in_place_and_rechecked(raw, tmp_path):
+    """Opened r+, the file is locked against a second reader and its counts may change: no
+    read-ahead worker, and the fingerprint is checked again on each use."""
+    import anndata
+
+    dense, read_only = _backed_csr(raw, tmp_path)
+    read_only.file.close()
+    writable = anndata.read_h5ad(tmp_path / "a.h5ad", backed="r+")
+    MRVI.setup_anndata(writable, sample_key="sample", batch_key="batch")
+    data = CellData(writable, get_registry(writable))
+    assert data.backed and not data._read_only
+    batches = list(data.read_ahead([np.array([2, 0]), np.array([9])]))
+    np.testing.assert_array_equal(batches[0]["x"].numpy(), dense[[2, 0]])
+    assert data.is_current(writable)
