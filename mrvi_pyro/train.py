@@ -16,7 +16,13 @@ share of clipped steps per epoch (``clipped_share``).
 Per-step overhead is kept low: parameters and gradients are views of one flat buffer while
 training (:class:`FlatParameters`: one zeroing, one norm, one clip, one fused Adam update),
 and on Linux the allocator keeps freed minibatch memory for reuse (:func:`tune_malloc`, which
-``MRVI_PYRO_TUNE_MALLOC=0`` turns off).
+``MRVI_PYRO_TUNE_MALLOC=0`` turns off). Counts read from disk are read ahead
+(:meth:`mrvi_pyro.data.CellData.read_ahead`).
+
+Inside a ``torch.distributed`` launch the same call trains data-parallel (the hooks are
+:class:`mrvi_pyro.distributed.Replicas`: each rank's slice of every global minibatch, one
+gradient all-reduce per step, validation losses summed over the ranks); see
+:mod:`mrvi_pyro.distributed`.
 """
 
 from __future__ import annotations
@@ -328,15 +334,15 @@ def train_svi(
             flat.release()
 
 
-def _minibatches(positions: np.ndarray, batch_size: int, replicas: Replicas | None) -> list[tuple]:
-    """One epoch's steps: ``(positions, global batch size, share of the loss, draws context)``.
+def _minibatches(order: np.ndarray, batch_size: int, replicas: Replicas | None) -> list[tuple]:
+    """The steps over ``order``: ``(entries, global batch size, share of the loss, draws context)``.
 
-    In a single process these are the consecutive ``batch_size`` slices of ``positions``; in
+    In a single process the entries are the consecutive ``batch_size`` slices of ``order``; in
     data-parallel training each is this rank's slice of them (:meth:`Replicas.shard`).
     """
     steps = []
-    for start in range(0, len(positions), batch_size):
-        pos = positions[start : start + batch_size]
+    for start in range(0, len(order), batch_size):
+        pos = order[start : start + batch_size]
         local, share, draws = (pos, 1.0, contextlib.nullcontext()) if replicas is None else replicas.shard(pos)
         steps.append((local, len(pos), share, draws))
     return steps
@@ -355,7 +361,10 @@ def _train_loop(module, data, flat, params, train_idx, val_idx, rng, *, max_epoc
     rows, best, since_best, stopped = [], np.inf, 0, False
     fork_devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=fork_devices), pyro.validation_enabled(False):
-        torch.manual_seed(seed)
+        if replicas is None:
+            torch.manual_seed(seed)
+        else:
+            replicas.seed(seed)
         bar = tqdm(range(max_epochs), desc="Training", unit="epoch", disable=not progress_bar, leave=False)
         for epoch in bar:
             start = time.perf_counter()
