@@ -281,9 +281,11 @@ class Replicas:
         return self.rank == 0
 
     def device(self, device: torch.device) -> torch.device:
-        """Under CUDA without an explicit index, each rank's own GPU (``LOCAL_RANK``)."""
+        """Under CUDA without an explicit index, each rank's own GPU (``LOCAL_RANK``; ranks
+        share the GPUs round-robin when there are fewer GPUs than local ranks)."""
         if device.type == "cuda" and device.index is None:
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+            local = int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))
+            return torch.device("cuda", local % torch.cuda.device_count())
         return device
 
     def check_training(self, module, data, arguments: dict) -> None:
