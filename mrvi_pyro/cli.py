@@ -3,6 +3,9 @@
 - ``mrvi-pyro fit DATA.h5ad --sample-key K [--batch-key K] [--labels-key K] [--layer L] [--nproc N] --out DIR``
   trains MrVI (data-parallel on N local processes with ``--nproc``) and saves it (``DIR/model``)
   with its training history and figures.
+- ``mrvi-pyro analyze DIR --groupby KEY [--de KEY] [--da KEY] [--nproc N]`` runs the analyses
+  (local sample distances and DA sharded over N local processes with ``--nproc``) and writes
+  arrays, tables, figures and a report.
 - ``mrvi-pyro demo --out DIR`` simulates a cohort with planted truth, trains MrVI on it, saves the
   model and writes figures and a summary.
 
@@ -209,12 +212,26 @@ def _fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _analysis_rank(data_path: str, model_dir: str, groupby: str, da: str | None) -> dict:
+    """One rank of ``analyze --nproc``: the sharded analyses (rank 0's results come back)."""
+    from . import MRVI
+
+    adata = _read_h5ad(data_path)
+    model = MRVI.load(model_dir, adata=adata)
+    results = {"distances": model.get_local_sample_distances(adata, groupby=groupby, keep_cell=False)}
+    if da is not None:
+        results["da"] = model.differential_abundance(adata, sample_cov_keys=[da])
+    return results
+
+
 def analyze_model(model, adata, out: Path, *, groupby: str, de: str | None = None, da: str | None = None,
-                  quiet: bool = False, mc_samples: int = 20, seed: int = 0, basis: str | None = None) -> dict:
+                  quiet: bool = False, mc_samples: int = 20, seed: int = 0, basis: str | None = None,
+                  precomputed: dict | None = None) -> dict:
     """Run the analyses on a trained model and write arrays (zarr), tables (CSV), figures (PNG)
     and ``report.html`` into ``out``. Returns the results by name. Cells are drawn on
     ``adata.obsm[basis]`` (e.g. ``"X_umap"``), or on the first two principal components of u
-    when ``basis`` is None."""
+    when ``basis`` is None. ``precomputed`` holds results computed elsewhere (``"distances"``,
+    ``"da"``: e.g. by ranks of ``analyze --nproc``), used instead of computing them here."""
     import matplotlib.pyplot as plt
 
     from . import plotting
@@ -243,7 +260,10 @@ def analyze_model(model, adata, out: Path, *, groupby: str, de: str | None = Non
     sections.append(overview)
 
     step(f"local sample distances by {groupby}")
-    distances = model.get_local_sample_distances(adata, groupby=groupby, keep_cell=False)
+    precomputed = precomputed or {}
+    distances = precomputed.get("distances")
+    if distances is None:
+        distances = model.get_local_sample_distances(adata, groupby=groupby, keep_cell=False)
     _write_zarr(distances, results_dir / "local_sample_distances.zarr")
     results["distances"] = distances
     group_means = distances[groupby]
@@ -288,7 +308,9 @@ def analyze_model(model, adata, out: Path, *, groupby: str, de: str | None = Non
 
     if da is not None:
         step(f"differential abundance for {da}")
-        da_result = model.differential_abundance(adata, sample_cov_keys=[da])
+        da_result = precomputed.get("da")
+        if da_result is None:
+            da_result = model.differential_abundance(adata, sample_cov_keys=[da])
         _write_zarr(da_result, results_dir / "differential_abundance.zarr")
         summary = model.differential_abundance_summary(da, adata=adata, groupby=groupby, seed=seed)
         per_group = summary[[v for v in summary.data_vars if v.startswith(f"{groupby}_")]].to_dataframe()
@@ -359,11 +381,20 @@ def _analyze(args: argparse.Namespace) -> int:
         if previous and not args.overwrite:
             raise ValueError(f"{out} already holds analysis outputs ({', '.join(p.name for p in previous[:4])}); "
                              "pass --overwrite to replace them, or choose another --out.")
+        if args.nproc < 1:
+            raise ValueError(f"--nproc must be a positive integer; got {args.nproc}")
+        precomputed = None
+        if args.nproc > 1:  # distances and DA sharded over local ranks; the rest here
+            from . import distributed
+
+            precomputed = distributed.launch(_analysis_rank, args.nproc, str(data_path), str(run_dir / "model"),
+                                             args.groupby, args.da)
         staging = sibling(out / "analysis", "partial")
         staging.mkdir()
         try:
             analyze_model(model, adata, staging, groupby=args.groupby, de=args.de, da=args.da,
-                          quiet=args.quiet, mc_samples=args.mc_samples, seed=args.seed, basis=args.basis)
+                          quiet=args.quiet, mc_samples=args.mc_samples, seed=args.seed, basis=args.basis,
+                          precomputed=precomputed)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -433,6 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--out", default=None, help="output directory (default: DIR)")
     analyze.add_argument("--mc-samples", type=int, default=20, help="posterior draws for DE log fold-changes")
     analyze.add_argument("--seed", type=int, default=0)
+    analyze.add_argument("--nproc", type=int, default=1,
+                         help="compute the local sample distances and DA on this many local processes "
+                              "(torch.distributed); DE and the summaries run in this process (default 1)")
     analyze.add_argument("--quiet", action="store_true")
     analyze.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier analysis")
     analyze.set_defaults(func=_analyze)

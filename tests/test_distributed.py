@@ -218,7 +218,7 @@ def test_launch_raises_the_failing_rank_s_exception():
         distributed.launch(_fails_on_rank_1, 2, threads=1, timeout_s=120)
 
 
-def test_fit_command_on_two_ranks_matches_one_process(tmp_path, small_adata, capsys):
+def test_fit_and_analyze_commands_on_two_ranks_match_one_process(tmp_path, small_adata, capsys):
     from mrvi_pyro.cli import main
 
     path = tmp_path / "data.h5ad"
@@ -240,3 +240,14 @@ def test_fit_command_on_two_ranks_matches_one_process(tmp_path, small_adata, cap
     assert main([*arguments, "--nproc", "3", "--out", str(tmp_path / "three")]) == 2
     assert "must be divisible by --nproc 3" in capsys.readouterr().err
     assert not (tmp_path / "three").exists()
+
+    analyze = ["analyze", str(tmp_path / "two"), "--groupby", "cell_type", "--da", "disease", "--quiet"]
+    assert main([*analyze, "--out", str(tmp_path / "one_process")]) == 0
+    assert main([*analyze, "--nproc", "2", "--out", str(tmp_path / "two_ranks")]) == 0
+    for name in ("sample_distance_spread.csv", "da_summary.csv"):
+        assert (tmp_path / "one_process" / name).read_text() == (tmp_path / "two_ranks" / name).read_text(), name
+    import xarray as xr
+
+    da_one, da_two = (xr.open_zarr(tmp_path / run / "results" / "differential_abundance.zarr")
+                      for run in ("one_process", "two_ranks"))
+    np.testing.assert_array_equal(da_two["log_probs"].values, da_one["log_probs"].values)
