@@ -107,7 +107,9 @@ def project(row: dict, n_cells: int, n_samples: int, to_cells: int, to_samples: 
     """Time on ``ranks`` ranks and peak memory of rank 0 at ``to_cells`` x ``to_samples``.
 
     Memory = a process with no data + the measured per-cell working bytes x the cells of one
-    rank + the step's output (assembled whole on rank 0: N x S log densities for DA, N x
+    rank + the step's output (an upper bound: all memory above a bare process but the output
+    is counted as per-cell, also the fixed working memory of the step; compare two ``--n-cells``
+    for the slope) (assembled whole on rank 0: N x S log densities for DA, N x
     covariates x L coefficients for DE, groups x S^2 means for distances) + for distances the
     working set of one chunk (:func:`mrvi_pyro.explore.chunk_bytes`, which grows with S^2).
     """
@@ -178,8 +180,9 @@ def main() -> None:
         print(f"  {step}: {row['seconds']:.1f} s (+{row['read_seconds']:.1f} s reading/validating the counts), "
               f"peak RSS {row['peak_rss_gb']:.2f} GB{extra}", flush=True)
 
-    print("\nProjection (time = step + read, linear in each step's work, divided by the ranks; memory of rank 0 = "
-          "baseline + per-cell bytes x cells per rank + the whole output + for distances one chunk's working set):")
+    print("\nProjection (time = step + read, linear in each step's work, divided by the ranks; memory of rank 0, an "
+          "upper bound = baseline + per-cell bytes x cells per rank + the whole output + for distances one chunk's "
+          "working set):")
     projections = []
     for target in args.project:
         to_cells, to_samples = (int(v) for v in target.lower().split("x"))
