@@ -15,7 +15,7 @@ import pandas as pd
 import xarray as xr
 from anndata import AnnData
 
-from . import da
+from . import da, distributed
 from .admissibility import outlier_cell_sample_pairs
 from .data import check_key_added, sample_covariates
 from .explore import check_positive
@@ -120,13 +120,25 @@ class DAMixin:
         Dataset with ``log_probs``, ``log_ratios``, ``is_admissible`` of dims
         ``(cell_name, sample)`` (all registry samples; samples without cells in ``adata`` are
         never admissible) and ``threshold`` (sample).
+
+        Inside a distributed launch (``torchrun`` or :func:`mrvi_pyro.distributed.launch`) every
+        rank computes a contiguous share of the cells (the posterior parameters and own-sample
+        scores are all-gathered); rank 0 returns the whole result, identical to one process, and the
+        other ranks return None.
         """
         check_positive("batch_size", batch_size)
         data = self._cell_data(adata)
         out = outlier_cell_sample_pairs(
             self.module, data, flavor=flavor, subsample_size=subsample_size, quantile_threshold=quantile_threshold,
             admissibility_threshold=admissibility_threshold, batch_size=batch_size, seed=seed,
+            partition=distributed.CellPartition.current(
+                len(data), batch_size, module=self.module, data=data, arguments={
+                "analysis": "outliers", "flavor": flavor, "subsample_size": subsample_size, "seed": seed,
+                "quantile_threshold": quantile_threshold, "admissibility_threshold": admissibility_threshold,
+            }),
         )
+        if out is None:  # a rank other than 0 of a distributed launch
+            return None
         coords = {"cell_name": np.asarray(data.obs_names), "sample": list(self.registry.sample_categories)}
         dims = ("cell_name", "sample")
         return xr.Dataset(
@@ -201,6 +213,11 @@ class DAMixin:
         -------
         Dataset: ``log_probs`` (cell_name, sample); ``"<key>_log_probs"`` (cell_name, <key>);
         ``"<key>_log_enrichs"`` (cell_name, <key>) with ``compute_log_enrichment``.
+
+        Inside a distributed launch (``torchrun`` or :func:`mrvi_pyro.distributed.launch`) every
+        rank computes a contiguous share of the cells against the components of all cells (the
+        posterior parameters are all-gathered); rank 0 returns the whole result, identical to one
+        process, and the other ranks return None.
         """
         check_positive("batch_size", batch_size)
         data, adata, present, names, subset = self._da_inputs(adata, sample_subset, max_components_per_sample)
@@ -215,8 +232,13 @@ class DAMixin:
 
         log_probs = da.sample_log_probs(
             self.module, data, max_components_per_sample=max_components_per_sample, batch_size=batch_size,
-            component_chunk=component_chunk, seed=seed,
-        )[:, present]
+            component_chunk=component_chunk, seed=seed, partition=distributed.CellPartition.current(
+                len(data), batch_size, module=self.module, data=data, arguments={
+                    "analysis": "da", "max_components_per_sample": max_components_per_sample, "seed": seed}),
+        )
+        if log_probs is None:  # a rank other than 0 of a distributed launch
+            return None
+        log_probs = log_probs[:, present]
         position = np.full(self.registry.n_samples, -1)
         position[present] = np.arange(len(present))
         cell_sample = position[data.sample_index]

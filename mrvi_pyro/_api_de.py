@@ -16,7 +16,7 @@ import pandas as pd
 import xarray as xr
 from anndata import AnnData
 
-from . import de
+from . import de, distributed
 from ._safe_io import StagedPath, zarr_replaceable
 from .explore import check_positive, check_use_vmap
 from .data import check_key_added, sample_covariates
@@ -196,6 +196,11 @@ class DEMixin:
         (ours) ``nuisance_beta`` (cell_name, nuisance_term, latent_dim) for the intercept and
         offsets, and ``design_matrix`` (sample, design_column).
 
+        Inside a distributed launch (``torchrun`` or :func:`mrvi_pyro.distributed.launch`) every
+        rank computes a contiguous share of the cells (``padj`` is adjusted over all cells;
+        ``store_lfc`` is not available there yet); rank 0 returns the whole result, identical to one
+        process, and the other ranks return None.
+
         Differences from scvi-tools' MRVI: the design has an intercept (a binary covariate's
         coefficient is the contrast of its two levels) and the offsets and the intercept are
         not in the ``covariate`` coordinate; strings and booleans are accepted; the p-values
@@ -233,6 +238,11 @@ class DEMixin:
         if delta is not None and (isinstance(delta, bool) or not isinstance(delta, (int, float, np.number))
                                   or not 0 <= delta < np.inf):
             raise ValueError(f"delta must be a finite number >= 0 (or None to skip pde); got {delta!r}.")
+        if store_lfc and distributed.world_size() > 1:
+            raise ValueError(
+                "store_lfc=True is not available in a distributed launch yet; run it in one process, or run "
+                "differential_expression without store_lfc (regression, effect sizes and p-values are sharded)."
+            )
         staged = None
         if zarr_path is not None and store_lfc:  # before any work: refuse a taken target now
             staged = StagedPath(zarr_path, overwrite=overwrite, what="zarr_path", replaceable=zarr_replaceable)
@@ -245,6 +255,12 @@ class DEMixin:
                     f"store_lfc_metadata_subset {outside} not in sample_cov_keys {keys}; it must be a subset."
                 )
         data = self._cell_data(adata)
+        partition = distributed.CellPartition.current(  # all cells in one process
+            len(data), batch_size, module=self.module, data=data, arguments={
+                "analysis": "de", "keys": keys, "subset": sample_subset, "seed": seed, "lambd": lambd,
+                "pvalue_method": pvalue_method, "filter": filter_inadmissible_samples,
+                "offsets": add_batch_specific_offsets, "normalize": normalize_design_matrix,
+                "n_permutations": n_permutations})
         adata = self.adata if adata is None else adata
         names = list(self.registry.sample_categories)
         if sample_subset is not None:
@@ -289,8 +305,9 @@ class DEMixin:
         if filter_inadmissible_samples:
             from .admissibility import outlier_cell_sample_pairs
 
-            admissible = outlier_cell_sample_pairs(self.module, data, **filter_samples_kwargs)["is_admissible"]
-            weights = admissible[:, codes].astype(np.float64)
+            admissible = outlier_cell_sample_pairs(self.module, data, partition=partition, gather=False,
+                                                   **filter_samples_kwargs)["is_admissible"]
+            weights = admissible[:, codes].astype(np.float64)  # rows of this rank's cells
 
         n_cells, n_genes = len(data), len(self.registry.var_names)
         lfc_columns = [c for c, k in zip(design.covariate_columns, design.column_keys) if k in lfc_keys]
@@ -334,12 +351,14 @@ class DEMixin:
                 pvalue_method=pvalue_method, n_permutations=n_permutations, store_lfc=store_lfc,
                 lfc_columns=lfc_columns, mc_samples=mc_samples, level_weights=level_weights, eps_lfc=eps_lfc,
                 delta=delta, credible_interval=credible_interval, store_baseline=store_baseline, sink=sink,
-                paired=paired_draws, regression_uncertainty=regression_uncertainty, seed=seed,
+                paired=paired_draws, regression_uncertainty=regression_uncertainty, seed=seed, partition=partition,
             )
         except BaseException:
             if staged is not None:
                 staged.discard()
             raise
+        if out is None:  # a rank other than 0 of a distributed launch
+            return None
         coords["latent_dim"] = np.arange(out["beta"].shape[-1])
         data_vars = {
             "beta": (("cell_name", "covariate", "latent_dim"), out["beta"]),

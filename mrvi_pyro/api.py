@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 from anndata import AnnData
 
-from . import __version__
+from . import __version__, distributed
 from ._api_da import DAMixin
 from ._api_de import DEMixin
 from ._api_explore import ExploreMixin
@@ -363,6 +363,12 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
         the result equals that of an uninterrupted run. A checkpoint of another configuration,
         other training arguments or other data is refused naming what differs, and a
         non-empty directory that is not a checkpoint is refused; neither is changed.
+
+        Data-parallel: inside ``torchrun --nproc-per-node N`` (or
+        :func:`mrvi_pyro.distributed.launch`) the same call trains on N ranks, each reading its
+        share of every minibatch; ``batch_size`` is then the global minibatch (N must divide it)
+        and the run reproduces one process with that ``batch_size`` (see
+        :mod:`mrvi_pyro.distributed`).
         """
         options = _plan_options(
             plan_kwargs, lr=lr, weight_decay=weight_decay, eps=eps, clip_norm=clip_norm,
@@ -540,8 +546,12 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
         The save is atomic (written beside ``dir_path``, then renamed into place), and replaces
         an earlier save as a whole: no file of it (e.g. an old ``adata.h5ad``) survives.
         ``overwrite=True`` is needed to replace a non-empty ``dir_path``, and only an earlier
-        mrvi_pyro save is ever replaced.
+        mrvi_pyro save is ever replaced. In a distributed launch only rank 0 writes (all ranks
+        hold the same weights); the others return at once, so a rank that reads the save should
+        wait for rank 0 first (``torch.distributed.barrier()``).
         """
+        if distributed.rank() != 0:
+            return
         metadata = {
             "package_version": __version__,
             "init_params": self.init_params,

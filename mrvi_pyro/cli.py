@@ -1,9 +1,13 @@
 """The ``mrvi-pyro`` command.
 
-- ``mrvi-pyro fit DATA.h5ad --sample-key K [--batch-key K] [--labels-key K] [--layer L] --out DIR``
-  trains MrVI and saves it (``DIR/model``) with its training history and figures. A checkpoint
-  written after every epoch (``DIR/checkpoint``) lets ``--resume`` continue a fit that was
-  interrupted (Ctrl-C, a kill, a crash) exactly where it stopped.
+- ``mrvi-pyro fit DATA.h5ad --sample-key K [--batch-key K] [--labels-key K] [--layer L] [--nproc N] --out DIR``
+  trains MrVI (data-parallel on N local processes with ``--nproc``) and saves it (``DIR/model``)
+  with its training history and figures. In one process, a checkpoint written after every epoch
+  (``DIR/checkpoint``) lets ``--resume`` continue a fit that was interrupted (Ctrl-C, a kill, a
+  crash) exactly where it stopped.
+- ``mrvi-pyro analyze DIR --groupby KEY [--de KEY] [--da KEY] [--nproc N]`` runs the analyses
+  (local sample distances and DA sharded over N local processes with ``--nproc``) and writes
+  arrays, tables, figures and a report.
 - ``mrvi-pyro demo --out DIR`` simulates a cohort with planted truth, trains MrVI on it, saves the
   model and writes figures and a summary.
 
@@ -146,13 +150,30 @@ def _read_h5ad(path: str):
         raise ValueError(f"{path} is not a readable .h5ad file ({type(err).__name__}: {err})") from None
 
 
+def _train_rank(data_path: str, keys: dict, seed: int, options: dict):
+    """One rank of ``fit --nproc``: read the data, train data-parallel, return the weights and
+    history (rank 0's are what the launching process keeps)."""
+    from . import MRVI, distributed
+
+    adata = _read_h5ad(data_path)
+    MRVI.setup_anndata(adata, **keys)
+    model = MRVI(adata, seed=seed)
+    progress_bar = options.pop("progress_bar") and distributed.rank() == 0
+    model.train(**options, seed=seed, progress_bar=progress_bar)
+    return {k: v.cpu() for k, v in model.module.state_dict().items()}, model.history
+
+
 def fit_and_save(adata, out: Path, *, sample_key: str, batch_key=None, labels_key=None, layer=None,
                  max_epochs=None, batch_size=128, seed=0, quiet=False, data_path=None, shown_dir=None,
-                 checkpoint_dir=None):
+                 checkpoint_dir=None, nproc=1):
     """Register ``adata`` (unless it already is, with these keys), train MrVI (with a checkpoint
     in ``checkpoint_dir``, resumed if it holds one), save it to ``out/model`` with history and
-    figures. ``shown_dir`` names ``out`` in messages."""
-    from . import MRVI, pl
+    figures. ``shown_dir`` names ``out`` in messages.
+
+    ``nproc > 1`` trains data-parallel on that many local ranks (:func:`mrvi_pyro.distributed.launch`;
+    each reads ``data_path``), with ``batch_size`` the global minibatch, and without a checkpoint;
+    this process then writes the outputs."""
+    from . import MRVI, distributed, pl
     from .data import REGISTRY_KEY, get_registry
 
     keys = (sample_key, batch_key, labels_key, layer)
@@ -161,8 +182,15 @@ def fit_and_save(adata, out: Path, *, sample_key: str, batch_key=None, labels_ke
         MRVI.setup_anndata(adata, sample_key=sample_key, batch_key=batch_key, labels_key=labels_key, layer=layer)
     model = MRVI(adata, seed=seed)
     start = time.perf_counter()
-    model.train(max_epochs=max_epochs, batch_size=batch_size, seed=seed, progress_bar=not quiet,
-                checkpoint_dir=checkpoint_dir)
+    if nproc > 1:
+        options = {"max_epochs": max_epochs, "batch_size": batch_size, "progress_bar": not quiet}
+        state, history = distributed.launch(_train_rank, nproc, str(data_path), dict(zip(
+            ("sample_key", "batch_key", "labels_key", "layer"), keys)), seed, options)
+        model.module.load_state_dict(state)
+        model.history, model.is_trained = history, True
+    else:
+        model.train(max_epochs=max_epochs, batch_size=batch_size, seed=seed, progress_bar=not quiet,
+                    checkpoint_dir=checkpoint_dir)
     seconds = time.perf_counter() - start
     out.mkdir(parents=True, exist_ok=True)
     model.save(out / "model")
@@ -174,8 +202,9 @@ def fit_and_save(adata, out: Path, *, sample_key: str, batch_key=None, labels_ke
         out / "u_embedding.png", dpi=110)
     last = model.history.iloc[-1]
     val = f", validation {last['elbo_validation']:.1f}" if "elbo_validation" in last else ""
-    print(f"trained {len(model.history)} epochs in {seconds:.1f} s; -ELBO/cell train {last['elbo_train']:.1f}{val} "
-          f"(model: {Path(shown_dir or out) / 'model'})")
+    ranks = f" on {nproc} ranks" if nproc > 1 else ""
+    print(f"trained {len(model.history)} epochs{ranks} in {seconds:.1f} s; -ELBO/cell train {last['elbo_train']:.1f}"
+          f"{val} (model: {Path(shown_dir or out) / 'model'})")
     return model
 
 
@@ -188,7 +217,14 @@ def _fit(args: argparse.Namespace) -> int:
     # input errors first, then the output directory, both before the (long) training
     MRVI.setup_anndata(adata, sample_key=args.sample_key, batch_key=args.batch_key, labels_key=args.labels_key,
                        layer=args.layer)
+    if args.nproc < 1:
+        raise ValueError(f"--nproc must be a positive integer; got {args.nproc}")
+    if args.batch_size % args.nproc:
+        raise ValueError(f"--batch-size {args.batch_size} is the global minibatch and must be divisible by "
+                         f"--nproc {args.nproc} (each rank takes batch-size / nproc cells)")
     out = Path(args.out)
+    if args.nproc > 1 and args.resume:
+        raise ValueError("--resume needs a checkpoint, which --nproc > 1 does not write; resume in one process.")
     _check_fit_target(out, overwrite=args.overwrite, resume=args.resume)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
@@ -204,8 +240,9 @@ def _fit(args: argparse.Namespace) -> int:
                 fit_and_save(adata, staging, sample_key=args.sample_key, batch_key=args.batch_key,
                              labels_key=args.labels_key, layer=args.layer, max_epochs=args.max_epochs,
                              batch_size=args.batch_size, seed=args.seed, quiet=args.quiet, data_path=args.data,
-                             shown_dir=out, checkpoint_dir=checkpoint)
-                shutil.copytree(checkpoint, staging / CHECKPOINT_DIR, copy_function=_link_or_copy)
+                             shown_dir=out, checkpoint_dir=checkpoint, nproc=args.nproc)
+                if checkpoint.exists():  # none with --nproc > 1
+                    shutil.copytree(checkpoint, staging / CHECKPOINT_DIR, copy_function=_link_or_copy)
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
@@ -276,14 +313,28 @@ def _interrupted_fit(out: Path, argv: list[str]) -> int:
     return 130
 
 
+def _analysis_rank(data_path: str, model_dir: str, groupby: str, da: str | None) -> dict:
+    """One rank of ``analyze --nproc``: the sharded analyses (rank 0's results come back)."""
+    from . import MRVI
+
+    adata = _read_h5ad(data_path)
+    model = MRVI.load(model_dir, adata=adata)
+    results = {"distances": model.get_local_sample_distances(adata, groupby=groupby, keep_cell=False)}
+    if da is not None:
+        results["da"] = model.differential_abundance(adata, sample_cov_keys=[da])
+    return results
+
+
 def analyze_model(model, adata, out: Path, *, groupby: str, de: str | None = None, da: str | None = None,
                   quiet: bool = False, mc_samples: int = 20, seed: int = 0, basis: str | None = None,
-                  data_path: str | Path | None = None, command: list[str] | None = None) -> dict:
+                  data_path: str | Path | None = None, command: list[str] | None = None,
+                  precomputed: dict | None = None) -> dict:
     """Run the analyses on a trained model and write arrays (zarr), tables (CSV), figures (PNG)
     and ``report.html`` into ``out``. Returns the results by name. Cells are drawn on
     ``adata.obsm[basis]`` (e.g. ``"X_umap"``), or on the first two principal components of u
     when ``basis`` is None. ``data_path`` (named and checksummed) and ``command`` go into the
-    report's run metadata."""
+    report's run metadata. ``precomputed`` holds results computed elsewhere (``"distances"``,
+    ``"da"``: e.g. by ranks of ``analyze --nproc``), used instead of computing them here."""
     import matplotlib.pyplot as plt
     import numpy as np
     import pandas as pd
@@ -319,7 +370,10 @@ def analyze_model(model, adata, out: Path, *, groupby: str, de: str | None = Non
     sections.append(overview)
 
     step(f"local sample distances by {groupby}")
-    distances = model.get_local_sample_distances(adata, groupby=groupby, keep_cell=False)
+    precomputed = precomputed or {}
+    distances = precomputed.get("distances")
+    if distances is None:
+        distances = model.get_local_sample_distances(adata, groupby=groupby, keep_cell=False)
     _write_zarr(distances, results_dir / "local_sample_distances.zarr")
     results["distances"] = distances
     group_means = distances[groupby]
@@ -371,7 +425,9 @@ def analyze_model(model, adata, out: Path, *, groupby: str, de: str | None = Non
 
     if da is not None:
         step(f"differential abundance for {da}")
-        da_result = model.differential_abundance(adata, sample_cov_keys=[da])
+        da_result = precomputed.get("da")
+        if da_result is None:
+            da_result = model.differential_abundance(adata, sample_cov_keys=[da])
         _write_zarr(da_result, results_dir / "differential_abundance.zarr")
         summary = model.differential_abundance_summary(da, adata=adata, groupby=groupby, seed=seed)
         per_group = summary[[v for v in summary.data_vars if v.startswith(f"{groupby}_")]].to_dataframe()
@@ -473,12 +529,20 @@ def _analyze(args: argparse.Namespace) -> int:
         if previous and not args.overwrite:
             raise ValueError(f"{out} already holds analysis outputs ({', '.join(p.name for p in previous[:4])}); "
                              "pass --overwrite to replace them, or choose another --out.")
+        if args.nproc < 1:
+            raise ValueError(f"--nproc must be a positive integer; got {args.nproc}")
+        precomputed = None
+        if args.nproc > 1:  # distances and DA sharded over local ranks; the rest here
+            from . import distributed
+
+            precomputed = distributed.launch(_analysis_rank, args.nproc, str(data_path), str(run_dir / "model"),
+                                             args.groupby, args.da)
         staging = sibling(out / "analysis", "partial")
         staging.mkdir()
         try:
             analyze_model(model, adata, staging, groupby=args.groupby, de=args.de, da=args.da,
                           quiet=args.quiet, mc_samples=args.mc_samples, seed=args.seed, basis=args.basis,
-                          data_path=data_path, command=args.command_line)
+                          data_path=data_path, command=args.command_line, precomputed=precomputed)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -547,6 +611,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="training epochs (default: min(round(20000 / n_cells * 400), 400))")
     fit.add_argument("--batch-size", type=int, default=128, help="cells per step (as MRVI.train)")
     fit.add_argument("--seed", type=int, default=0, help="seeds the initialisation and training")
+    fit.add_argument("--nproc", type=int, default=1,
+                     help="train data-parallel on this many local processes (torch.distributed: gloo on CPU, "
+                          "NCCL with one GPU each); --batch-size is the global minibatch and must be divisible "
+                          "by it; no checkpoint is written")
     fit.add_argument("--quiet", action="store_true", help="no progress bar")
     fit.add_argument("--overwrite", action="store_true",
                      help="replace an earlier run in --out (its model, checkpoint and analysis outputs)")
@@ -567,6 +635,9 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--out", default=None, help="output directory (default: DIR)")
     analyze.add_argument("--mc-samples", type=int, default=20, help="posterior draws for DE log fold-changes")
     analyze.add_argument("--seed", type=int, default=0, help="seeds the posterior draws")
+    analyze.add_argument("--nproc", type=int, default=1,
+                         help="compute the local sample distances and DA on this many local processes "
+                              "(torch.distributed); DE and the summaries run in this process")
     analyze.add_argument("--quiet", action="store_true", help="no progress messages")
     analyze.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier analysis")
     analyze.set_defaults(func=_analyze)

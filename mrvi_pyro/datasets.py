@@ -273,6 +273,81 @@ def simulate(
     ValueError
         If an argument is out of range or the genes cannot hold markers, DE and grouping genes.
     """
+    return _simulate(
+        n_cells, n_genes, n_samples, n_batches, n_cell_types, seed=seed, sparse=sparse, preset=preset,
+        de_log_fold_change=de_log_fold_change, n_de_genes=n_de_genes, group_log_fold_change=group_log_fold_change,
+        n_group_genes=n_group_genes, da_fold_change=da_fold_change, batch_effect_scale=batch_effect_scale,
+        mean_library_size=mean_library_size,
+    )
+
+
+def write_simulated_h5ad(path, n_cells: int = 2000, n_genes: int = 200, *, block_entries: int = 2**16,
+                         **simulate_kwargs) -> None:
+    """:func:`simulate` straight to an .h5ad file, block by block (for cohorts larger than memory).
+
+    The file holds what ``simulate(n_cells, n_genes, sparse=True, **simulate_kwargs)
+    .write_h5ad(path)`` would write -- the same counts (CSR), ``obs``, ``var`` and
+    ``uns["simulation"]`` for the same arguments -- but the count matrix is never held in
+    memory: each block of cells (about ``CHUNK_ENTRIES`` counts) is appended to the file as it is
+    drawn. Memory is that of the per-cell annotations (tens of bytes per cell) and one block.
+    Read it with ``anndata.read_h5ad(path, backed="r")`` to keep the counts on disk.
+
+    Parameters
+    ----------
+    path
+        The .h5ad file to create (an existing file is refused).
+    n_cells, n_genes, **simulate_kwargs
+        As in :func:`simulate` (``sparse`` is implied).
+    block_entries
+        HDF5 chunk length of the stored ``data`` and ``indices`` arrays.
+    """
+    import inspect
+    import os
+
+    import h5py
+    from anndata.io import write_elem
+
+    if os.path.exists(path):
+        raise ValueError(f"{path} already exists; write_simulated_h5ad creates a new file (choose another path).")
+    defaults = {name: p.default for name, p in inspect.signature(simulate).parameters.items()
+                if name not in ("n_cells", "n_genes")}
+    unknown = sorted(set(simulate_kwargs) - set(defaults))
+    if unknown:
+        raise ValueError(f"Unknown argument(s) {unknown} of simulate; known: {sorted(defaults)}.")
+    try:
+        with h5py.File(path, "w-") as file:
+            group = file.create_group("X")
+            arrays = {name: group.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype,
+                                                 chunks=(int(block_entries),))
+                      for name, dtype in (("data", "float32"), ("indices", "int32"))}
+            offsets = [np.zeros(1, dtype=np.int64)]
+
+            def append(block: np.ndarray) -> None:
+                csr = sp.csr_matrix(block)
+                first = arrays["data"].shape[0]
+                for name, values in (("data", csr.data), ("indices", csr.indices)):
+                    arrays[name].resize((first + csr.nnz,))
+                    arrays[name][first:] = values
+                offsets.append(csr.indptr[1:].astype(np.int64) + first)
+
+            adata = _simulate(n_cells, n_genes, write_counts=append, **{**defaults, **simulate_kwargs, "sparse": True})
+            group.create_dataset("indptr", data=np.concatenate(offsets))
+            group.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0",
+                                "shape": np.array([adata.n_obs, adata.n_vars])})
+            file.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
+            for key in ("obs", "var", "uns", "obsm", "varm", "obsp", "varp", "layers"):
+                write_elem(file, key, getattr(adata, key) if key in ("obs", "var") else dict(getattr(adata, key)))
+    except BaseException:
+        if os.path.exists(path):
+            os.remove(path)  # ours: created above, left incomplete
+        raise
+
+
+def _simulate(n_cells, n_genes, n_samples, n_batches, n_cell_types, *, seed, sparse, preset, de_log_fold_change,
+              n_de_genes, group_log_fold_change, n_group_genes, da_fold_change, batch_effect_scale,
+              mean_library_size, write_counts=None):
+    """The body of :func:`simulate`; ``write_counts`` (if given) receives each block of counts
+    (a dense float32 array of consecutive cells) instead of the returned AnnData (``X`` None)."""
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}.")
     if group_log_fold_change is None and de_log_fold_change is not None:
@@ -382,7 +457,7 @@ def simulate(
 
     chunk_size = max(1, CHUNK_ENTRIES // n_genes)
     sparse_chunks = []
-    dense_counts = None if sparse else np.empty((n_cells, n_genes), dtype=np.float32)
+    dense_counts = None if sparse or write_counts else np.empty((n_cells, n_genes), dtype=np.float32)
     for start in range(0, n_cells, chunk_size):
         cells = slice(start, min(start + chunk_size, n_cells))
         log_expression = type_log_mean[cell_type[cells]] + batch_gene_effect[cell_batch[cells]]
@@ -394,11 +469,13 @@ def simulate(
         chunk_counts = _sample_counts(
             log_expression, cell_library_size[cells], inverse_dispersion, rng
         ).astype(np.float32)
-        if sparse:
+        if write_counts is not None:
+            write_counts(chunk_counts)
+        elif sparse:
             sparse_chunks.append(sp.csr_matrix(chunk_counts))
         else:
             dense_counts[cells] = chunk_counts
-    counts = sp.vstack(sparse_chunks, format="csr") if sparse else dense_counts
+    counts = None if write_counts is not None else sp.vstack(sparse_chunks, format="csr") if sparse else dense_counts
 
     gene_names = _names("gene", n_genes, min_width=3)
     sample_names = _names("sample", n_samples, min_width=2)

@@ -58,6 +58,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .distributed import CellPartition
 from .posterior import iter_posterior_u
 
 NORMS = {"l2": 2.0, "l1": 1.0, "linf": float("inf")}
@@ -162,13 +163,15 @@ def iter_local_sample_distances(
     normalize: bool = False,
     norm: str = "l2",
     seed: int | None = 0,
+    draws_offset: int = 0,
 ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
     """Yield ``(chunk_indices, D)`` with ``D`` (n, S, S) float32, the local sample distances.
 
     See the module docstring for the formulas (paired draws averaged over ``mc_samples`` when
     ``use_mean`` is False; z-scored against the own-sample baseline when ``normalize``). Draws
     come from one generator seeded by ``seed`` and are taken chunk by chunk, so sampled results
-    are reproducible for a given ``batch_size``. Posterior draws are looped over (not stacked),
+    are reproducible for a given ``batch_size`` (``draws_offset``: see
+    :func:`mrvi_pyro.posterior.iter_posterior_u`). Posterior draws are looped over (not stacked),
     so the working memory is that of one (n, S, S) tensor.
     """
     check_norm(norm)
@@ -180,7 +183,7 @@ def iter_local_sample_distances(
     n_sampled = 0 if use_mean else mc_samples
     n_draws = n_sampled + (2 * mc_samples if normalize else 0)
     for chunk, batch, loc, _, draws in iter_posterior_u(
-        module, data, indices, batch_size=batch_size, n_draws=n_draws or None, seed=seed
+        module, data, indices, batch_size=batch_size, n_draws=n_draws or None, seed=seed, draws_offset=draws_offset
     ):
         with torch.no_grad():
             if use_mean:
@@ -242,12 +245,18 @@ class GroupedMean:
 
 # ----- per-cell sinks -----------------------------------------------------------------------
 class InMemoryCells:
-    """Preallocated (N, S, S) float32 array written chunk by chunk."""
+    """Preallocated (N, S, S) float32 array written chunk by chunk.
 
-    def __init__(self, n_cells: int, n_samples: int):
+    ``first`` is the position of its first row among all cells (a shard of a distributed
+    analysis holds rows ``first:first + n_cells``); :meth:`write` takes positions among all cells.
+    """
+
+    def __init__(self, n_cells: int, n_samples: int, first: int = 0):
         self.values = np.empty((n_cells, n_samples, n_samples), dtype=np.float32)
+        self.first = int(first)
 
     def write(self, start: int, block: np.ndarray) -> None:
+        start -= self.first
         self.values[start : start + len(block)] = block
 
 
@@ -269,6 +278,9 @@ class ZarrCellStore:
         Coordinates.
     chunk_cells
         Cells per zarr chunk (the distance chunk size, so every write fills whole chunks).
+
+    :meth:`attach` opens an existing store for writing: the other ranks of a distributed
+    analysis write their cell ranges (whole chunks, so no two ranks touch one chunk).
     """
 
     def __init__(self, path: str | os.PathLike, cell_names: Iterable, sample_names: Iterable, chunk_cells: int):
@@ -291,6 +303,16 @@ class ZarrCellStore:
             fill_value=np.nan,
             dimension_names=["cell_name", "sample_x", "sample_y"],
         )
+
+    @classmethod
+    def attach(cls, path: str | os.PathLike) -> "ZarrCellStore":
+        """The store at ``path`` (written by another process's constructor), for writing."""
+        import zarr
+
+        store = cls.__new__(cls)
+        store.path = os.fspath(path)
+        store.array = zarr.open_group(store.path, mode="a")["cell"]
+        return store
 
     def write(self, start: int, block: np.ndarray) -> None:
         """Write ``block`` (n, S, S) at cells ``start:start + n``."""
@@ -356,6 +378,7 @@ def local_sample_distances(
     normalize: bool = False,
     norm: str = "l2",
     seed: int | None = 0,
+    partition=None,
 ) -> LocalDistances:
     """Stream the local sample distances of ``indices`` into group means and a per-cell sink.
 
@@ -367,19 +390,27 @@ def local_sample_distances(
         Receives each chunk's (n, S, S) block at its position in ``indices`` (None: not kept).
     batch_size, use_mean, mc_samples, normalize, norm, seed
         See :func:`iter_local_sample_distances`.
+    partition
+        A :class:`mrvi_pyro.distributed.CellPartition` of ``indices`` (None: all of them, in
+        this process): only its cells are computed (with the draws one process gives them),
+        the sink receives their blocks, and the group sums are summed over the ranks, so every
+        rank gets the group means of all cells.
     """
+    indices = np.arange(len(data)) if indices is None else np.asarray(indices)
+    partition = CellPartition.whole(len(indices)) if partition is None else partition
     groupings = groupings or {}
     accumulators = {key: GroupedMean(codes, n, module.n_samples) for key, (codes, n) in groupings.items()}
-    start = 0
+    start = partition.cells.start
     for chunk, dist in iter_local_sample_distances(
-        module, data, indices, batch_size=batch_size, use_mean=use_mean, mc_samples=mc_samples,
-        normalize=normalize, norm=norm, seed=seed,
+        module, data, indices[partition.cells], batch_size=batch_size, use_mean=use_mean, mc_samples=mc_samples,
+        normalize=normalize, norm=norm, seed=seed, draws_offset=start,
     ):
         for acc in accumulators.values():
             acc.add(chunk, dist)
         if cell_sink is not None:
             cell_sink.write(start, dist.cpu().numpy())
         start += len(chunk)
+    partition.all_reduce_([t for acc in accumulators.values() for t in (acc.sums, acc.counts)])
     return LocalDistances(
         cell=cell_sink,
         groups={key: acc.mean() for key, acc in accumulators.items()},
