@@ -18,8 +18,8 @@ outside, ``_harness``). The projection to larger cohorts is linear in the work e
 as stated in its table: cells for simulation and training; cells x samples for DE and DA (at a
 fixed component cap); cells x samples to cells x samples^2 for distances (the counterfactuals
 grow with S, the distance matrices with S^2: both bounds are printed). Peak memory is projected
-as the memory of a process with no data, plus the measured per-cell bytes, plus the output
-(see :func:`project`). ``--ranks`` divides the time (each rank takes an equal share of the
+as a fixed part, plus per-cell bytes (the slope to a run at fewer cells with ``--smaller``),
+plus the output (see :func:`project`); ``--from-json`` projects an earlier run again. ``--ranks`` divides the time (each rank takes an equal share of the
 cells: see :mod:`mrvi_pyro.distributed`; the simulation runs in one process).
 
     python benchmarks/scale.py                                  # 1,000,000 cells x 2,000 genes x 300 samples
@@ -103,15 +103,17 @@ def child(args: argparse.Namespace) -> None:
 
 
 def project(row: dict, n_cells: int, n_samples: int, to_cells: int, to_samples: int, ranks: int,
-            analysis_batch: int) -> dict:
-    """Time on ``ranks`` ranks and peak memory of rank 0 at ``to_cells`` x ``to_samples``.
+            analysis_batch: int, smaller: dict | None = None) -> dict:
+    """Time on ``ranks`` ranks and peak memory per rank at ``to_cells`` x ``to_samples``.
 
-    Memory = a process with no data + the measured per-cell working bytes x the cells of one
-    rank + the step's output (an upper bound: all memory above a bare process but the output
-    is counted as per-cell, also the fixed working memory of the step; compare two ``--n-cells``
-    for the slope) (assembled whole on rank 0: N x S log densities for DA, N x
-    covariates x L coefficients for DE, groups x S^2 means for distances) + for distances the
-    working set of one chunk (:func:`mrvi_pyro.explore.chunk_bytes`, which grows with S^2).
+    Time: the step (and its read of the counts) grows linearly in its work (:data:`WORK`) and
+    is divided by the ranks. Memory does not shrink with the ranks: every rank holds the
+    per-cell annotations of all cells, and rank 0 assembles the whole output (N x S log
+    densities for DA, N x covariates x L coefficients for DE, groups x S^2 means for distances).
+    It is a fixed part + per-cell bytes x cells + the output (+ for distances the working set of
+    one chunk, :func:`mrvi_pyro.explore.chunk_bytes`, which grows with S^2). The per-cell bytes
+    are the slope between this run and ``smaller`` (the same step at fewer cells) when given,
+    else all memory above a bare process but the output (an upper bound).
     """
     from mrvi_pyro.explore import chunk_bytes
 
@@ -120,15 +122,20 @@ def project(row: dict, n_cells: int, n_samples: int, to_cells: int, to_samples: 
     low, high = work if isinstance(work, tuple) else (work, work)
     output_scale = {"distances": samples**2, "da": cells * samples, "de": cells}.get(row["step"], 0.0)
     output = row.get("output_gb", 0.0)
-    per_cell = max(row["peak_rss_gb"] - row["baseline_rss_gb"] - output, 0.0) / n_cells
-    memory = row["baseline_rss_gb"] + per_cell * (to_cells if row["step"] == "simulate" else to_cells / ranks)
-    memory += output * output_scale
+    if smaller is not None:
+        per_cell = max((row["peak_rss_gb"] - output) - (smaller["peak_rss_gb"] - smaller.get("output_gb", 0.0)),
+                       0.0) / (n_cells - smaller["n_cells"])
+        fixed = row["peak_rss_gb"] - output - per_cell * n_cells
+    else:
+        per_cell = max(row["peak_rss_gb"] - row["baseline_rss_gb"] - output, 0.0) / n_cells
+        fixed = row["baseline_rss_gb"]
+    memory = fixed + per_cell * to_cells + output * output_scale
     if row["step"] == "distances":
         memory += chunk_bytes(analysis_batch, to_samples, 30) / 1e9
     seconds = row["seconds"] + row["read_seconds"]
     ranks = 1 if row["step"] == "simulate" else ranks
     return {"hours_low": seconds * low / ranks / 3600, "hours_high": seconds * high / ranks / 3600,
-            "memory_gb": memory}
+            "memory_gb": memory, "per_cell_kb": per_cell * 1e6}
 
 
 def main() -> None:
@@ -143,10 +150,13 @@ def main() -> None:
     parser.add_argument("--da-cap", type=int, default=200, help="max_components_per_sample of the DA step")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per step (the 2 cores)")
     parser.add_argument("--steps", nargs="+", default=list(STEPS), choices=STEPS)
-    parser.add_argument("--project", nargs="+", default=["1000000x1000", "5000000x1000"],
+    parser.add_argument("--project", nargs="+", default=["1000000x300", "1000000x1000", "5000000x1000"],
                         help="cohorts CELLSxSAMPLES to project to")
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 8], help="ranks of the projections")
     parser.add_argument("--workdir", default=None, help="keep the data and model here (default: a temp dir)")
+    parser.add_argument("--from-json", default=None, help="project the steps of an earlier --out instead of running")
+    parser.add_argument("--smaller", default=None,
+                        help="--out of a run at fewer cells: the per-cell memory is the slope between the two")
     parser.add_argument("--out", default=None, help="write the figures as JSON here")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--step", help=argparse.SUPPRESS)
@@ -157,12 +167,21 @@ def main() -> None:
         child(args)
         return
 
+    smaller = {}
+    if args.smaller:
+        earlier = json.loads(Path(args.smaller).read_text())
+        smaller = {r["step"]: {**r, "n_cells": earlier["arguments"]["n_cells"]} for r in earlier["steps"]}
+    if args.from_json:
+        earlier = json.loads(Path(args.from_json).read_text())
+        for name in ("n_cells", "n_genes", "n_samples", "n_batches", "threads", "analysis_batch"):
+            setattr(args, name, earlier["arguments"][name])
+        args.steps, args.workdir = [], earlier["arguments"]["workdir"]
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="mrvi_scale_"))
     workdir.mkdir(parents=True, exist_ok=True)
     data, model = workdir / "cohort.h5ad", workdir / "model"
     print(f"{args.n_cells:,} cells x {args.n_genes:,} genes x {args.n_samples} samples ({args.n_batches} batches); "
           f"{args.threads} torch thread(s); work in {workdir}", flush=True)
-    rows = []
+    rows = [] if not args.from_json else json.loads(Path(args.from_json).read_text())["steps"]
     for step in args.steps:
         if step == "simulate" and data.exists():
             data.unlink()
@@ -180,24 +199,25 @@ def main() -> None:
         print(f"  {step}: {row['seconds']:.1f} s (+{row['read_seconds']:.1f} s reading/validating the counts), "
               f"peak RSS {row['peak_rss_gb']:.2f} GB{extra}", flush=True)
 
-    print("\nProjection (time = step + read, linear in each step's work, divided by the ranks; memory of rank 0, an "
-          "upper bound = baseline + per-cell bytes x cells per rank + the whole output + for distances one chunk's "
-          "working set):")
+    print("\nProjection (time = step + read, linear in each step's work, divided by the ranks; memory per rank = "
+          f"fixed + per-cell bytes ({'slope to the smaller run' if smaller else 'upper bound'}) x all cells + the "
+          "whole output on rank 0 + for distances one chunk's working set):")
     projections = []
     for target in args.project:
         to_cells, to_samples = (int(v) for v in target.lower().split("x"))
         for ranks in args.ranks:
             for row in rows:
-                p = project(row, args.n_cells, args.n_samples, to_cells, to_samples, ranks, args.analysis_batch)
+                p = project(row, args.n_cells, args.n_samples, to_cells, to_samples, ranks, args.analysis_batch,
+                            smaller.get(row["step"]))
                 projections.append({"cells": to_cells, "samples": to_samples, "ranks": ranks, "step": row["step"], **p})
                 hours = (f"{p['hours_low']:.2f} h" if p["hours_low"] == p["hours_high"]
                          else f"{p['hours_low']:.2f}-{p['hours_high']:.2f} h")
                 print(f"  {to_cells:>9,} x {to_samples:>5}, {ranks} rank(s), {row['step']:<9} ({WORK[row['step']]:>10}):"
-                      f" {hours:>14}, ~{p['memory_gb']:.1f} GB per rank")
+                      f" {hours:>14}, ~{p['memory_gb']:.1f} GB per rank ({p['per_cell_kb']:.2f} kB per cell)")
     if args.out:
         Path(args.out).write_text(json.dumps({"arguments": vars(args), "steps": rows, "projections": projections},
                                              indent=2, default=str))
-    if args.workdir is None:
+    if args.workdir is None and not args.from_json:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
