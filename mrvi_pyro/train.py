@@ -4,7 +4,8 @@
 :func:`mrvi_pyro.model.model` signature, and torch parameters) on minibatches from a
 :class:`mrvi_pyro.data.CellData`. The ELBO is Pyro's ``Trace_ELBO`` used as a differentiable
 loss with a plain torch optimiser (Adam with gradient-norm clipping) on the module's own
-parameters: no global parameter store. Minibatches are ``subsample`` indices of the
+parameters: no global parameter store (a model or guide that creates ``pyro.param`` parameters
+is refused before the first step, :func:`check_parameters_owned`). Minibatches are ``subsample`` indices of the
 ``cells`` plate, so each step's ELBO is an unbiased estimate of the full training-set ELBO.
 
 The optimiser sees that estimate divided by the number of training cells: the per-cell mean
@@ -28,6 +29,7 @@ import numpy as np
 import pandas as pd
 import pyro
 import torch
+from pyro import poutine
 from pyro.infer import Trace_ELBO
 from tqdm.auto import tqdm
 
@@ -178,6 +180,47 @@ def _call_args(batch: dict) -> tuple:
     return batch["x"], batch["sample_index"], batch["batch_index"], batch["label_index"]
 
 
+def check_parameters_owned(module, data: CellData, cells: np.ndarray, n_obs: int, device) -> None:
+    """``ValueError`` when the model or guide uses Pyro parameters that ``module`` does not own.
+
+    :func:`train_svi` optimises ``module.parameters()`` only, so a ``pyro.param`` created inside
+    the guide or the model (kept in Pyro's global parameter store) would silently stay at its
+    initial value, and would not be saved with the model either. Both programs are run once on
+    ``cells`` under ``poutine.trace``; every ``param`` site must be a parameter of the module
+    (as the parameters of a :class:`pyro.nn.PyroModule` are). The run uses evaluation mode, no
+    gradients and a forked random state, so training is unchanged by it.
+    """
+    owned = {id(p) for p in module.parameters()}
+    was_training = module.training
+    module.eval()
+    fork_devices = [device.index or 0] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=fork_devices), torch.no_grad(), pyro.validation_enabled(False):
+            args = _call_args(data.batch(cells, device))
+            kwargs = {"n_obs": n_obs, "subsample": torch.arange(len(cells), device=device)}
+            guide_trace = poutine.trace(module.guide).get_trace(*args, **kwargs)
+            model_trace = poutine.trace(poutine.replay(module.model, trace=guide_trace)).get_trace(*args, **kwargs)
+    finally:
+        module.train(was_training)
+    store = dict(pyro.get_param_store().named_parameters())
+    foreign = {
+        program: sorted(name for name, site in trace.nodes.items()
+                        if site["type"] == "param" and id(store.get(name)) not in owned)
+        for program, trace in (("guide", guide_trace), ("model", model_trace))
+    }
+    foreign = {program: names for program, names in foreign.items() if names}
+    if foreign:
+        found = "; ".join(f"the {program} creates {names}" for program, names in foreign.items())
+        raise ValueError(
+            f"Pyro parameters that the module does not own: {found}. Training optimises the module's "
+            "parameters only, so these would keep their initial values (and would not be saved). Make "
+            "each one a torch.nn.Parameter of the module instead of a pyro.param: subclass MrVIModule, "
+            "create it in __init__ (self.name = nn.Parameter(...)) and read module.name in the program "
+            "(a pyro.nn.PyroModule with PyroParam attributes works too); use the subclass through "
+            "MRVI._module_cls."
+        )
+
+
 def evaluate_loss(module, data: CellData, indices: np.ndarray, *, batch_size: int, device, kl_weight=1.0,
                   cell_weights: np.ndarray | None = None) -> float:
     """Negative ELBO per cell over ``indices`` (one posterior draw per cell, no gradients)."""
@@ -251,6 +294,10 @@ def train_svi(
     ------
     TrainingDivergedError
         When the loss or gradient becomes non-finite (no update is applied with it).
+    ValueError
+        When an argument is invalid, or when the model or guide creates Pyro parameters
+        (``pyro.param``) that are not parameters of ``module`` (:func:`check_parameters_owned`):
+        those would never be optimised.
     """
 
     def number(v):
@@ -282,6 +329,7 @@ def train_svi(
     train_idx, val_idx = split_indices(len(data), train_size, rng)
     tune_malloc()
     module.to(device)
+    check_parameters_owned(module, data, train_idx[: min(batch_size, 16)], len(train_idx), device)
     params = [p for p in module.parameters() if p.requires_grad]
     flat = FlatParameters(params) if FlatParameters.supported(params) else None
     try:

@@ -1,6 +1,7 @@
 """Training: learning planted structure, reproducibility, early stopping, divergence, devices."""
 
 import numpy as np
+import pyro
 import pytest
 import torch
 
@@ -220,3 +221,72 @@ def test_malloc_tuning_applies_once_and_can_be_turned_off():
     assert off.stdout.split() == ["False", "False"]
     if sys.platform.startswith("linux"):
         assert on.stdout.split() == ["True", "True"]
+
+
+def _guide_with_pyro_param(module, x, sample_index, batch_index, label_index=None, *, n_obs=None, subsample=None,
+                           kl_weight=1.0, cell_scale=None):
+    """The MrVI guide with a global learnable scale on u kept in Pyro's param store."""
+    from pyro import distributions as dist
+
+    from mrvi_pyro.model import cells_plate, kl_scale
+
+    log_scale = pyro.param("u_extra_log_scale", torch.zeros(module.config["n_latent_u"]))
+    with cells_plate(x, n_obs, subsample, cell_scale), kl_scale(kl_weight):
+        loc, scale = module.encode_u(x, sample_index)
+        u = pyro.sample("u", dist.Normal(loc, scale * log_scale.exp()).to_event(1))
+        pyro.sample("z", dist.Delta(module.counterfactual_z(u, sample_index), event_dim=1))
+
+
+def test_parameters_outside_the_module_are_refused(small_adata):
+    """A pyro.param in the guide would never be optimised: training refuses it before any step."""
+    model = MRVI(small_adata, n_latent=8, n_latent_u=4, guide=_guide_with_pyro_param)
+    before = _params(model)
+    with pytest.raises(ValueError, match=r"the guide creates \['u_extra_log_scale'\].*nn\.Parameter"):
+        model.train(max_epochs=1, progress_bar=False)
+    for key, value in before.items():
+        torch.testing.assert_close(model.module.state_dict()[key], value, rtol=0, atol=0)
+    assert not model.is_trained
+
+
+def test_module_parameters_used_by_the_guide_are_owned_and_trained(small_adata):
+    """The remedy the error names: a subclass owns the parameter, so it is optimised. Parameter
+    sites of module parameters (``pyro.module``, PyroModule attributes) are accepted."""
+    from pyro import distributions as dist
+
+    from mrvi_pyro import MrVIModule
+    from mrvi_pyro.data import CellData, get_registry
+    from mrvi_pyro.model import cells_plate, kl_scale
+    from mrvi_pyro.train import train_svi
+
+    class ScaledU(MrVIModule):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.u_extra_log_scale = torch.nn.Parameter(torch.zeros(self.config["n_latent_u"]))
+
+    def guide(module, x, sample_index, batch_index, label_index=None, *, n_obs=None, subsample=None,
+              kl_weight=1.0, cell_scale=None):
+        pyro.module("mrvi", module)  # param sites, all owned by the module
+        with cells_plate(x, n_obs, subsample, cell_scale), kl_scale(kl_weight):
+            loc, scale = module.encode_u(x, sample_index)
+            u = pyro.sample("u", dist.Normal(loc, scale * module.u_extra_log_scale.exp()).to_event(1))
+            pyro.sample("z", dist.Delta(module.counterfactual_z(u, sample_index), event_dim=1))
+
+    torch.manual_seed(0)
+    module = ScaledU(small_adata.n_vars, 6, 2, n_latent=8, n_latent_u=4, guide=guide)
+    train_svi(module, CellData(small_adata, get_registry(small_adata)), max_epochs=2, progress_bar=False)
+    assert "mrvi$$$u_extra_log_scale" in dict(pyro.get_param_store().named_parameters())
+    assert module.u_extra_log_scale.abs().max() > 0  # optimised
+
+
+def test_ownership_check_leaves_training_unchanged(small_adata, monkeypatch):
+    from mrvi_pyro import train as train_module
+
+    runs = []
+    for check in (True, False):
+        if not check:
+            monkeypatch.setattr(train_module, "check_parameters_owned", lambda *args: None)
+        model = MRVI(small_adata, n_latent=8, n_latent_u=4)
+        model.train(max_epochs=2, progress_bar=False)
+        runs.append(_params(model))
+    for key, value in runs[0].items():
+        torch.testing.assert_close(runs[1][key], value, rtol=0, atol=0)
