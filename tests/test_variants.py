@@ -27,7 +27,7 @@ def test_sample_mappers_broadcast_and_differ_by_sample(mapper):
 
 
 def test_variant_arguments_are_checked():
-    with pytest.raises(ValueError, match=r"sample_mapper='gnn' is not supported; use one of \('attention', 'mlp', 'linear'\)"):
+    with pytest.raises(ValueError, match=r"sample_mapper 'gnn' is not registered; registered: \['attention', 'mlp', 'linear'\]"):
         MrVIModule(30, 4, 2, sample_mapper="gnn")
     with pytest.raises(ValueError, match="use_map=False needs sample_mapper='attention'"):
         MrVIModule(30, 4, 2, sample_mapper="mlp", qz_kwargs={"use_map": False})
