@@ -4,7 +4,7 @@ Public names: :class:`MRVI` (the scvi-tools-compatible facade), the Pyro program
 :func:`model` and :func:`guide`, :class:`MrVIModule`, :func:`train_svi`, :mod:`datasets`
 (simulated cohorts with planted truth) and :mod:`plotting` (``pl``); the registries of model
 components :func:`register_likelihood`, :func:`register_sample_mapper`, :func:`register_prior`
-and :func:`register_guide` (:mod:`mrvi_pyro.components`).
+and :func:`register_guide` (:mod:`mrvi_pyro.components`); process-wide options in :data:`settings`.
 """
 
 from importlib.metadata import PackageNotFoundError, version
@@ -15,6 +15,7 @@ except PackageNotFoundError:  # running from a source tree
     __version__ = "0.1.0"
 
 from . import datasets  # noqa: E402
+from ._settings import settings  # noqa: E402
 from .api import MRVI  # noqa: E402
 from .components import register_guide, register_likelihood, register_prior, register_sample_mapper  # noqa: E402
 from .guide import guide  # noqa: E402
@@ -24,5 +25,6 @@ from .train import TrainingDivergedError, TrainingResult, train_svi  # noqa: E40
 
 __all__ = [
     "MRVI", "MrVIModule", "TrainingDivergedError", "TrainingResult", "__version__", "datasets", "guide",
-    "model", "register_guide", "register_likelihood", "register_prior", "register_sample_mapper", "train_svi",
+    "model", "register_guide", "register_likelihood", "register_prior", "register_sample_mapper", "settings",
+    "train_svi",
 ]

@@ -21,6 +21,7 @@ from anndata import AnnData
 
 from . import explore
 from ._safe_io import StagedPath, zarr_replaceable
+from .data import category_levels
 
 
 def _group_codes(adata: AnnData, key: str) -> tuple[np.ndarray, list]:
@@ -35,11 +36,7 @@ def _group_codes(adata: AnnData, key: str) -> tuple[np.ndarray, list]:
         raise ValueError(
             f"groupby key {key!r} has {int(column.isna().sum())} missing value(s); fill them or drop those cells."
         )
-    if isinstance(column.dtype, pd.CategoricalDtype):
-        present = set(column.unique())
-        categories = [c for c in column.cat.categories if c in present]
-    else:
-        categories = sorted(column.unique().tolist(), key=str)
+    categories = category_levels(column)
     codes = pd.Categorical(column.to_numpy(), categories=categories).codes.astype(np.int64)
     return codes, categories
 

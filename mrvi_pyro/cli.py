@@ -408,6 +408,9 @@ def main(argv: list[str] | None = None) -> int:
     import matplotlib
 
     matplotlib.use("Agg")  # files only; no display needed
+    from ._malloc import tune_malloc
+
+    tune_malloc()  # the command's process is its own: reuse freed minibatch memory (opt-in for library calls)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -150,6 +150,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .data import category_levels
 from .posterior import iter_posterior_u, make_generator, module_device
 
 LN2 = math.log(2.0)
@@ -233,15 +234,6 @@ def _kind(values: pd.Series) -> str:
     if all(isinstance(v, (bool, np.bool_)) for v in values):
         return "boolean"
     return "string"
-
-
-def _levels(values: pd.Series, kind: str) -> list:
-    present = set(values.tolist())
-    if kind == "categorical":
-        return [c for c in values.cat.categories if c in present]
-    if kind == "boolean":
-        return [v for v in (False, True) if v in present]
-    return sorted(present, key=str)
 
 
 def _collinear_columns(matrix: np.ndarray, names: list[str]) -> list[str] | None:
@@ -352,7 +344,7 @@ def design_matrix(
             names.append(str(key))
             reference_row.append(float(x.mean()))
             continue
-        levels = _levels(values, kind)
+        levels = category_levels(values)  # booleans: [False, True], as text sorts them
         if len(levels) < 2:
             raise ValueError(
                 f"Sample covariate {key!r} has a single level ({levels[0]!r}) over the {n} samples used; "
@@ -986,10 +978,7 @@ def group_summary(
     test_pos = np.array([all_covariates.index(c) for c in chosen])
     lfc_pos = np.array([available.index(c) for c in chosen])
     values = groups.to_numpy()
-    if isinstance(groups.dtype, pd.CategoricalDtype):
-        levels = [c for c in groups.cat.categories if c in set(values)]
-    else:
-        levels = sorted(set(values), key=str)
+    levels = category_levels(groups)
     genes = np.asarray(result["gene"].values).astype(str) if has_lfc else None
     rng = np.random.default_rng(seed)
     frames = []

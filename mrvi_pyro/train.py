@@ -33,7 +33,7 @@ from pyro import poutine
 from pyro.infer import Trace_ELBO
 from tqdm.auto import tqdm
 
-from ._malloc import tune_malloc
+from ._malloc import tune_malloc_if_enabled
 from .data import CellData
 
 
@@ -327,7 +327,7 @@ def train_svi(
     device = resolve_device(device)
     rng = np.random.default_rng(seed)
     train_idx, val_idx = split_indices(len(data), train_size, rng)
-    tune_malloc()
+    tune_malloc_if_enabled()
     module.to(device)
     check_parameters_owned(module, data, train_idx[: min(batch_size, 16)], len(train_idx), device)
     params = [p for p in module.parameters() if p.requires_grad]

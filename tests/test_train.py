@@ -223,6 +223,35 @@ def test_malloc_tuning_applies_once_and_can_be_turned_off():
         assert on.stdout.split() == ["True", "True"]
 
 
+def test_malloc_tuning_is_opt_in_for_library_calls():
+    """Training and analyses leave a user's process allocator alone unless settings.tune_malloc."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import mrvi_pyro; from mrvi_pyro import MRVI, _malloc\n"
+        "a = mrvi_pyro.datasets.simulate(n_cells=120, n_genes=40, n_samples=4, seed=0, n_de_genes=5, n_group_genes=5)\n"
+        "MRVI.setup_anndata(a, sample_key='sample', batch_key='batch')\n"
+        "m = MRVI(a, n_latent=4, n_latent_u=2); m.train(max_epochs=1, progress_bar=False)\n"
+        "m.get_latent_representation(); print(_malloc._MALLOC_TUNED)\n"
+        "mrvi_pyro.settings.tune_malloc = True; m.get_latent_representation(); print(_malloc._MALLOC_TUNED)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "MRVI_PYRO_TUNE_MALLOC"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    lines = out.stdout.split("\n")
+    assert lines[0] == "[]"  # never called by default
+    assert lines[1] == ("[True]" if sys.platform.startswith("linux") else "[False]")
+    cli = ("from mrvi_pyro import cli, _malloc\ntry:\n    cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
+           "print(_malloc._MALLOC_TUNED)")
+    out = subprocess.run([sys.executable, "-c", cli], capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.split("\n")[-2] == ("[True]" if sys.platform.startswith("linux") else "[False]")  # CLI: on
+    import mrvi_pyro
+
+    with pytest.raises(TypeError, match="tune_malloc must be True or False"):
+        mrvi_pyro.settings.tune_malloc = "yes"
+
+
 def _guide_with_pyro_param(module, x, sample_index, batch_index, label_index=None, *, n_obs=None, subsample=None,
                            kl_weight=1.0, cell_scale=None):
     """The MrVI guide with a global learnable scale on u kept in Pyro's param store."""
