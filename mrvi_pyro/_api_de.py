@@ -18,6 +18,7 @@ from anndata import AnnData
 
 from . import de
 from ._safe_io import StagedPath, zarr_replaceable
+from ._storage import CellArrays, open_store
 from .explore import check_positive
 from .data import sample_covariates
 
@@ -311,8 +312,10 @@ class DEMixin:
         level_weights = de.nuisance_level_weights(counts)
         try:
             if store_lfc:
-                sink = de.LfcSink(lfc_names, shape, ("cell_name", lfc_dim, "gene"), sink_coords, zarr_path=store_path,
-                                  chunk_cells=batch_size, baseline_shape=(n_cells, n_genes) if store_baseline else None)
+                variables = {name: (("cell_name", lfc_dim, "gene"), shape) for name in lfc_names}
+                if store_baseline:
+                    variables["baseline_expression"] = (("cell_name", "gene"), (n_cells, n_genes))
+                sink = CellArrays(variables, sink_coords, zarr_path=store_path, chunk_cells=batch_size)
             out = de.differential_expression(
                 self.module, data, design, codes, weights=weights, batch_size=batch_size, lambd=lambd,
                 pvalue_method=pvalue_method, n_permutations=n_permutations, store_lfc=store_lfc,
@@ -360,13 +363,12 @@ class DEMixin:
             return result
         if not sink.on_disk:
             for name, values in sink.arrays.items():
-                dims = ("cell_name", "gene") if name == "baseline_expression" else ("cell_name", lfc_dim, "gene")
-                result[name] = (dims, values)
+                result[name] = (sink.variables[name][0], values)
             return result
-        result.to_zarr(store_path, mode="a", zarr_format=2, consolidated=False)
+        sink.add_variables(result)
         if staged is not None:
             staged.commit()
-        return xr.open_zarr(zarr_path, chunks=None, consolidated=False, zarr_format=2)
+        return open_store(zarr_path, dask=False)
 
     def differential_expression_summary(
         self,

@@ -21,6 +21,7 @@ from anndata import AnnData
 
 from . import explore
 from ._safe_io import StagedPath, zarr_replaceable
+from ._storage import CellArrays
 from .data import category_levels
 
 
@@ -283,14 +284,15 @@ class ExploreMixin:
             )
         _warn_missing_samples(data, idx, samples)
         cell_names = np.asarray(data.obs_names[idx], dtype=object)
-        if storage == "memory":
-            sink = explore.InMemoryCells(len(idx), n_samples)
-        else:
-            sink = None
+        sink = None
         try:
-            if storage == "zarr":
-                store_path = zarr_path if staged is None else staged.staging
-                sink = explore.ZarrCellStore(store_path, cell_names, samples, chunk_cells=batch_size)
+            if storage is not None:
+                sink = CellArrays(
+                    {"cell": (("cell_name", "sample_x", "sample_y"), (len(idx), n_samples, n_samples))},
+                    {"cell_name": cell_names, "sample_x": samples, "sample_y": samples}, chunk_cells=batch_size,
+                    zarr_path=None if storage == "memory" else (zarr_path if staged is None else staged.staging),
+                    fill_value=None,
+                )
             result = explore.local_sample_distances(
                 self.module, data, idx, groupings=groupings, cell_sink=sink, batch_size=batch_size,
                 use_mean=use_mean, mc_samples=mc_samples, normalize=normalize_distances, norm=norm, seed=seed,
@@ -323,10 +325,7 @@ class ExploreMixin:
         else:
             ds = groups
             if storage == "memory":
-                ds = xr.Dataset(
-                    {"cell": (("cell_name", "sample_x", "sample_y"), sink.values)},
-                    coords={"cell_name": cell_names, "sample_x": samples, "sample_y": samples},
-                ).merge(groups)
+                ds = sink.to_dataset().merge(groups)
         ds.attrs.update(attrs)
         return ds
 

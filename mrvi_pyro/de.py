@@ -150,6 +150,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ._storage import CellArrays
 from .data import category_levels
 from .posterior import iter_posterior_u, make_generator, module_device
 
@@ -911,47 +912,6 @@ def summarize_lfc_draws(lfc: torch.Tensor, delta: float | None, credible_interva
 # ------------------------------------------------------------------------------------------
 # outputs
 # ------------------------------------------------------------------------------------------
-class LfcSink:
-    """Where ``(cell, covariate, gene)`` outputs go: numpy arrays, or a chunked zarr store.
-
-    The zarr store (format 2, one chunk per ``chunk_cells`` cells) starts with the
-    coordinates; the caller appends the other variables and opens it with
-    :func:`xarray.open_zarr`.
-    """
-
-    def __init__(self, names: Sequence[str], shape: tuple, dims: tuple, coords: dict, *, zarr_path=None,
-                 chunk_cells: int = 128, baseline_shape: tuple | None = None):
-        self.names, self.shape, self.dims, self.zarr_path = list(names), shape, dims, zarr_path
-        self.arrays: dict = {}
-        if zarr_path is None:
-            self.arrays = {name: np.full(shape, np.nan, dtype=np.float32) for name in self.names}
-            if baseline_shape is not None:
-                self.arrays["baseline_expression"] = np.full(baseline_shape, np.nan, dtype=np.float32)
-            return
-        import xarray as xr
-        import zarr
-
-        xr.Dataset(coords=coords).to_zarr(zarr_path, mode="w-", zarr_format=2, consolidated=False)
-        group = zarr.open_group(str(zarr_path), mode="a", zarr_format=2)
-        for name in self.names:
-            arr = group.create_array(name, shape=shape, chunks=(chunk_cells, *shape[1:]), dtype="float32",
-                                     fill_value=np.nan)
-            arr.attrs["_ARRAY_DIMENSIONS"] = list(dims)
-            self.arrays[name] = arr
-        if baseline_shape is not None:
-            arr = group.create_array("baseline_expression", shape=baseline_shape,
-                                     chunks=(chunk_cells, baseline_shape[1]), dtype="float32", fill_value=np.nan)
-            arr.attrs["_ARRAY_DIMENSIONS"] = [dims[0], dims[2]]
-            self.arrays["baseline_expression"] = arr
-
-    @property
-    def on_disk(self) -> bool:
-        return self.zarr_path is not None
-
-    def write(self, name: str, rows: slice, values: np.ndarray) -> None:
-        self.arrays[name][rows] = values
-
-
 def group_summary(
     result,
     groups: pd.Series,
@@ -1049,7 +1009,7 @@ def differential_expression(
     delta: float | None = 0.3,
     credible_interval: float | None = None,
     store_baseline: bool = False,
-    sink: LfcSink | None = None,
+    sink: CellArrays | None = None,
     paired: bool = True,
     regression_uncertainty: bool = True,
     linearized_draws: bool = True,
@@ -1088,7 +1048,8 @@ def differential_expression(
     eps_lfc, delta, credible_interval, store_baseline
         See the module docstring.
     sink
-        Destination of the LFC outputs (:class:`LfcSink`); required with ``store_lfc``.
+        Destination of the LFC outputs (:class:`mrvi_pyro._storage.CellArrays` with the variables
+        ``lfc``, ``lfc_std``, ... and ``baseline_expression``); required with ``store_lfc``.
     paired
         Pair the draws of the two arms (False: the reference's unpaired comparison).
     regression_uncertainty
@@ -1250,7 +1211,7 @@ def _store_lfc_chunk(module, sink, rows, loc, scale, draws, Z_mean, codes, X, w,
     S = len(codes)
     L = Z_mean.shape[-1]
     # split the cells so that the per-draw counterfactuals and LFC blocks stay bounded
-    per_cell = D * max(len(lfc_columns) * sink.shape[-1], S * L)
+    per_cell = D * max(len(lfc_columns) * sink.variables["lfc"][1][-1], S * L)
     sub = max(1, LFC_MAX_ELEMENTS // max(1, per_cell))
     for start in range(0, n, sub):
         sl = slice(start, start + sub)
