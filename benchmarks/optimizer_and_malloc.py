@@ -66,6 +66,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--optimizers", nargs="+", default=["flat", "fused", "foreach"])
     parser.add_argument("--malloc", nargs="+", default=["on", "off"])
+    parser.add_argument("--passive-wait", action="store_true",
+                        help="OMP_WAIT_POLICY=PASSIVE for several threads: on a machine shared with other jobs, "
+                             "spinning OpenMP threads measure the contention rather than the training step")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--optimizer", help=argparse.SUPPRESS)
@@ -85,7 +88,8 @@ def main() -> None:
             out = _harness.run_script(sys.executable, __file__, [
                 "--child", "--data", data, "--optimizer", optimizer, "--malloc", malloc, "--thread-count", threads,
                 "--epochs", args.epochs, "--batch-size", args.batch_size], check=True,
-                extra_env={"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
+                extra_env={"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+                           **({"OMP_WAIT_POLICY": "PASSIVE"} if args.passive_wait and threads > 1 else {})})
             r = out["result"]
             runs[(threads, optimizer, malloc)].append(r)
             print(f"repeat {repeat}: threads={threads} {optimizer:8s} malloc {malloc:3s} {r['cells_per_s']:6.0f} cells/s "
