@@ -92,7 +92,8 @@ def main() -> None:
                            **({"OMP_WAIT_POLICY": "PASSIVE"} if args.passive_wait and threads > 1 else {})})
             r = out["result"]
             runs[(threads, optimizer, malloc)].append(r)
-            print(f"repeat {repeat}: threads={threads} {optimizer:8s} malloc {malloc:3s} {r['cells_per_s']:6.0f} cells/s "
+            print(f"repeat {repeat}: threads={threads} {optimizer:8s} malloc {malloc:3s} "
+                  f"{r['cells_per_s']:6.0f} cells/s "
                   f"wall, {r['cells_per_cpu_s']:6.0f} cells per CPU-s (user {r['user_s']:.1f} s, system "
                   f"{r['system_s']:.2f} s, {r['minor_faults']} minor page faults)", flush=True)
     print(f"\n{args.n_cells} cells x {args.n_genes} genes, batch {args.batch_size}, {args.epochs} epochs; median of "

@@ -19,8 +19,8 @@ from anndata import AnnData
 from . import de
 from ._safe_io import StagedPath, zarr_replaceable
 from ._storage import CellArrays, open_store
-from .explore import check_positive
 from .data import sample_covariates
+from .explore import check_positive
 
 
 def _as_list(value, name: str) -> list[str]:
@@ -357,7 +357,9 @@ class DEMixin:
         """
         adata = self.adata if adata is None else adata
         if groupby not in adata.obs:
-            raise ValueError(f"groupby key {groupby!r} is not a column of adata.obs (columns: {list(adata.obs.columns)}).")
+            raise ValueError(
+                f"groupby key {groupby!r} is not a column of adata.obs (columns: {list(adata.obs.columns)})."
+            )
         obs = adata.obs.reindex(pd.Index(np.asarray(de_result["cell_name"].values)))
         if obs[groupby].isna().any():
             raise ValueError(

@@ -501,7 +501,9 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
         _check_optional_positive("batch_size", batch_size)
         _check_optional_positive("n_samples", n_samples)
         if weights not in (None, "uniform"):
-            raise ValueError(f"weights must be None or 'uniform' (importance weights are not implemented); got {weights!r}.")
+            raise ValueError(
+                f"weights must be None or 'uniform' (importance weights are not implemented); got {weights!r}."
+            )
         if not (library_size == "latent" or (isinstance(library_size, numbers.Real) and library_size > 0)):
             raise ValueError(f"library_size must be 'latent' or a positive number; got {library_size!r}.")
         if n_samples_overall is not None and (n_samples != 1 or int(n_samples_overall) < 1):
@@ -534,7 +536,9 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
         names = [transform_batch] if isinstance(transform_batch, str) else list(transform_batch)
         unknown = [b for b in names if b not in self.registry.batch_categories]
         if unknown:
-            raise ValueError(f"transform_batch {unknown} not among the nuisance levels {self.registry.batch_categories}.")
+            raise ValueError(
+                f"transform_batch {unknown} not among the nuisance levels {self.registry.batch_categories}."
+            )
         return [self.registry.batch_categories.index(b) for b in names]
 
     def _gene_positions(self, gene_list: Sequence[str] | None) -> slice | np.ndarray:

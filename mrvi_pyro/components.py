@@ -256,7 +256,8 @@ def check_contract(kind: str, name: str, *, n_cells: int = 5, seed: int = 0) -> 
                     fail(f"log_prob of (n, L_u) values must be finite with shape (n,) (labels: {labels is not None})")
         else:
             x = torch.poisson(torch.full((n, n_genes), 3.0))
-            trace = poutine.trace(module.guide).get_trace(x, torch.arange(n) % n_samples, torch.zeros(n, dtype=torch.long))
+            sample_index, batch_index = torch.arange(n) % n_samples, torch.zeros(n, dtype=torch.long)
+            trace = poutine.trace(module.guide).get_trace(x, sample_index, batch_index)
             for site, shape in (("u", (n, n_latent_u)), ("z", (n, n_latent))):
                 if site not in trace.nodes or tuple(trace.nodes[site]["value"].shape) != shape:
                     fail(f"the site {site!r} must exist with shape {shape}")

@@ -305,7 +305,8 @@ class CellData:
         matrix = _count_matrix(adata, registry.layer)
         if sparse.issparse(matrix) and matrix.format == "csc":
             matrix = matrix.tocsr()  # row access; a sparse copy, never densified
-        self._dense = torch.from_numpy(np.ascontiguousarray(matrix, dtype=np.float32)) if isinstance(matrix, np.ndarray) else None
+        dense = isinstance(matrix, np.ndarray)
+        self._dense = torch.from_numpy(np.ascontiguousarray(matrix, dtype=np.float32)) if dense else None
         self._matrix = matrix
 
     def __len__(self) -> int:

@@ -965,7 +965,8 @@ def group_summary(
                 sums[name] = sums[name] + np.nansum(block, 0)
             counts = counts + np.isfinite(blocks["lfc"]).sum(0)
         means = {name: total / np.maximum(counts, 1) for name, total in sums.items()}
-        subset = idx if len(idx) <= max_cells_per_group else np.sort(rng.choice(idx, max_cells_per_group, replace=False))
+        subset = (idx if len(idx) <= max_cells_per_group
+                  else np.sort(rng.choice(idx, max_cells_per_group, replace=False)))
         lfc_cells = result["lfc"].isel({"cell_name": subset, lfc_dim: lfc_pos}).values
         lower, upper = np.nanquantile(lfc_cells, interval, axis=0)
         for c, name in enumerate(chosen):

@@ -351,7 +351,9 @@ class MrVIModule(nn.Module):
         super().__init__()
         arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__", "guide")}
         check_arguments(arguments)
-        self.guide_program = GUIDES.get(guide) if isinstance(guide, str) else (guide_program if guide is None else guide)
+        self.guide_program = GUIDES.get(guide) if isinstance(guide, str) else guide
+        if self.guide_program is None:
+            self.guide_program = guide_program
         if not callable(self.guide_program):
             raise TypeError(f"guide must be a function, a registered guide name or None; got {type(guide).__name__}.")
         likelihood_factory = LIKELIHOODS.get(likelihood)

@@ -229,7 +229,8 @@ def _digest(adata) -> str:
     ("strong", 0, {}, "5caf55eabd7f3c67a8f53b932bf2df7be1e27f2c8346ceb5a6200079b0aa5eaa"),
     ("strong", 7, {"sparse": True}, "014fb04185c1381baa04f083b97919ec8630989fe37acd69d215e882bd1059ac"),
     ("weak", 0, {}, "2f2b93e4d0031a89cae009863f83825eff91e3b83e1a4ec8802018aa7612783d"),
-    ("weak", 7, {"n_batches": 3, "n_cell_types": 5}, "09a3af20eedf67ce209c6878c6ef1b8ba9b72cb5dad1df40b7fcf0b192e53789"),
+    ("weak", 7, {"n_batches": 3, "n_cell_types": 5},
+     "09a3af20eedf67ce209c6878c6ef1b8ba9b72cb5dad1df40b7fcf0b192e53789"),
 ])
 def test_simulation_is_unchanged_by_its_split_into_steps(preset, seed, options, expected):
     """Digests of data simulated by ``simulate`` as one 228-line function (before its split into

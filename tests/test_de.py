@@ -178,7 +178,8 @@ def test_regression_tests_match_least_squares_and_rotation_null():
             others = [c for c in range(3) if c != j]
             q, _ = np.linalg.qr(np.column_stack([X[keep][:, others], rng.standard_normal((keep.sum(), keep.sum()))]))
             basis = q[:, len(others):]  # orthonormal basis of the complement
-            resid0 = Z[cell][keep] - X[keep][:, others] @ np.linalg.lstsq(X[keep][:, others], Z[cell][keep], rcond=None)[0]
+            fit0 = np.linalg.lstsq(X[keep][:, others], Z[cell][keep], rcond=None)[0]
+            resid0 = Z[cell][keep] - X[keep][:, others] @ fit0
             directions = rng.standard_normal((100_000, basis.shape[1])) @ basis.T
             directions /= np.linalg.norm(directions, axis=1, keepdims=True)
             share = ((directions @ resid0) ** 2).sum(1) / (resid0**2).sum()
@@ -230,7 +231,8 @@ def test_planted_de_genes_rank_highest_with_their_signs(de_model, disease_de, si
     signs = [np.sign(lfc[genes.index(g)]) == np.sign(v) for g, v in planted.items()]
     assert np.mean(signs) >= 0.9
     effect = pd.Series(disease_de["effect_size"].values[:, 0]).groupby(cell_type).mean()
-    assert effect.idxmax() == truth["de_cell_type"] and effect[truth["de_cell_type"]] > 5 * effect.drop(truth["de_cell_type"]).max()
+    top = truth["de_cell_type"]
+    assert effect.idxmax() == top and effect[top] > 5 * effect.drop(top).max()
     assert np.median(disease_de["pvalue"].values[mask]) < 1e-3
     # pde is high on the planted genes and bounded by [0, 1]
     pde = disease_de["pde"].values[mask, 0].mean(0)
@@ -282,7 +284,8 @@ def test_robust_pvalues_match_their_specification_and_fall_back_on_single_sample
     # a level with a single sample: no variance estimate, so the rotation test is used for that column
     lone = np.column_stack([np.ones(S), np.r_[np.zeros(8), 1.0]])
     robust = de.regression_tests(torch.as_tensor(Z), lone, [1])["pvalue"]
-    np.testing.assert_allclose(robust, de.regression_tests(torch.as_tensor(Z), lone, [1], pvalue_method="chi2")["pvalue"])
+    chi2 = de.regression_tests(torch.as_tensor(Z), lone, [1], pvalue_method="chi2")["pvalue"]
+    np.testing.assert_allclose(robust, chi2)
     table = pd.DataFrame({"g": ["a"] * 8 + ["b"]}, index=[f"s{i}" for i in range(S)])
     assert de.robust_fallback_columns(de.design_matrix(table, ["g"])) == ["g_b"]
 
@@ -588,7 +591,8 @@ def test_summary_and_plots(de_model, disease_de, sim_adata):
     gene = type0["gene"].iloc[0]
     assert type0["lfc_mean"].iloc[0] == pytest.approx(disease_de["lfc"].sel(gene=gene).values[mask, 0].mean(), rel=1e-5)
     assert type0["n_cells"].iloc[0] == mask.sum()
-    assert (type0["lfc_lower"] <= type0["lfc_mean"] + 1e-6).all() and (type0["lfc_mean"] <= type0["lfc_upper"] + 1e-6).all()
+    assert (type0["lfc_lower"] <= type0["lfc_mean"] + 1e-6).all()
+    assert (type0["lfc_mean"] <= type0["lfc_upper"] + 1e-6).all()
     assert len(set(type0.nsmallest(10, "rank")["gene"]) & set(truth["de_genes"])) >= 8
     top = de_model.differential_expression_summary(disease_de, n_top_genes=3)
     assert len(top) == 4 * 3 and top["rank"].max() == 3

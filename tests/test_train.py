@@ -25,7 +25,8 @@ def test_history_and_validation_elbo_decreases(trained_model):
     assert history["elbo_validation"].iloc[-1] < history["elbo_validation"].iloc[20]
     assert history["elbo_validation"].iloc[-1] < history["elbo_validation"].iloc[0]
     split = trained_model.training_result
-    assert len(split.validation_indices) == 200 and len(np.intersect1d(split.train_indices, split.validation_indices)) == 0
+    assert len(split.validation_indices) == 200
+    assert len(np.intersect1d(split.train_indices, split.validation_indices)) == 0
 
 
 def test_u_separates_cell_types_and_mixes_batches(trained_model, sim_adata):

@@ -33,7 +33,8 @@ def test_sample_mappers_broadcast_and_differ_by_sample(mapper):
 
 
 def test_variant_arguments_are_checked():
-    with pytest.raises(ValueError, match=r"sample_mapper 'gnn' is not registered; registered: \['attention', 'mlp', 'linear'\]"):
+    registered = r"sample_mapper 'gnn' is not registered; registered: \['attention', 'mlp', 'linear'\]"
+    with pytest.raises(ValueError, match=registered):
         MrVIModule(30, 4, 2, sample_mapper="gnn")
     with pytest.raises(ValueError, match="use_map=False needs sample_mapper='attention'"):
         MrVIModule(30, 4, 2, sample_mapper="mlp", qz_kwargs={"use_map": False})
