@@ -3,8 +3,9 @@
 Compares, on the default model (3,000 cells x 1,000 genes x 24 samples, batch 128, 3 epochs, every
 cell trained, no validation set), each run in a fresh process and the settings interleaved:
 
-- ``flat``: :class:`mrvi_pyro.train.FlatParameters` (parameters and gradients as views of one flat
-  buffer; one zeroing, one norm, one clip and one fused Adam update per step) -- when present;
+- ``flat``: ``mrvi_pyro.train.FlatParameters`` (parameters and gradients as views of one flat
+  buffer; one zeroing, one norm, one clip and one fused Adam update per step) -- only on commits
+  that have it (up to 44951d9; removed after this measurement, see ``results/optimizer_and_malloc.md``);
 - ``fused``: ``torch.optim.Adam(fused=True)`` per parameter tensor with
   ``clip_grad_norm_(foreach=True)``;
 - ``foreach``: ``torch.optim.Adam(foreach=True)`` with ``clip_grad_norm_(foreach=True)``;
@@ -64,7 +65,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--optimizers", nargs="+", default=["flat", "fused", "foreach"])
+    parser.add_argument("--optimizers", nargs="+", default=["fused", "foreach"], help="also 'flat' on commits "
+                        "that have FlatParameters")
     parser.add_argument("--malloc", nargs="+", default=["on", "off"])
     parser.add_argument("--passive-wait", action="store_true",
                         help="OMP_WAIT_POLICY=PASSIVE for several threads: on a machine shared with other jobs, "
