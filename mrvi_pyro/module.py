@@ -370,8 +370,8 @@ class MrVIModule(nn.Module):
         self.z_u_prior = z_u_prior
 
         # Built in this order so that a seed gives the same initial weights as before; the
-        # components' slots come first so that the parameters keep their order too (the layout of
-        # the flat training buffer, on which float rounding depends).
+        # components' slots come first so that the parameters keep their order too (the order in
+        # which the gradient norm is summed, on which float rounding depends).
         self.register_module("likelihood", None)
         self.register_module("u_prior", None)
         self.encoder = EncoderU(
