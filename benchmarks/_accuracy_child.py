@@ -17,7 +17,11 @@ de_covariate], store_lfc=True)``, |lfc| averaged over the DE cell type's cells (
 subset); ``da_log_ratio`` (N,): ``differential_abundance(sample_cov_keys=[de_covariate])``,
 ``log p(disease) - log p(healthy)`` per cell; ``u`` (N, L_u): ``get_latent_representation()``;
 ``null_pvalue`` (n,): ``differential_expression(sample_cov_keys=[null_covariate])`` p-values of the
-DE cell subset; ``de_cells`` (n,) the indices of that subset.
+DE cell subset; ``null_perm_pvalue`` (K, n): the same for ``--null-draws`` K covariates made by
+permuting the null covariate's values over samples (a fresh random sample-level covariate per
+draw, so the share of p < 0.05 averaged over draws estimates the test's expected false-positive
+rate; one draw alone says little, since every cell shares the same design); ``de_cells`` (n,)
+the indices of that subset.
 """
 
 from __future__ import annotations
@@ -39,6 +43,26 @@ def _single_covariate(dataset, key: str):
     return matching[0]
 
 
+def add_null_permutations(adata, key: str, n_draws: int, seed: int) -> list[str]:
+    """Add ``n_draws`` columns ``{key}_perm{k}``: ``key``'s per-sample values permuted over samples."""
+    import numpy as np
+    import pandas as pd
+
+    per_sample = adata.obs.groupby("sample", observed=True)[key].first()
+    rng = np.random.default_rng(10_000 + seed)
+    names = []
+    for k in range(n_draws):
+        name = f"{key}_perm{k}"
+        mapping = dict(zip(per_sample.index, per_sample.to_numpy()[rng.permutation(len(per_sample))]))
+        column = adata.obs["sample"].astype(str).map({str(k): v for k, v in mapping.items()})
+        if pd.api.types.is_numeric_dtype(per_sample.dtype):
+            adata.obs[name] = column.astype(float).to_numpy()
+        else:
+            adata.obs[name] = pd.Categorical(column.astype(str))
+        names.append(name)
+    return names
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--side", required=True, choices=("ours", "reference"))
@@ -50,6 +74,10 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--de-cells", type=int, default=0, help="DE on this many random cells (0: all)")
     parser.add_argument("--mc-samples", type=int, default=50)
+    parser.add_argument("--null-draws", type=int, default=0,
+                        help="DE on this many permutations of the null covariate over samples")
+    parser.add_argument("--model-kwargs", default="{}",
+                        help="JSON of extra MRVI(...) arguments for ours (ablations), e.g. '{\"architecture\": 2}'")
     args = parser.parse_args(argv)
 
     os.environ.setdefault("TQDM_DISABLE", "1")
@@ -65,6 +93,7 @@ def main(argv=None) -> int:
     adata = anndata.read_h5ad(args.data)
     truth = adata.uns["simulation"]
     seconds = {}
+    null_keys = add_null_permutations(adata, truth["null_covariate"], args.null_draws, args.seed)
 
     start = time.perf_counter()
     if args.side == "ours":
@@ -73,7 +102,8 @@ def main(argv=None) -> int:
 
         seconds["package"] = mrvi_pyro.__file__
         MRVI.setup_anndata(adata, sample_key="sample", batch_key="batch")
-        model = MRVI(adata, seed=args.seed)
+        model_kwargs = json.loads(args.model_kwargs)  # "architecture" included: a module argument
+        model = MRVI(adata, seed=args.seed, **model_kwargs)
         model.train(max_epochs=args.epochs, batch_size=args.batch_size, train_size=0.9,
                     early_stopping=False, seed=args.seed, progress_bar=False)
     else:
@@ -124,6 +154,12 @@ def main(argv=None) -> int:
     null = model.differential_expression(adata=adata_de, sample_cov_keys=[truth["null_covariate"]], store_lfc=False)
     null_pvalue = null["pvalue"].sel(covariate=_single_covariate(null, truth["null_covariate"]),
                                      cell_name=list(adata_de.obs_names)).values
+    perm_pvalues = []
+    for key in null_keys:
+        res = model.differential_expression(adata=adata_de, sample_cov_keys=[key], store_lfc=False)
+        perm_pvalues.append(res["pvalue"].sel(covariate=_single_covariate(res, key),
+                                              cell_name=list(adata_de.obs_names)).values)
+    null_perm_pvalue = np.stack(perm_pvalues) if perm_pvalues else np.zeros((0, len(de_cells)))
     seconds["de_null"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -135,7 +171,7 @@ def main(argv=None) -> int:
     seconds["da"] = time.perf_counter() - start
 
     np.savez(args.out, samples=samples, genes=genes, mean_abs_lfc=mean_abs_lfc, da_log_ratio=da_log_ratio,
-             u=np.asarray(u), null_pvalue=np.asarray(null_pvalue), de_cells=de_cells, **distances)
+             u=np.asarray(u), null_pvalue=np.asarray(null_pvalue), null_perm_pvalue=null_perm_pvalue, de_cells=de_cells, **distances)
     emit_result({"side": args.side, "seconds": seconds, "torch_threads": torch.get_num_threads(),
                  "argv": json.dumps(vars(args))})
     return 0

@@ -32,6 +32,10 @@ scores both sides with the same code (:mod:`mrvi_pyro._metrics`, scipy):
 ``null_p05``
     Calibration: share of cells with p < 0.05 from ``differential_expression`` on the null
     covariate (``age`` / ``null_group``, no effect); 0.05 is calibrated, more is anticonservative.
+    Every cell shares the one sample-level design, so this single draw is 0 or large by chance.
+``null_perm_p05``
+    The same averaged over ``--null-draws`` (default 20) permutations of the null covariate's
+    values over samples: an estimate of the expected false-positive rate at 5%.
 
 The ``pseudobulk`` side trains nothing: it computes the same arrays from the counts with the truth's
 labels (pseudobulk distances and fold changes, PCA for u, kNN disease share for DA; see
@@ -65,7 +69,8 @@ sys.path[:0] = [str(HERE), str(REPOSITORY)]
 import _harness  # noqa: E402
 
 DEFAULT_REFERENCE = "/work/refenv/bin/python"
-METRICS = ("cov_auroc", "hidden_auroc", "hidden_ari", "gene_auroc", "da_auroc", "batch_knn", "null_p05")
+METRICS = ("cov_auroc", "hidden_auroc", "hidden_ari", "gene_auroc", "da_auroc", "batch_knn", "null_p05",
+           "null_perm_p05")
 KNN_NEIGHBOURS = 15
 
 
@@ -137,6 +142,8 @@ def score(arrays, adata, knn_cells: np.ndarray) -> dict:
         "batch_knn": knn_batch_accuracy(np.asarray(arrays["u"], dtype=np.float64)[knn_cells], batches[knn_cells]),
         "batch_chance": 1.0 / obs["batch"].nunique(),
         "null_p05": float(np.mean(np.asarray(arrays["null_pvalue"]) < 0.05)) if "null_pvalue" in arrays else None,
+        "null_perm_p05": (float(np.mean(np.asarray(arrays["null_perm_pvalue"]) < 0.05))
+                          if np.size(arrays.get("null_perm_pvalue", [])) else None),
     }
 
 
@@ -209,7 +216,9 @@ def run_side(side: str, data: Path, workdir: Path, seed: int, batch_size: int, a
     python = sys.executable if side == "ours" else args.reference_python
     command = [python, str(HERE / "_accuracy_child.py"), "--side", side, "--data", str(data), "--out", str(out),
                "--seed", seed, "--epochs", args.epochs, "--batch-size", batch_size, "--threads", args.threads,
-               "--de-cells", args.de_cells, "--mc-samples", args.mc_samples]
+               "--de-cells", args.de_cells, "--mc-samples", args.mc_samples, "--null-draws", args.null_draws]
+    if side == "ours" and args.ours_kwargs != "{}":
+        command += ["--model-kwargs", args.ours_kwargs]
     env = {"OMP_NUM_THREADS": args.threads, "MKL_NUM_THREADS": args.threads}
     if side == "ours":
         env["PYTHONPATH"] = os.pathsep.join([str(REPOSITORY), os.environ.get("PYTHONPATH", "")])
@@ -232,7 +241,7 @@ def format_rows(rows: list[dict], keys: list[str]) -> str:
         return "-" if value is None else str(value)
 
     body = [[cell(row.get(key)) for key in keys] for row in rows]
-    widths = [max(len(key), *(len(line[i]) for line in body)) for i, key in enumerate(keys)]
+    widths = [max([len(key)] + [len(line[i]) for line in body]) for i, key in enumerate(keys)]
     lines = ["  ".join(key.rjust(w) for key, w in zip(keys, widths)), "  ".join("-" * w for w in widths)]
     lines += ["  ".join(value.rjust(w) for value, w in zip(line, widths)) for line in body]
     return "\n".join(lines)
@@ -278,6 +287,10 @@ def main(argv=None) -> int:
     parser.add_argument("--de-cells", type=int, default=0,
                         help="run both DE calls on this many random cells, the same on both sides (0: all)")
     parser.add_argument("--mc-samples", type=int, default=50, help="DE mc_samples on both sides")
+    parser.add_argument("--null-draws", type=int, default=20,
+                        help="DE on this many permutations of the null covariate over samples (null_perm_p05)")
+    parser.add_argument("--ours-kwargs", default="{}",
+                        help="JSON of extra MRVI(...) arguments for our side (ablations), e.g. '{\"architecture\": 2}'")
     parser.add_argument("--knn-cells", type=int, default=3_000, help="cells of the batch kNN subsample")
     parser.add_argument("--timeout", type=float, default=4 * 3600.0, help="seconds per child")
     parser.add_argument("--workdir", default=None, help="where the .h5ad/.npz files go (default: a temp dir)")

@@ -15,9 +15,9 @@ import pandas as pd
 import xarray as xr
 from anndata import AnnData
 
-from . import da
+from . import da, distributed
 from .admissibility import outlier_cell_sample_pairs
-from .data import category_levels, sample_covariates
+from .data import category_levels, check_key_added, sample_covariates
 from .explore import check_positive
 
 
@@ -91,6 +91,7 @@ class DAMixin:
         quantile_threshold: float = 0.05,
         admissibility_threshold: float = 0.0,
         batch_size: int = 256,
+        *,
         flavor: str = "ball",
         seed: int = 0,
     ) -> xr.Dataset:
@@ -111,13 +112,25 @@ class DAMixin:
         Dataset with ``log_probs``, ``log_ratios``, ``is_admissible`` of dims
         ``(cell_name, sample)`` (all registry samples; samples without cells in ``adata`` are
         never admissible) and ``threshold`` (sample).
+
+        Inside a distributed launch (``torchrun`` or :func:`mrvi_pyro.distributed.launch`) every
+        rank computes a contiguous share of the cells (the posterior parameters and own-sample
+        scores are all-gathered); rank 0 returns the whole result, identical to one process, and the
+        other ranks return None.
         """
         check_positive("batch_size", batch_size)
         data = self._cell_data(adata)
         out = outlier_cell_sample_pairs(
             self.module, data, flavor=flavor, subsample_size=subsample_size, quantile_threshold=quantile_threshold,
             admissibility_threshold=admissibility_threshold, batch_size=batch_size, seed=seed,
+            partition=distributed.CellPartition.current(
+                len(data), batch_size, module=self.module, data=data, arguments={
+                "analysis": "outliers", "flavor": flavor, "subsample_size": subsample_size, "seed": seed,
+                "quantile_threshold": quantile_threshold, "admissibility_threshold": admissibility_threshold,
+            }),
         )
+        if out is None:  # a rank other than 0 of a distributed launch
+            return None
         coords = {"cell_name": np.asarray(data.obs_names), "sample": list(self.registry.sample_categories)}
         dims = ("cell_name", "sample")
         return xr.Dataset(
@@ -146,6 +159,8 @@ class DAMixin:
         max_components_per_sample: int | None = None,
         seed: int = 0,
         component_chunk: int = da.COMPONENT_CHUNK,
+        key_added: str | None = None,
+        overwrite: bool = False,
     ) -> xr.Dataset:
         """Per-cell log densities of the samples' aggregated posteriors, and of covariate levels.
 
@@ -176,22 +191,46 @@ class DAMixin:
             Ours: seed of the component subsample.
         component_chunk
             Ours: component cells per block (memory ~ 512 x component_chunk doubles).
+        key_added
+            Ours: also write the per-cell log-ratio of each level against the first level of
+            each key into ``adata.obs`` (of the AnnData analysed), for scanpy:
+            ``"<key_added>_log_ratio_<key>_<level>"`` = ``log q_level - log q_first`` (e.g.
+            ``key_added="mrvi_da"`` gives ``mrvi_da_log_ratio_disease_disease``, disease vs
+            healthy; NaN where a cell's own sample is the only one of a level).
+        overwrite
+            Ours: replace existing ``obs`` columns of ``key_added`` (False: a ``ValueError``
+            before any work; the registered columns are always refused).
 
         Returns
         -------
         Dataset: ``log_probs`` (cell_name, sample); ``"<key>_log_probs"`` (cell_name, <key>);
         ``"<key>_log_enrichs"`` (cell_name, <key>) with ``compute_log_enrichment``.
+
+        Inside a distributed launch (``torchrun`` or :func:`mrvi_pyro.distributed.launch`) every
+        rank computes a contiguous share of the cells against the components of all cells (the
+        posterior parameters are all-gathered); rank 0 returns the whole result, identical to one
+        process, and the other ranks return None.
         """
         check_positive("batch_size", batch_size)
         data, adata, present, names, subset = self._da_inputs(adata, sample_subset, max_components_per_sample)
         keys = [] if sample_cov_keys is None else ([sample_cov_keys] if isinstance(sample_cov_keys, str)
                                                     else list(sample_cov_keys))
         groups = {key: self._sample_groups(adata, key, names, subset) for key in keys}  # validates first
+        if key_added is not None:
+            columns = [f"{key_added}_log_ratio_{key}_{level}" for key, (levels, _) in groups.items()
+                       for level in levels[1:]]
+            check_key_added(key_added, adata.obs, columns, where="adata.obs", overwrite=overwrite,
+                            registry=self.registry)
 
         log_probs = da.sample_log_probs(
             self.module, data, max_components_per_sample=max_components_per_sample, batch_size=batch_size,
-            component_chunk=component_chunk, seed=seed,
-        )[:, present]
+            component_chunk=component_chunk, seed=seed, partition=distributed.CellPartition.current(
+                len(data), batch_size, module=self.module, data=data, arguments={
+                    "analysis": "da", "max_components_per_sample": max_components_per_sample, "seed": seed}),
+        )
+        if log_probs is None:  # a rank other than 0 of a distributed launch
+            return None
+        log_probs = log_probs[:, present]
         position = np.full(self.registry.n_samples, -1)
         position[present] = np.arange(len(present))
         cell_sample = position[data.sample_index]
@@ -206,6 +245,11 @@ class DAMixin:
                 data_vars[f"{key}_log_enrichs"] = (("cell_name", key), da.log_enrichment(
                     log_probs, cell_sample, membership, omit_original_sample=omit_original_sample,
                     eligible=eligible, level_names=levels, covariate=key))
+        if key_added is not None:
+            for key, (levels, _) in groups.items():
+                level_log_probs = data_vars[f"{key}_log_probs"][1]
+                for v, level in enumerate(levels[1:], start=1):
+                    adata.obs[f"{key_added}_log_ratio_{key}_{level}"] = level_log_probs[:, v] - level_log_probs[:, 0]
         return xr.Dataset(data_vars, coords=coords)
 
     def differential_abundance_summary(

@@ -16,11 +16,11 @@ import pandas as pd
 import xarray as xr
 from anndata import AnnData
 
-from . import de
+from . import de, distributed
 from ._safe_io import StagedPath, zarr_replaceable
 from ._storage import CellArrays, open_store
-from .data import sample_covariates
-from .explore import check_positive
+from .data import check_key_added, sample_covariates
+from .explore import check_positive, check_use_vmap
 
 
 def _as_list(value, name: str) -> list[str]:
@@ -85,6 +85,7 @@ class DEMixin:
         sample_cov_keys: Sequence[str] | None = None,
         sample_subset: Sequence[str] | None = None,
         batch_size: int = 128,
+        use_vmap: str | bool = "auto",
         normalize_design_matrix: bool = True,
         add_batch_specific_offsets: bool = False,
         mc_samples: int = 50,
@@ -105,6 +106,7 @@ class DEMixin:
         paired_draws: bool = True,
         regression_uncertainty: bool = True,
         seed: int = 0,
+        key_added: str | None = None,
         **filter_samples_kwargs,
     ) -> xr.Dataset:
         """Cell-specific differential expression by counterfactual regression.
@@ -128,6 +130,9 @@ class DEMixin:
             Only these samples enter the regression (default: all).
         batch_size
             Cells per chunk.
+        use_vmap
+            Accepted for compatibility with scvi-tools and ignored (cells and samples are always
+            tensor dimensions): ``"auto"``, True or False.
         normalize_design_matrix
             Standardise numeric covariates (coefficients per standard deviation); indicator
             columns stay 0/1.
@@ -179,8 +184,8 @@ class DEMixin:
             it was.
         overwrite
             Ours: replace an existing non-empty ``zarr_path`` (only if it is a zarr store;
-            anything else is refused). False (default): an existing non-empty ``zarr_path`` is a
-            ``ValueError``.
+            anything else is refused) and existing ``obs`` columns of ``key_added``. False
+            (default): either is a ``ValueError``, raised before any work.
         paired_draws
             Ours: the same posterior draw of u on both arms of an LFC (False reproduces the
             reference's unpaired comparison, for diagnostics).
@@ -191,6 +196,12 @@ class DEMixin:
             (each draw still has its own regression).
         seed
             Ours: seeds the posterior draws and the permutations.
+        key_added
+            Ours: also write per-cell summaries into ``adata.obs`` (of the AnnData analysed), for
+            scanpy (``sc.pl.umap(adata, color=...)``): for each ``covariate`` value ``c``,
+            ``"<key_added>_effect_size_<c>"`` and ``"<key_added>_padj_<c>"`` (e.g.
+            ``key_added="mrvi_de"`` gives ``mrvi_de_effect_size_disease_disease``). Existing
+            columns are refused unless ``overwrite=True``; the registered columns always.
         **filter_samples_kwargs
             Passed to :func:`mrvi_pyro.admissibility.outlier_cell_sample_pairs`.
 
@@ -204,6 +215,11 @@ class DEMixin:
         (ours) ``nuisance_beta`` (cell_name, nuisance_term, latent_dim) for the intercept and
         offsets, and ``design_matrix`` (sample, design_column).
 
+        Inside a distributed launch (``torchrun`` or :func:`mrvi_pyro.distributed.launch`) every
+        rank computes a contiguous share of the cells (``padj`` is adjusted over all cells;
+        ``store_lfc`` is not available there yet); rank 0 returns the whole result, identical to one
+        process, and the other ranks return None.
+
         Differences from scvi-tools' MRVI: the design has an intercept (a binary covariate's
         coefficient is the contrast of its two levels) and the offsets and the intercept are
         not in the ``covariate`` coordinate; strings and booleans are accepted; the p-values
@@ -216,6 +232,7 @@ class DEMixin:
         """
         if sample_cov_keys is None:
             raise ValueError("Pass sample_cov_keys=[...]: the sample-level obs columns to regress on.")
+        check_use_vmap(use_vmap)
         keys = _as_list(sample_cov_keys, "sample_cov_keys")
         if not keys:
             raise ValueError("sample_cov_keys is empty; pass at least one sample-level obs column.")
@@ -240,6 +257,11 @@ class DEMixin:
         if delta is not None and (isinstance(delta, bool) or not isinstance(delta, (int, float, np.number))
                                   or not 0 <= delta < np.inf):
             raise ValueError(f"delta must be a finite number >= 0 (or None to skip pde); got {delta!r}.")
+        if store_lfc and distributed.world_size() > 1:
+            raise ValueError(
+                "store_lfc=True is not available in a distributed launch yet; run it in one process, or run "
+                "differential_expression without store_lfc (regression, effect sizes and p-values are sharded)."
+            )
         staged = None
         if zarr_path is not None and store_lfc:  # before any work: refuse a taken target now
             staged = StagedPath(zarr_path, overwrite=overwrite, what="zarr_path", replaceable=zarr_replaceable)
@@ -252,6 +274,12 @@ class DEMixin:
                     f"store_lfc_metadata_subset {outside} not in sample_cov_keys {keys}; it must be a subset."
                 )
         data = self._cell_data(adata)
+        partition = distributed.CellPartition.current(  # all cells in one process
+            len(data), batch_size, module=self.module, data=data, arguments={
+                "analysis": "de", "keys": keys, "subset": sample_subset, "seed": seed, "lambd": lambd,
+                "pvalue_method": pvalue_method, "filter": filter_inadmissible_samples,
+                "offsets": add_batch_specific_offsets, "normalize": normalize_design_matrix,
+                "n_permutations": n_permutations})
         adata = self.adata if adata is None else adata
         covariates = self._de_covariates(adata, keys, sample_subset)
         kept = list(covariates.index)
@@ -262,12 +290,17 @@ class DEMixin:
             normalize_design_matrix=normalize_design_matrix, add_batch_specific_offsets=add_batch_specific_offsets,
             pvalue_method=pvalue_method,
         )
+        if key_added is not None:
+            columns = [f"{key_added}_{name}_{c}" for c in design.covariate_names for name in ("effect_size", "padj")]
+            check_key_added(key_added, adata.obs, columns, where="adata.obs", overwrite=overwrite,
+                            registry=self.registry)
         weights = None
         if filter_inadmissible_samples:
             from .admissibility import outlier_cell_sample_pairs
 
-            admissible = outlier_cell_sample_pairs(self.module, data, **filter_samples_kwargs)["is_admissible"]
-            weights = admissible[:, codes].astype(np.float64)
+            admissible = outlier_cell_sample_pairs(self.module, data, partition=partition, gather=False,
+                                                   **filter_samples_kwargs)["is_admissible"]
+            weights = admissible[:, codes].astype(np.float64)  # rows of this rank's cells
         coords, lfc_columns, lfc_dim = de.result_coordinates(
             design, lfc_keys, cell_names=data.obs_names, gene_names=self.registry.var_names, samples=kept)
         if store_lfc:
@@ -285,12 +318,14 @@ class DEMixin:
                 pvalue_method=pvalue_method, n_permutations=n_permutations, store_lfc=store_lfc,
                 lfc_columns=lfc_columns, mc_samples=mc_samples, level_weights=level_weights, eps_lfc=eps_lfc,
                 delta=delta, credible_interval=credible_interval, store_baseline=store_baseline, sink=sink,
-                paired=paired_draws, regression_uncertainty=regression_uncertainty, seed=seed,
+                paired=paired_draws, regression_uncertainty=regression_uncertainty, seed=seed, partition=partition,
             )
         except BaseException:
             if staged is not None:
                 staged.discard()
             raise
+        if out is None:  # a rank other than 0 of a distributed launch
+            return None
         attrs = {
             "pvalue_method": pvalue_method,
             "n_permutations": int(n_permutations) if pvalue_method == "permutation" else 0,
@@ -306,6 +341,10 @@ class DEMixin:
             "seed": int(seed),
         }
         result = de.result_dataset(out, design, coords, attrs, sink=sink, with_n_samples=filter_inadmissible_samples)
+        if key_added is not None:
+            for j, c in enumerate(design.covariate_names):
+                adata.obs[f"{key_added}_effect_size_{c}"] = np.asarray(out["effect_size"][:, j])
+                adata.obs[f"{key_added}_padj_{c}"] = np.asarray(out["padj"][:, j])
         if sink is None or not sink.on_disk:
             return result
         sink.add_variables(result)

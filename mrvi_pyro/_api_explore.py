@@ -19,7 +19,7 @@ import pandas as pd
 import xarray as xr
 from anndata import AnnData
 
-from . import explore
+from . import distributed, explore
 from ._safe_io import StagedPath, zarr_replaceable
 from ._storage import CellArrays
 from .data import category_levels
@@ -131,7 +131,7 @@ class ExploreMixin:
         ``(cell_name, mc_sample, sample, latent_dim)`` when ``use_mean`` is False. It holds
         n_cells x S x L floats in memory (chunk over ``indices`` for very large data).
         """
-        del use_vmap
+        explore.check_use_vmap(use_vmap)
         explore.check_positive("batch_size", batch_size)
         data = self._cell_data(adata)
         idx = self._indices(data, indices)
@@ -204,7 +204,8 @@ class ExploreMixin:
             the posterior mean) or False (D averaged over draws). The diagonal is then
             ``-mu_n / sigma_n``.
         use_vmap
-            Accepted for compatibility with scvi-tools and ignored.
+            Accepted for compatibility with scvi-tools and ignored (samples are always a tensor
+            dimension).
         groupby
             obs key(s) of cell-level categories; each adds a variable ``"<key>"`` with dims
             ``("<key>_name", "sample_x", "sample_y")``: the mean matrix over the group's cells
@@ -242,8 +243,13 @@ class ExploreMixin:
         xarray.Dataset with ``"cell"`` (when ``keep_cell``) and one variable per ``groupby`` key,
         float32. Matrices are symmetric with a zero diagonal (unless normalised). Attributes
         record the options; ``attrs["zarr_path"]`` the store when one was written.
+
+        Inside a distributed launch (``torchrun`` or :func:`mrvi_pyro.distributed.launch`) every
+        rank computes a contiguous share of the cells, with group sums all-reduced and per-cell
+        matrices written by each rank into its own chunks of the zarr store; rank 0 returns the
+        whole result, identical to one process, and the other ranks return None.
         """
-        del use_vmap
+        explore.check_use_vmap(use_vmap)
         keys = _groupby_keys(groupby)
         if not keep_cell and not keys:
             raise ValueError(
@@ -268,13 +274,21 @@ class ExploreMixin:
             codes, cats = _group_codes(adata, key)
             groupings[key], categories[key] = (codes, len(cats)), cats
         n_samples, n_latent = len(samples), self.module.config["n_latent"]
+        partition = distributed.CellPartition.current(  # all cells in one process
+            len(idx), batch_size, module=self.module, data=data, arguments={
+                "analysis": "distances", "cells": idx, "groupby": keys, "keep_cell": keep_cell, "use_mean": use_mean,
+                "normalize": normalize_distances, "norm": norm, "mc_samples": mc_samples, "seed": seed,
+                "zarr_path": None if zarr_path is None else os.fspath(zarr_path)})
         storage = explore.plan_cell_storage(
             len(idx), n_samples, n_latent, batch_size=batch_size,
             n_groups=sum(len(c) for c in categories.values()), keep_cell=keep_cell,
             max_in_memory_gb=max_in_memory_gb, zarr_path=zarr_path,
         )
         if storage == "zarr" and zarr_path is None:
-            zarr_path = Path(tempfile.mkdtemp(prefix="mrvi_pyro_distances_")) / "distances.zarr"
+            zarr_path = partition.broadcast(
+                Path(tempfile.mkdtemp(prefix="mrvi_pyro_distances_")) / "distances.zarr" if partition.is_main else None
+            )
+        if storage == "zarr" and staged is None and partition.is_main:
             warnings.warn(
                 f"The per-cell distances ({4 * len(idx) * n_samples**2 / 1e9:.3g} GB) exceed "
                 f"max_in_memory_gb={max_in_memory_gb}; they are written to {zarr_path} and returned lazily. "
@@ -284,23 +298,35 @@ class ExploreMixin:
             )
         _warn_missing_samples(data, idx, samples)
         cell_names = np.asarray(data.obs_names[idx], dtype=object)
+        variables = {"cell": (("cell_name", "sample_x", "sample_y"), (len(idx), n_samples, n_samples))}
+        coords = {"cell_name": cell_names, "sample_x": samples, "sample_y": samples}
         sink = None
         try:
-            if storage is not None:
-                sink = CellArrays(
-                    {"cell": (("cell_name", "sample_x", "sample_y"), (len(idx), n_samples, n_samples))},
-                    {"cell_name": cell_names, "sample_x": samples, "sample_y": samples}, chunk_cells=batch_size,
-                    zarr_path=None if storage == "memory" else (zarr_path if staged is None else staged.staging),
-                    fill_value=None,
-                )
+            if storage == "memory":  # this rank's cells
+                shard = {"cell": (variables["cell"][0], (partition.n_local, n_samples, n_samples))}
+                sink = CellArrays(shard, {**coords, "cell_name": cell_names[partition.cells]}, fill_value=None,
+                                  first=partition.cells.start)
+            elif storage == "zarr":  # rank 0 creates the store; every rank writes its own chunks
+                store_path = partition.broadcast(zarr_path if staged is None else staged.staging)
+                if partition.is_main:
+                    sink = CellArrays(variables, coords, zarr_path=store_path, chunk_cells=batch_size,
+                                      fill_value=None)
+                partition.barrier()
+                if sink is None:
+                    sink = CellArrays.attach(store_path, variables, coords)
             result = explore.local_sample_distances(
                 self.module, data, idx, groupings=groupings, cell_sink=sink, batch_size=batch_size,
                 use_mean=use_mean, mc_samples=mc_samples, normalize=normalize_distances, norm=norm, seed=seed,
+                partition=partition,
             )
+            cell_values = partition.gather(sink.arrays["cell"]) if storage == "memory" else None
+            partition.barrier()
         except BaseException:
             if staged is not None:
                 staged.discard()
             raise
+        if not partition.is_main:
+            return None
         groups = xr.Dataset(coords={"sample_x": samples, "sample_y": samples})
         for key in keys:
             counts = result.group_counts[key]
@@ -325,7 +351,7 @@ class ExploreMixin:
         else:
             ds = groups
             if storage == "memory":
-                ds = sink.to_dataset().merge(groups)
+                ds = xr.Dataset({"cell": (variables["cell"][0], cell_values)}, coords=coords).merge(groups)
         ds.attrs.update(attrs)
         return ds
 

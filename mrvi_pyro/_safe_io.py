@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Callable, Iterator
@@ -100,6 +101,16 @@ def _exchange(a: Path, b: Path) -> bool:
 def sibling(path: Path, tag: str) -> Path:
     """A fresh hidden name beside ``path`` (``.<name>.<tag>-<random>``)."""
     return path.parent / f".{path.name}.{tag}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def remove_stale_siblings(path: Path) -> None:
+    """Remove the temporary siblings of ``path`` (:func:`sibling` names) left by a writer that was
+    killed: only those whose process no longer runs; never anything else."""
+    name = re.compile(rf"\.{re.escape(path.name)}\.(partial|old)-(\d+)-[0-9a-f]{{8}}")
+    for entry in path.parent.iterdir():
+        match = name.fullmatch(entry.name)
+        if match and entry.is_dir() and not entry.is_symlink() and not process_running(int(match.group(2))):
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def replace_directory(new: Path, path: Path) -> None:
@@ -214,13 +225,18 @@ def lock_owner(lock: Path) -> int | None:
         pid = int(lock.read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return None
+    return pid if process_running(pid) else None
+
+
+def process_running(pid: int) -> bool:
+    """Whether a process with this id exists (also one of another user)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return None
+        return False
     except PermissionError:
-        return pid
-    return pid
+        return True
+    return True
 
 
 def zarr_replaceable(path: Path) -> str | None:

@@ -44,10 +44,19 @@ class CellArrays:
     fill_value
         Initial value of unwritten entries (NaN); None leaves in-memory arrays uninitialised
         (for outputs that are always written completely).
+    first
+        In memory: the position among all cells of the arrays' first row (a shard of a
+        distributed analysis holds rows ``first:first + n``); :meth:`write` takes positions among
+        all cells. A zarr store always holds all cells.
+
+    :meth:`attach` opens an existing store for writing: the other ranks of a distributed
+    analysis write their cell ranges into the store rank 0 created (whole chunks, so no two
+    ranks touch one chunk).
     """
 
     def __init__(self, variables: Mapping[str, tuple[tuple, tuple]], coords: Mapping, *, zarr_path=None,
-                 chunk_cells: int = 128, fill_value: float | None = np.nan):
+                 chunk_cells: int = 128, fill_value: float | None = np.nan, first: int = 0):
+        self.first = 0 if zarr_path is not None else int(first)
         self.variables = {name: (tuple(dims), tuple(shape)) for name, (dims, shape) in variables.items()}
         self.coords = dict(coords)
         self.zarr_path = None if zarr_path is None else os.fspath(zarr_path)
@@ -71,13 +80,31 @@ class CellArrays:
                 fill_value=np.nan if fill_value is None else fill_value, dimension_names=list(dims),
             )
 
+    @classmethod
+    def attach(cls, zarr_path, variables: Mapping[str, tuple[tuple, tuple]], coords: Mapping | None = None
+               ) -> "CellArrays":
+        """The store at ``zarr_path`` (created by another process's constructor), for writing
+        ``variables`` (name -> ``(dims, shape)`` as there)."""
+        import zarr
+
+        arrays = cls.__new__(cls)
+        arrays.first = 0
+        arrays.variables = {name: (tuple(dims), tuple(shape)) for name, (dims, shape) in variables.items()}
+        arrays.coords = dict(coords or {})
+        arrays.zarr_path = os.fspath(zarr_path)
+        group = zarr.open_group(arrays.zarr_path, mode="a", zarr_format=ZARR_FORMAT)
+        arrays.arrays = {name: group[name] for name in arrays.variables}
+        return arrays
+
     @property
     def on_disk(self) -> bool:
         """Whether the arrays live in a zarr store."""
         return self.zarr_path is not None
 
     def write(self, name: str, rows: slice, values: np.ndarray) -> None:
-        """Write ``values`` to the cells ``rows`` of the variable ``name``."""
+        """Write ``values`` to the cells ``rows`` (positions among all cells) of the variable ``name``."""
+        if self.first:
+            rows = slice(rows.start - self.first, rows.stop - self.first)
         self.arrays[name][rows] = values
 
     def add_variables(self, dataset) -> None:

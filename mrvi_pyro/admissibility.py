@@ -52,6 +52,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .distributed import CellPartition
 from .da import (
     COMPONENT_CHUNK, QUERY_CHUNK, ComponentTable, aggregated_log_density, pack_components, posterior_parameters,
     query_features, select_components,
@@ -149,7 +150,9 @@ def outlier_cell_sample_pairs(
     admissibility_threshold: float = 0.0,
     batch_size: int = 256,
     seed: int | None = 0,
-) -> dict:
+    partition: CellPartition | None = None,
+    gather: bool = True,
+) -> dict | None:
     """Admissibility scores of every (cell, sample) pair (definitions in the module docstring).
 
     Parameters
@@ -175,6 +178,14 @@ def outlier_cell_sample_pairs(
         Cells per encoder minibatch (also the query chunk size).
     seed
         Seed of the component subsample.
+    partition
+        A :class:`mrvi_pyro.distributed.CellPartition` of the cells (None: all, in this
+        process). Every rank encodes its cells, the posterior parameters and the own-sample
+        scores (for the thresholds) are gathered on every rank, and each rank scores its own
+        cells.
+    gather
+        Assemble the per-cell arrays of all ranks on rank 0 (the others return None); False
+        returns each rank's own rows (``partition.cells``).
 
     Returns
     -------
@@ -184,13 +195,15 @@ def outlier_cell_sample_pairs(
     ``"ball"``) and ``"sample_index"`` (n_cells,) of the cells' own sample codes.
     """
     _check_arguments(flavor, subsample_size, quantile_threshold, batch_size)
-    loc, scale, samples = posterior_parameters(module, data, indices, batch_size=batch_size)
+    loc, scale, samples = posterior_parameters(module, data, indices, batch_size=batch_size, partition=partition)
+    partition = CellPartition.whole(len(loc)) if partition is None else partition
+    mine = partition.cells
     n_samples = int(module.n_samples)
     table = pack_components(loc, scale, samples, n_samples, select_components(samples, subsample_size, seed=seed))
     codes = samples.cpu().numpy().astype(np.int64)
     names = list(getattr(getattr(data, "registry", None), "sample_categories", range(n_samples)))
     absent = [names[s] for s in range(n_samples) if not (codes == s).any()]
-    if absent:
+    if absent and partition.is_main:
         warnings.warn(
             f"Sample(s) {absent[:10]}{'...' if len(absent) > 10 else ''} have no cells among the cells "
             "used, so no cell is admissible for them.", UserWarning, stacklevel=2,
@@ -198,9 +211,9 @@ def outlier_cell_sample_pairs(
     chunk = max(int(batch_size), 1)
     if flavor == "ball":
         best, own_best = nearest_component_log_density(
-            loc, table, samples, own_position=table.position, query_chunk=chunk
+            loc[mine], table, samples[mine], own_position=table.position[mine], query_chunk=chunk
         )
-        log_probs, own_best = best.cpu().numpy(), own_best.cpu().numpy()
+        log_probs, own_best = best.cpu().numpy(), partition.all_gather(own_best).cpu().numpy()
         finite = own_best[np.isfinite(own_best)]
         if not len(finite):
             raise ValueError(
@@ -209,13 +222,16 @@ def outlier_cell_sample_pairs(
             )
         thresholds = np.full(n_samples, np.quantile(finite.astype(np.float64), float(quantile_threshold)))
     else:
-        log_probs = aggregated_log_density(loc, table, own_position=table.position, query_chunk=chunk).cpu().numpy()
-        own = log_probs[np.arange(len(codes)), codes]
+        log_probs = aggregated_log_density(loc[mine], table, own_position=table.position[mine],
+                                           query_chunk=chunk)
+        own = partition.all_gather(log_probs[torch.arange(len(log_probs), device=log_probs.device), samples[mine]])
+        own = own.cpu().numpy()
+        log_probs = log_probs.cpu().numpy()
         thresholds = (
             pd.Series(own).groupby(codes).quantile(float(quantile_threshold)).reindex(range(n_samples)).to_numpy()
         )
         undefined = [names[s] for s in np.unique(codes) if np.isnan(thresholds[s])]
-        if undefined:
+        if undefined and partition.is_main:
             warnings.warn(
                 f"Sample(s) {undefined[:10]} have a single cell, so their leave-one-out threshold is undefined "
                 "and no cell is admissible for them.", UserWarning, stacklevel=2,
@@ -223,10 +239,11 @@ def outlier_cell_sample_pairs(
     log_ratios = (log_probs - thresholds[None, :].astype(np.float32)).astype(np.float32)
     with np.errstate(invalid="ignore"):
         is_admissible = ~np.isnan(log_ratios) & (log_ratios > admissibility_threshold)
-    return {
-        "log_probs": log_probs,
-        "log_ratios": log_ratios,
-        "is_admissible": is_admissible,
-        "thresholds": thresholds,
-        "sample_index": codes,
-    }
+    out = {"log_probs": log_probs, "log_ratios": log_ratios, "is_admissible": is_admissible}
+    if gather:
+        out = {name: partition.gather(values) for name, values in out.items()}
+        if not partition.is_main:
+            return None
+    else:
+        codes = codes[mine]
+    return {**out, "thresholds": thresholds, "sample_index": codes}

@@ -19,12 +19,12 @@ import pandas as pd
 import torch
 from anndata import AnnData
 
-from . import __version__
+from . import __version__, distributed
 from ._api_da import DAMixin
 from ._api_de import DEMixin
 from ._api_explore import ExploreMixin
 from .components import GUIDES, LIKELIHOODS, MODULE_CLASSES, PRIORS, SAMPLE_MAPPERS, module_class_name
-from .data import CellData, Registry, build_sample_info, get_registry
+from .data import CellData, Registry, build_sample_info, check_key_added, get_registry
 from .data import setup_anndata as _setup_anndata
 from .explore import check_positive
 from .io import history_from_json, history_to_json, read_model, write_model
@@ -277,6 +277,7 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
     @staticmethod
     def setup_anndata(
         adata: AnnData,
+        *,
         sample_key: str,
         batch_key: str | None = None,
         labels_key: str | None = None,
@@ -355,11 +356,11 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
     def train(
         self,
         max_epochs: int | None = None,
+        *,
         batch_size: int = 128,
         train_size: float = 0.9,
         early_stopping: bool = False,
         lr: float = 2e-3,
-        *,
         weight_decay: float = 1e-8,
         eps: float = 1e-8,
         clip_norm: float = 40.0,
@@ -371,6 +372,7 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
         progress_bar: bool = True,
         validation_size: float | None = None,
         plan_kwargs: dict | None = None,
+        checkpoint_dir: str | os.PathLike | None = None,
     ) -> TrainingResult:
         """Train by SVI on minibatches (see :func:`mrvi_pyro.train.train_svi`).
 
@@ -383,6 +385,21 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
         ``eps``, ``n_epochs_kl_warmup``, ``max_norm`` or ``gradient_clip_val`` (= ``clip_norm``)
         and ``optimizer`` (``"Adam"`` only); they override the keyword defaults, and giving a
         setting both ways with different values is an error.
+
+        ``checkpoint_dir`` (a new or empty directory, default None: no checkpoint) receives a
+        checkpoint after every epoch, written atomically (a kill at any moment leaves the last
+        complete one). Calling ``train`` again with the same ``checkpoint_dir``, data and
+        arguments -- in this process or a new one, on a freshly built ``MRVI`` -- resumes after
+        the last complete epoch and continues to ``max_epochs`` (which may be raised); on CPU
+        the result equals that of an uninterrupted run. A checkpoint of another configuration,
+        other training arguments or other data is refused naming what differs, and a
+        non-empty directory that is not a checkpoint is refused; neither is changed.
+
+        Data-parallel: inside ``torchrun --nproc-per-node N`` (or
+        :func:`mrvi_pyro.distributed.launch`) the same call trains on N ranks, each reading its
+        share of every minibatch; ``batch_size`` is then the global minibatch (N must divide it)
+        and the run reproduces one process with that ``batch_size`` (see
+        :mod:`mrvi_pyro.distributed`).
         """
         options = _plan_options(
             plan_kwargs, lr=lr, weight_decay=weight_decay, eps=eps, clip_norm=clip_norm,
@@ -397,6 +414,10 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
                 **options, early_stopping=early_stopping,
                 early_stopping_patience=early_stopping_patience, early_stopping_min_delta=early_stopping_min_delta,
                 scale_observations=self.scale_observations, seed=seed, device=device, progress_bar=progress_bar,
+                checkpoint_dir=checkpoint_dir,
+                checkpoint_identity=None if checkpoint_dir is None else {
+                    "model": self.init_params, "registry": self.registry.__dict__,
+                },
             )
         except TrainingDivergedError as err:
             self.diverged = str(err).split(";")[0]  # analyses now refuse these weights
@@ -413,9 +434,10 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
         self,
         adata: AnnData | None = None,
         indices: Sequence[int] | None = None,
-        give_z: bool = False,
-        use_mean: bool = True,
         batch_size: int | None = None,
+        use_mean: bool = True,
+        give_z: bool = False,
+        *,
         seed: int = 0,
         key_added: str | None = None,
         overwrite: bool = False,
@@ -432,14 +454,11 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
         _check_optional_positive("batch_size", batch_size)
         target = self.adata if adata is None else adata
         if key_added is not None:
-            if not isinstance(key_added, str) or not key_added:
-                raise ValueError(f"key_added must be a non-empty string (an obsm key); got {key_added!r}.")
+            if target is not None:
+                check_key_added(key_added, target.obsm, [key_added], where="adata.obsm", overwrite=overwrite)
             if indices is not None:
                 raise ValueError("key_added writes one row per cell of adata.obsm, so it needs indices=None; "
                                  "subset the AnnData instead.")
-            if target is not None and key_added in target.obsm and not overwrite:
-                raise ValueError(f"adata.obsm already has {key_added!r}; pass overwrite=True to replace it, "
-                                 "or choose another key_added.")
         data = self._cell_data(adata)
         latent = latent_representation(
             self.module, data, self._indices(data, indices), give_z=give_z, use_mean=use_mean,
@@ -462,6 +481,8 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
         batch_size: int | None = None,
         return_mean: bool = False,
         return_numpy: bool | None = None,
+        silent: bool = True,
+        *,
         seed: int = 0,
     ) -> pd.DataFrame | np.ndarray:
         """Decoded expression of each cell under its own sample (scvi-tools' names and defaults).
@@ -491,6 +512,8 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
             (n_samples, n_cells, n_genes) is returned.
         return_numpy
             Return an ndarray instead of a DataFrame (None: only when the result is not 2-d per cell).
+        silent
+            Accepted for compatibility with scvi-tools and ignored (no progress bar is shown).
         seed
             Seeds the posterior draws.
 
@@ -552,14 +575,18 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
         return var_names.get_indexer(genes)
 
     # ----- persistence --------------------------------------------------------------------
-    def save(self, dir_path: str | os.PathLike, overwrite: bool = False, save_anndata: bool = False) -> None:
+    def save(self, dir_path: str | os.PathLike, *, overwrite: bool = False, save_anndata: bool = False) -> None:
         """Save weights (``model.pt``) and JSON metadata (``model.json``) to ``dir_path``.
 
         The save is atomic (written beside ``dir_path``, then renamed into place), and replaces
         an earlier save as a whole: no file of it (e.g. an old ``adata.h5ad``) survives.
         ``overwrite=True`` is needed to replace a non-empty ``dir_path``, and only an earlier
-        mrvi_pyro save is ever replaced.
+        mrvi_pyro save is ever replaced. In a distributed launch only rank 0 writes (all ranks
+        hold the same weights); the others return at once, so a rank that reads the save should
+        wait for rank 0 first (``torch.distributed.barrier()``).
         """
+        if distributed.rank() != 0:
+            return
         guide_name = GUIDES.name_of(self.module.guide_program)
         metadata = {
             "package_version": __version__,
@@ -582,7 +609,7 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
                     adata=self.adata if save_anndata else None)
 
     @classmethod
-    def load(cls, dir_path: str | os.PathLike, adata: AnnData | None = None, device: str = "cpu",
+    def load(cls, dir_path: str | os.PathLike, adata: AnnData | None = None, *, device: str = "cpu",
              guide=None) -> "MRVI":
         """Load a model saved by :meth:`save`.
 

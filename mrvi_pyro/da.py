@@ -72,6 +72,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .distributed import CellPartition
 from .posterior import iter_posterior_u, make_generator
 
 QUERY_CHUNK = 512
@@ -92,8 +93,12 @@ _LOG_2PI = math.log(2.0 * math.pi)
 # ---------------------------------------------------------------------------------------------
 # posterior parameters and component selection
 # ---------------------------------------------------------------------------------------------
-def posterior_parameters(module, data, indices: np.ndarray | None = None, *, batch_size: int = 256):
+def posterior_parameters(module, data, indices: np.ndarray | None = None, *, batch_size: int = 256,
+                         partition: CellPartition | None = None):
     """Posterior ``q(u | x, s)`` parameters of the given cells.
+
+    With a ``partition`` (of ``indices``) each rank encodes its own cells and the parameters of
+    all cells are gathered on every rank.
 
     Returns
     -------
@@ -102,14 +107,24 @@ def posterior_parameters(module, data, indices: np.ndarray | None = None, *, bat
     sample_index
         Integer tensor (n,) of sample codes.
     """
+    indices = np.arange(len(data)) if indices is None else np.asarray(indices)
+    if not len(indices):
+        raise ValueError("No cells to evaluate: `indices` is empty.")
+    mine = indices if partition is None else indices[partition.cells]
     locs, scales, samples = [], [], []
-    for _, batch, loc, scale, _ in iter_posterior_u(module, data, indices, batch_size=batch_size):
+    for _, batch, loc, scale, _ in iter_posterior_u(module, data, mine, batch_size=batch_size):
         locs.append(loc)
         scales.append(scale)
         samples.append(batch["sample_index"])
-    if not locs:
-        raise ValueError("No cells to evaluate: `indices` is empty.")
-    return torch.cat(locs), torch.cat(scales), torch.cat(samples)
+    if locs:
+        parts = (torch.cat(locs), torch.cat(scales), torch.cat(samples))
+    else:  # a rank without cells (fewer chunks than ranks) still joins the gathers
+        param = next(module.parameters())
+        empty = torch.zeros((0, int(module.config["n_latent_u"])), dtype=param.dtype, device=param.device)
+        parts = (empty, empty, torch.zeros(0, dtype=torch.int64, device=param.device))
+    if partition is None:
+        return parts
+    return tuple(partition.all_gather(t) for t in parts)
 
 
 def select_components(
@@ -367,7 +382,8 @@ def sample_log_probs(
     query_chunk: int = QUERY_CHUNK,
     component_chunk: int = COMPONENT_CHUNK,
     seed: int | None = 0,
-) -> np.ndarray:
+    partition: CellPartition | None = None,
+) -> np.ndarray | None:
     """``log_probs[n, s] = log q_s(u_n)`` for the cells ``indices`` (default all) of ``data``.
 
     The aggregated posteriors are built from the same cells (all of them, or at most
@@ -376,18 +392,24 @@ def sample_log_probs(
     give :math:`-\\infty`. ``leave_one_out`` drops each cell's own component from its own
     sample's mixture (see :func:`aggregated_log_density`).
 
+    With a ``partition`` (:class:`mrvi_pyro.distributed.CellPartition` of ``indices``) every rank
+    encodes its cells, the posterior parameters are gathered (every rank builds the same
+    components) and each rank evaluates its own cells; rank 0 returns all rows, the others None.
+
     Returns
     -------
     ndarray (n_cells, n_samples), float32.
     """
-    loc, scale, samples = posterior_parameters(module, data, indices, batch_size=batch_size)
+    loc, scale, samples = posterior_parameters(module, data, indices, batch_size=batch_size, partition=partition)
+    partition = CellPartition.whole(len(loc)) if partition is None else partition
     table = pack_components(
         loc, scale, samples, module.n_samples, select_components(samples, max_components_per_sample, seed=seed)
     )
-    own = table.position if leave_one_out else None
-    return aggregated_log_density(
-        loc, table, own_position=own, query_chunk=query_chunk, component_chunk=component_chunk
-    ).cpu().numpy()
+    mine = partition.cells
+    own = table.position[mine] if leave_one_out else None
+    return partition.gather(aggregated_log_density(
+        loc[mine], table, own_position=own, query_chunk=query_chunk, component_chunk=component_chunk
+    ).cpu().numpy())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -546,13 +568,13 @@ def summarize_replicates(replicates: np.ndarray, hdi_prob: float = 0.95) -> dict
 
     NaN replicates of a cell (cells without an estimate) give NaN summaries.
     """
-    import arviz as az
+    from ._arviz import hdi
 
     r = np.asarray(replicates, dtype=np.float64)
     finite = np.isfinite(r).all(0)
     safe = np.where(finite, r, 0.0)
     if r.shape[0] > 1:
-        interval = np.asarray(az.hdi(safe[None], hdi_prob=hdi_prob))
+        interval = hdi(safe[None], hdi_prob)
         interval = interval.reshape(*r.shape[1:], 2)
     else:
         interval = np.stack([safe[0], safe[0]], -1)

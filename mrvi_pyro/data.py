@@ -6,13 +6,20 @@ the genes) as a JSON string in ``adata.uns["_mrvi_pyro"]``. That is the only thi
 
 :class:`CellData` reads minibatches from a dense, CSR or CSC matrix (``X`` or a layer, in memory
 or backed) without densifying more than one minibatch at a time.
+
+Backed counts (``anndata.read_h5ad(path, backed="r")``) are never loaded whole: a minibatch
+reads its rows, sorted and de-duplicated, from the file. A CSR matrix in an .h5ad is read by
+:class:`BackedCSRRows` with one HDF5 read per array (data, indices) per minibatch, from the
+row offsets (``indptr``, 8 bytes per cell) kept in memory; :meth:`CellData.read_ahead` reads
+the next minibatches in a worker process while the current one is used.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -268,6 +275,85 @@ def check_matches_registry(adata: AnnData, registry: Registry) -> None:
         raise ValueError(f"Layer {registry.layer!r}, used at setup, is missing from adata.layers.")
 
 
+class BackedCSRRows:
+    """Dense float32 rows of a CSR matrix stored in an HDF5 group (a backed .h5ad's ``X`` or
+    layer), read with one HDF5 read per array per call.
+
+    The row offsets (``indptr``) are read once and kept (8 bytes per cell); the values and
+    column indices of the requested rows -- runs of consecutive rows merged -- are selected as
+    one union of hyperslabs per array and read in one call, which is much faster than a read
+    per row (anndata's backed indexing).
+
+    Parameters
+    ----------
+    group
+        The h5py group with ``data``, ``indices``, ``indptr`` and a ``shape`` attribute.
+    """
+
+    def __init__(self, group):
+        self.path, self.name = group.file.filename, group.name
+        self.data, self.indices = group["data"], group["indices"]
+        self.indptr = np.asarray(group["indptr"][:], dtype=np.int64)
+        self.shape = tuple(int(v) for v in group.attrs["shape"])
+
+    @staticmethod
+    def supported(matrix) -> bool:
+        """A backed CSR matrix (anndata's sparse dataset) stored in HDF5."""
+        group = getattr(matrix, "group", None)
+        try:
+            import h5py
+        except ImportError:  # pragma: no cover - anndata depends on h5py
+            return False
+        return getattr(matrix, "format", None) == "csr" and isinstance(group, h5py.Group)
+
+    @staticmethod
+    def _read_runs(dataset, starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
+        """Entries ``[a, b)`` for every run, concatenated in file order (one ``H5Dread``)."""
+        from h5py import h5s
+
+        total = int((stops - starts).sum())
+        out = np.empty(total, dtype=dataset.dtype)
+        if total == 0:
+            return out
+        space = dataset.id.get_space()
+        space.select_none()
+        for a, b in zip(starts.tolist(), stops.tolist()):
+            space.select_hyperslab((a,), (b - a,), op=h5s.SELECT_OR)
+        dataset.id.read(h5s.create_simple((total,)), space, out)
+        return out
+
+    def __call__(self, rows: np.ndarray) -> np.ndarray:
+        """Dense (len(rows), n_genes) float32 rows; ``rows`` sorted and unique."""
+        starts, stops = self.indptr[rows], self.indptr[rows + 1]
+        lengths = stops - starts
+        nonempty = lengths > 0
+        run_starts, run_stops = starts[nonempty], stops[nonempty]
+        if len(run_starts) > 1:  # merge runs that touch in the file (consecutive rows)
+            breaks = np.flatnonzero(run_starts[1:] != run_stops[:-1]) + 1
+            run_starts = run_starts[np.concatenate([[0], breaks])]
+            run_stops = run_stops[np.concatenate([breaks - 1, [len(run_stops) - 1]])]
+        values = self._read_runs(self.data, run_starts, run_stops)
+        columns = self._read_runs(self.indices, run_starts, run_stops)
+        out = np.zeros((len(rows), self.shape[1]), dtype=np.float32)
+        out[np.repeat(np.arange(len(rows)), lengths), columns] = values
+        return out
+
+
+class _FileRows(torch.utils.data.Dataset):
+    """Dense rows of a backed CSR matrix, read in a ``DataLoader`` worker from its own handle of
+    the file (opened on first use, so nothing of the parent's HDF5 state is used)."""
+
+    def __init__(self, path: str, name: str):
+        self.path, self.name, self.reader = path, name, None
+
+    def __getitem__(self, rows: np.ndarray) -> torch.Tensor:
+        if self.reader is None:
+            import h5py
+
+            self.reader = BackedCSRRows(h5py.File(self.path, "r")[self.name])
+        return torch.from_numpy(self.reader(rows))
+
+
 class CellData:
     """Codes and counts of an AnnData under a registry, served as minibatches of tensors.
 
@@ -308,6 +394,11 @@ class CellData:
         dense = isinstance(matrix, np.ndarray)
         self._dense = torch.from_numpy(np.ascontiguousarray(matrix, dtype=np.float32)) if dense else None
         self._matrix = matrix
+        self._backed_rows = BackedCSRRows(matrix.group) if BackedCSRRows.supported(matrix) else None
+        self.backed = self._dense is None and not sparse.issparse(matrix)
+        """Whether the counts are read from disk minibatch by minibatch."""
+        h5 = getattr(matrix, "group", matrix)  # the HDF5 group (backed sparse) or dataset (backed dense)
+        self._read_only = self.backed and getattr(getattr(h5, "file", None), "mode", None) == "r"
 
     def __len__(self) -> int:
         return self.n_obs
@@ -317,9 +408,11 @@ class CellData:
 
         Raises ``ValueError`` when the counts changed (e.g. ``sc.pp.normalize_total`` or
         ``log1p`` in place after setup); returns False when only the registered obs columns
-        changed (the codes must then be rebuilt).
+        changed (the codes must then be rebuilt). Counts in a file opened read-only (backed
+        ``"r"``) cannot change and are not read again (a full pass over a large file).
         """
-        current = validate_counts(_count_matrix(adata, self.registry.layer), self.where, check=False)
+        current = self.fingerprint if self._read_only else validate_counts(
+            _count_matrix(adata, self.registry.layer), self.where, check=False)
         if current != self.fingerprint:
             raise ValueError(
                 f"{self.where} changed after the model first read it (e.g. normalize_total or log1p in "
@@ -335,15 +428,21 @@ class CellData:
             return self._dense[torch.as_tensor(indices)]
         # sorted, unique row reads (required by backed/HDF5 matrices, fastest for CSR)
         unique, inverse = np.unique(indices, return_inverse=True)
-        rows = self._matrix[unique]
-        rows = rows.toarray() if hasattr(rows, "toarray") else np.asarray(rows)
+        if self._backed_rows is not None:
+            rows = self._backed_rows(unique)
+        else:
+            rows = self._matrix[unique]
+            rows = rows.toarray() if hasattr(rows, "toarray") else np.asarray(rows)
         return torch.from_numpy(np.asarray(rows, dtype=np.float32)[inverse])
 
     def batch(self, indices: np.ndarray, device: torch.device | str = "cpu") -> dict:
         """Tensors for the given cells: ``x``, ``sample_index``, ``batch_index``, ``label_index``."""
         indices = np.asarray(indices, dtype=np.int64)
+        return self._batch(indices, self.counts(indices), device)
+
+    def _batch(self, indices: np.ndarray, counts: torch.Tensor, device) -> dict:
         out = {
-            "x": self.counts(indices).to(device),
+            "x": counts.to(device),
             "sample_index": torch.from_numpy(self.sample_index[indices]).to(device),
             "batch_index": torch.from_numpy(self.batch_index[indices]).to(device),
             "label_index": None
@@ -351,6 +450,31 @@ class CellData:
             else torch.from_numpy(self.label_index[indices]).to(device),
         }
         return out
+
+    def read_ahead(self, cell_lists: Iterable[np.ndarray], device: torch.device | str = "cpu") -> Iterator[dict]:
+        """Yield :meth:`batch` of each index array in ``cell_lists``, in order.
+
+        For counts in a backed .h5ad (CSR, opened read-only) the minibatches are read ahead by a
+        worker process (a ``torch.utils.data.DataLoader`` worker that opens the file itself and
+        reads the next two minibatches while the caller uses the current one), so reading
+        overlaps with training. In-memory counts, other backed formats or modes, and backed ones
+        when the environment variable ``MRVI_PYRO_READ_AHEAD=0`` is set, are read in place. (A
+        thread would not help: h5py holds the GIL while it reads.)
+        """
+        cell_lists = [np.asarray(cells, dtype=np.int64) for cells in cell_lists]
+        in_worker = self._backed_rows is not None and self._read_only  # a writable file is locked by HDF5
+        if not in_worker or os.environ.get("MRVI_PYRO_READ_AHEAD", "1") == "0":
+            for cells in cell_lists:
+                yield self.batch(cells, device)
+            return
+        from torch.utils.data import DataLoader
+
+        sorted_rows = [np.unique(cells, return_inverse=True) for cells in cell_lists]
+        loader = DataLoader(_FileRows(self._backed_rows.path, self._backed_rows.name), batch_size=None,
+                            sampler=[rows for rows, _ in sorted_rows], num_workers=1, prefetch_factor=2,
+                            generator=torch.Generator())  # its worker seed must not draw from torch's global RNG
+        for cells, (_, inverse), rows in zip(cell_lists, sorted_rows, loader):
+            yield self._batch(cells, rows[torch.from_numpy(inverse)], device)
 
     def iter_batches(self, indices: np.ndarray | None = None, batch_size: int = 256, device="cpu"):
         """Yield ``(indices, batch)`` over ``indices`` (all cells by default), in order."""
@@ -437,3 +561,30 @@ def sample_covariates(adata: AnnData, registry: Registry, keys: str | list[str])
             )
     present = [s for s in registry.sample_categories if s in set(samples)]
     return grouped.first().reindex(present)
+
+
+def check_key_added(key_added, mapping, columns: list[str], *, where: str, overwrite: bool,
+                    registry: Registry | None = None) -> None:
+    """The rule of every ``key_added``: refuse, before any work, to write ``columns`` into
+    ``mapping`` (an AnnData's ``obs`` or ``obsm``, named ``where`` in messages) when one of them
+    exists, unless ``overwrite=True``; the registered sample, nuisance and label columns are
+    refused even then.
+
+    Raises
+    ------
+    ValueError
+        For a ``key_added`` that is not a non-empty string, or a column it would overwrite.
+    """
+    if not isinstance(key_added, str) or not key_added:
+        raise ValueError(f"key_added must be a non-empty string (a prefix of {where} keys) or None; got {key_added!r}.")
+    if registry is not None:
+        registered = {registry.sample_key, registry.batch_key, registry.labels_key} - {None}
+        taken = [c for c in columns if c in registered]
+        if taken:
+            raise ValueError(f"key_added={key_added!r} would write {taken[0]!r}, a column the model was set up "
+                             "with; choose another key_added.")
+    existing = [c for c in columns if c in mapping]
+    if existing and not overwrite:
+        shown = ", ".join(map(repr, existing[:5])) + (", ..." if len(existing) > 5 else "")
+        raise ValueError(f"{where} already has {shown}; pass overwrite=True to replace "
+                         f"{'it' if len(existing) == 1 else 'them'}, or choose another key_added.")

@@ -275,6 +275,81 @@ def simulate(
     ValueError
         If an argument is out of range or the genes cannot hold markers, DE and grouping genes.
     """
+    return _simulate(
+        n_cells, n_genes, n_samples, n_batches, n_cell_types, seed=seed, sparse=sparse, preset=preset,
+        de_log_fold_change=de_log_fold_change, n_de_genes=n_de_genes, group_log_fold_change=group_log_fold_change,
+        n_group_genes=n_group_genes, da_fold_change=da_fold_change, batch_effect_scale=batch_effect_scale,
+        mean_library_size=mean_library_size,
+    )
+
+
+def write_simulated_h5ad(path, n_cells: int = 2000, n_genes: int = 200, *, block_entries: int = 2**16,
+                         **simulate_kwargs) -> None:
+    """:func:`simulate` straight to an .h5ad file, block by block (for cohorts larger than memory).
+
+    The file holds what ``simulate(n_cells, n_genes, sparse=True, **simulate_kwargs)
+    .write_h5ad(path)`` would write -- the same counts (CSR), ``obs``, ``var`` and
+    ``uns["simulation"]`` for the same arguments -- but the count matrix is never held in
+    memory: each block of cells (about ``CHUNK_ENTRIES`` counts) is appended to the file as it is
+    drawn. Memory is that of the per-cell annotations (tens of bytes per cell) and one block.
+    Read it with ``anndata.read_h5ad(path, backed="r")`` to keep the counts on disk.
+
+    Parameters
+    ----------
+    path
+        The .h5ad file to create (an existing file is refused).
+    n_cells, n_genes, **simulate_kwargs
+        As in :func:`simulate` (``sparse`` is implied).
+    block_entries
+        HDF5 chunk length of the stored ``data`` and ``indices`` arrays.
+    """
+    import inspect
+    import os
+
+    import h5py
+    from anndata.io import write_elem
+
+    if os.path.exists(path):
+        raise ValueError(f"{path} already exists; write_simulated_h5ad creates a new file (choose another path).")
+    defaults = {name: p.default for name, p in inspect.signature(simulate).parameters.items()
+                if name not in ("n_cells", "n_genes")}
+    unknown = sorted(set(simulate_kwargs) - set(defaults))
+    if unknown:
+        raise ValueError(f"Unknown argument(s) {unknown} of simulate; known: {sorted(defaults)}.")
+    try:
+        with h5py.File(path, "w-") as file:
+            group = file.create_group("X")
+            arrays = {name: group.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype,
+                                                 chunks=(int(block_entries),))
+                      for name, dtype in (("data", "float32"), ("indices", "int32"))}
+            offsets = [np.zeros(1, dtype=np.int64)]
+
+            def append(block: np.ndarray) -> None:
+                csr = sp.csr_matrix(block)
+                first = arrays["data"].shape[0]
+                for name, values in (("data", csr.data), ("indices", csr.indices)):
+                    arrays[name].resize((first + csr.nnz,))
+                    arrays[name][first:] = values
+                offsets.append(csr.indptr[1:].astype(np.int64) + first)
+
+            adata = _simulate(n_cells, n_genes, write_counts=append, **{**defaults, **simulate_kwargs, "sparse": True})
+            group.create_dataset("indptr", data=np.concatenate(offsets))
+            group.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0",
+                                "shape": np.array([adata.n_obs, adata.n_vars])})
+            file.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
+            for key in ("obs", "var", "uns", "obsm", "varm", "obsp", "varp", "layers"):
+                write_elem(file, key, getattr(adata, key) if key in ("obs", "var") else dict(getattr(adata, key)))
+    except BaseException:
+        if os.path.exists(path):
+            os.remove(path)  # ours: created above, left incomplete
+        raise
+
+
+def _simulate(n_cells, n_genes, n_samples, n_batches, n_cell_types, *, seed, sparse, preset, de_log_fold_change,
+              n_de_genes, group_log_fold_change, n_group_genes, da_fold_change, batch_effect_scale,
+              mean_library_size, write_counts=None):
+    """The body of :func:`simulate`; ``write_counts`` (if given) receives each block of counts
+    (a dense float32 array of consecutive cells) instead of the returned AnnData (``X`` None)."""
     effects = _effect_sizes(
         preset, de_log_fold_change=de_log_fold_change, n_de_genes=n_de_genes,
         group_log_fold_change=group_log_fold_change, n_group_genes=n_group_genes, da_fold_change=da_fold_change,
@@ -290,7 +365,7 @@ def simulate(
     genes = _draw_genes(rng, n_genes, n_cell_types, n_batches, n_markers_per_type, effects)
     samples = _draw_samples(rng, n_samples, n_batches)
     cells = _draw_cells(rng, n_cells, n_cell_types, samples, genes, effects["da_fold_change"], mean_library_size)
-    counts = _draw_counts(rng, genes, cells, n_genes, n_cell_types, sparse)
+    counts = _draw_counts(rng, genes, cells, n_genes, n_cell_types, sparse, write_counts)
     return _assemble(counts, genes, samples, cells, effects, n_batches=n_batches, n_cell_types=n_cell_types,
                      seed=seed, preset=preset)
 
@@ -432,12 +507,13 @@ def _draw_cells(rng, n_cells, n_cell_types, samples: _Samples, genes: _Genes, da
                   cell_has_group_shift)
 
 
-def _draw_counts(rng, genes: _Genes, cells: _Cells, n_genes, n_cell_types, sparse):
-    """Negative binomial counts (float32), chunk by chunk of cells: dense or CSR."""
+def _draw_counts(rng, genes: _Genes, cells: _Cells, n_genes, n_cell_types, sparse, write_counts=None):
+    """Negative binomial counts (float32), chunk by chunk of cells: dense or CSR; with
+    ``write_counts``, each chunk is passed to it instead and None is returned."""
     n_cells = len(cells.sample)
     chunk_size = max(1, CHUNK_ENTRIES // n_genes)
     sparse_chunks = []
-    dense_counts = None if sparse else np.empty((n_cells, n_genes), dtype=np.float32)
+    dense_counts = None if sparse or write_counts else np.empty((n_cells, n_genes), dtype=np.float32)
     for start in range(0, n_cells, chunk_size):
         rows = slice(start, min(start + chunk_size, n_cells))
         log_expression = genes.type_log_mean[cells.cell_type[rows]] + genes.batch_gene_effect[cells.batch[rows]]
@@ -449,17 +525,22 @@ def _draw_counts(rng, genes: _Genes, cells: _Cells, n_genes, n_cell_types, spars
         chunk_counts = _sample_counts(
             log_expression, cells.library_size[rows], genes.inverse_dispersion, rng
         ).astype(np.float32)
-        if sparse:
+        if write_counts is not None:
+            write_counts(chunk_counts)
+        elif sparse:
             sparse_chunks.append(sp.csr_matrix(chunk_counts))
         else:
             dense_counts[rows] = chunk_counts
+    if write_counts is not None:
+        return None
     return sp.vstack(sparse_chunks, format="csr") if sparse else dense_counts
 
 
 def _assemble(counts, genes: _Genes, samples: _Samples, cells: _Cells, effects: dict, *, n_batches, n_cell_types,
               seed, preset) -> anndata.AnnData:
-    """The AnnData: counts, named genes and cells, categorical obs, and the truth in ``uns``."""
-    n_cells, n_genes = counts.shape
+    """The AnnData: counts (None: ``X`` None), named genes and cells, categorical obs, and the
+    truth in ``uns``."""
+    n_cells, n_genes = len(cells.sample), len(genes.inverse_dispersion)
     gene_names = _names("gene", n_genes, min_width=3)
     sample_names = _names("sample", len(samples.batch), min_width=2)
     obs = pd.DataFrame(

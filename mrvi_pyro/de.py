@@ -155,6 +155,7 @@ import torch
 
 from ._storage import CellArrays
 from .data import category_levels
+from .distributed import CellPartition
 from .posterior import iter_posterior_u, make_generator, module_device
 
 LN2 = math.log(2.0)
@@ -904,11 +905,11 @@ def summarize_lfc_draws(lfc: torch.Tensor, delta: float | None, credible_interva
     if delta is not None:
         out["pde"] = (lfc.abs() >= delta).float().mean(0)
     if credible_interval is not None:
-        import arviz as az
+        from ._arviz import hdi
 
-        bounds = az.hdi(lfc.cpu().numpy()[None], hdi_prob=float(credible_interval))
-        out["lfc_lower"] = torch.as_tensor(np.asarray(bounds)[..., 0])
-        out["lfc_upper"] = torch.as_tensor(np.asarray(bounds)[..., 1])
+        bounds = hdi(lfc.cpu().numpy()[None], float(credible_interval))
+        out["lfc_lower"] = torch.as_tensor(bounds[..., 0])
+        out["lfc_upper"] = torch.as_tensor(bounds[..., 1])
     return out
 
 
@@ -1121,7 +1122,8 @@ def differential_expression(
     regression_uncertainty: bool = True,
     linearized_draws: bool = True,
     seed: int | None = 0,
-) -> dict:
+    partition: CellPartition | None = None,
+) -> dict | None:
     """Counterfactual regression, tests and (optionally) decoded LFCs for the cells ``indices``.
 
     Parameters
@@ -1135,7 +1137,8 @@ def differential_expression(
     indices
         Cells (default all).
     weights
-        (n_cells, n_kept_samples) per-cell sample weights (e.g. admissibility as 0/1).
+        (n_cells, n_kept_samples) per-cell sample weights (e.g. admissibility as 0/1); with a
+        sharded ``partition``, the rows of its cells only.
     batch_size
         Cells per chunk.
     lambd
@@ -1167,6 +1170,11 @@ def differential_expression(
         :func:`counterfactual_draws` (True, fast) or evaluated draw by draw (False).
     seed
         Seeds the posterior draws, the bootstrap multipliers and the permutations.
+    partition
+        A :class:`mrvi_pyro.distributed.CellPartition` of ``indices`` (None: all, in this
+        process): each rank regresses its cells, and rank 0 assembles the per-cell arrays and
+        adjusts the p-values over all cells (the other ranks return None). Not with
+        ``store_lfc`` (its draws are not split by rank yet).
 
     Returns
     -------
@@ -1177,6 +1185,13 @@ def differential_expression(
         raise ValueError(f"pvalue_method must be 'robust', 'chi2' or 'permutation'; got {pvalue_method!r}.")
     device = module_device(module)
     indices = np.arange(len(data)) if indices is None else np.asarray(indices, dtype=np.int64)
+    if partition is not None and partition.sharded:
+        if store_lfc:
+            raise ValueError(
+                "store_lfc=True is not available in a distributed launch yet; run it in one process "
+                "(the regression, effect sizes and p-values are sharded)."
+            )
+        indices = indices[partition.cells]
     X = torch.as_tensor(design.matrix, dtype=torch.float64, device=device)
     P = X.shape[1]
     tested = list(design.covariate_columns)
@@ -1236,6 +1251,13 @@ def differential_expression(
                     credible_interval=credible_interval, store_baseline=store_baseline, paired=paired,
                 )
         position += m
+    if partition is not None and partition.sharded:
+        if L is None:  # a rank without cells
+            L = int(module.config["n_latent"])
+            out["beta"], out["nuisance_beta"] = np.empty((0, C, L), np.float32), np.empty((0, P - C, L), np.float32)
+        out = {name: partition.gather(values) for name, values in out.items()}
+        if not partition.is_main:
+            return None
     out["padj"] = benjamini_hochberg(out["pvalue"])
     return out
 

@@ -59,6 +59,7 @@ import numpy as np
 import torch
 
 from ._storage import CellArrays, open_store
+from .distributed import CellPartition
 from .posterior import iter_posterior_u
 
 NORMS = {"l2": 2.0, "l1": 1.0, "linf": float("inf")}
@@ -76,6 +77,13 @@ def check_positive(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}.")
     return int(value)
+
+
+def check_use_vmap(use_vmap) -> None:
+    """scvi-tools' ``use_vmap`` is accepted and ignored (samples are always a tensor dimension
+    here); ``ValueError`` unless it is one of the reference's values."""
+    if use_vmap not in ("auto", True, False) or isinstance(use_vmap, (int, float)) and not isinstance(use_vmap, bool):
+        raise ValueError(f"use_vmap must be 'auto', True or False (it is accepted and ignored); got {use_vmap!r}.")
 
 
 def check_norm(norm: str) -> float:
@@ -156,13 +164,15 @@ def iter_local_sample_distances(
     normalize: bool = False,
     norm: str = "l2",
     seed: int | None = 0,
+    draws_offset: int = 0,
 ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
     """Yield ``(chunk_indices, D)`` with ``D`` (n, S, S) float32, the local sample distances.
 
     See the module docstring for the formulas (paired draws averaged over ``mc_samples`` when
     ``use_mean`` is False; z-scored against the own-sample baseline when ``normalize``). Draws
     come from one generator seeded by ``seed`` and are taken chunk by chunk, so sampled results
-    are reproducible for a given ``batch_size``. Posterior draws are looped over (not stacked),
+    are reproducible for a given ``batch_size`` (``draws_offset``: see
+    :func:`mrvi_pyro.posterior.iter_posterior_u`). Posterior draws are looped over (not stacked),
     so the working memory is that of one (n, S, S) tensor.
     """
     check_norm(norm)
@@ -174,7 +184,7 @@ def iter_local_sample_distances(
     n_sampled = 0 if use_mean else mc_samples
     n_draws = n_sampled + (2 * mc_samples if normalize else 0)
     for chunk, batch, loc, _, draws in iter_posterior_u(
-        module, data, indices, batch_size=batch_size, n_draws=n_draws or None, seed=seed
+        module, data, indices, batch_size=batch_size, n_draws=n_draws or None, seed=seed, draws_offset=draws_offset
     ):
         with torch.no_grad():
             if use_mean:
@@ -274,6 +284,7 @@ def local_sample_distances(
     normalize: bool = False,
     norm: str = "l2",
     seed: int | None = 0,
+    partition=None,
 ) -> LocalDistances:
     """Stream the local sample distances of ``indices`` into group means and a per-cell sink.
 
@@ -286,19 +297,27 @@ def local_sample_distances(
         ``indices`` (None: not kept).
     batch_size, use_mean, mc_samples, normalize, norm, seed
         See :func:`iter_local_sample_distances`.
+    partition
+        A :class:`mrvi_pyro.distributed.CellPartition` of ``indices`` (None: all of them, in
+        this process): only its cells are computed (with the draws one process gives them),
+        the sink receives their blocks, and the group sums are summed over the ranks, so every
+        rank gets the group means of all cells.
     """
+    indices = np.arange(len(data)) if indices is None else np.asarray(indices)
+    partition = CellPartition.whole(len(indices)) if partition is None else partition
     groupings = groupings or {}
     accumulators = {key: GroupedMean(codes, n, module.n_samples) for key, (codes, n) in groupings.items()}
-    start = 0
+    start = partition.cells.start
     for chunk, dist in iter_local_sample_distances(
-        module, data, indices, batch_size=batch_size, use_mean=use_mean, mc_samples=mc_samples,
-        normalize=normalize, norm=norm, seed=seed,
+        module, data, indices[partition.cells], batch_size=batch_size, use_mean=use_mean, mc_samples=mc_samples,
+        normalize=normalize, norm=norm, seed=seed, draws_offset=start,
     ):
         for acc in accumulators.values():
             acc.add(chunk, dist)
         if cell_sink is not None:
             cell_sink.write("cell", slice(start, start + len(chunk)), dist.cpu().numpy())
         start += len(chunk)
+    partition.all_reduce_([t for acc in accumulators.values() for t in (acc.sums, acc.counts)])
     return LocalDistances(
         cell=cell_sink,
         groups={key: acc.mean() for key, acc in accumulators.items()},

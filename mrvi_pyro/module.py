@@ -58,11 +58,16 @@ PX_KWARGS = {
     "n_hidden": 32,
 }
 ARCHITECTURE = 2
-"""Architecture version of new models. 2: the reference's blocks (residual MLPs with layer
+"""Architecture version of new models (2). 3: as 2, with the attention lifts in the reference's
+product form (a bias-free token lift times ``nn.MultiheadAttention``'s input projection; the
+keys and values share one token lift): the same function class, trained differently; on the
+weak-effect benchmark (5 seeds) it was no better than 2, so it is not the default
+(``benchmarks/README.md``). 2: the reference's blocks (residual MLPs with layer
 norms in the attention blocks, the reference's encoder blocks, ``z_base`` with bias, inverse
-dispersion initialised at ``exp(N(0, 1))``). 1: models saved before (files without the field
-load as 1 and compute what they computed then)."""
-ARCHITECTURES = (1, 2)
+dispersion initialised at ``exp(N(0, 1))``) with one linear map per lift. 1: models saved before
+version 2 (files without the field load as 1). Every version loads and computes what it
+computed when it was saved."""
+ARCHITECTURES = (1, 2, 3)
 DIMENSIONS = ("n_genes", "n_samples", "n_batches", "n_labels")
 """The data dimensions every module class takes first (from the data registry)."""
 
@@ -81,6 +86,11 @@ def resolve_kwargs(name: str, given: dict | None, defaults: dict) -> dict:
 def attention_mlp(architecture: int) -> str:
     """The attention blocks' MLP kind of an architecture version."""
     return "simple" if architecture == 1 else "resnet"
+
+
+def attention_lift(architecture: int) -> str:
+    """How the attention blocks lift tokens to q/k/v in an architecture version."""
+    return "product" if architecture >= 3 else "single"
 
 
 _INT_ARGUMENTS = {"n_latent": 1, "n_latent_u": 1, "encoder_n_hidden": 1, "encoder_n_layers": 0, "u_prior_mixture_k": 1}
@@ -219,6 +229,7 @@ def attention_sample_mapper(config: Mapping) -> nn.Module:
     options = config["qz_kwargs"]
     attention = {k: v for k, v in options.items() if k not in ("embedding_dim", "stop_gradients")}
     attention["mlp"] = attention_mlp(config["architecture"])
+    attention["lift"] = attention_lift(config["architecture"])
     return SampleMapper(config["n_latent_u"], config["n_latent"], config["n_samples"],
                         embedding_dim=options["embedding_dim"], stop_gradients=options["stop_gradients"], **attention)
 
@@ -381,6 +392,7 @@ class MrVIModule(nn.Module):
         self.sample_mapper = build_component("sample_mapper", mapper_factory, self.config)
         decoder_opts = {k: v for k, v in px.items() if k not in ("embedding_dim", "stop_gradients", "low_dim_batch")}
         decoder_opts["mlp"] = attention_mlp(architecture)
+        decoder_opts["lift"] = attention_lift(architecture)
         self.decoder = DecoderX(
             n_latent, n_genes, n_batches, low_dim_batch=px["low_dim_batch"],
             embedding_dim=px["embedding_dim"], stop_gradients=px["stop_gradients"], **decoder_opts,

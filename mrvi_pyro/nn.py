@@ -214,8 +214,11 @@ class AttentionBlock(nn.Module):
         stop_gradients_mlp: bool = True,
         use_map: bool = True,
         mlp: str = "resnet",
+        lift: str = "single",
     ):
         super().__init__()
+        if lift not in ("single", "product"):
+            raise ValueError(f"lift must be 'single' or 'product', not {lift!r}.")
         if n_channels % n_heads:
             raise ValueError(f"n_channels ({n_channels}) must be divisible by n_heads ({n_heads}).")
         if mlp not in ("resnet", "simple"):
@@ -227,9 +230,20 @@ class AttentionBlock(nn.Module):
         self.kv_tokens = nn.Linear(kv_dim, n_tokens, bias=False)
         # Lifting a 1-d token to channels and projecting it to q/k/v are both linear, so they
         # are folded into one weight and bias per role.
-        self.q_lift = nn.Linear(1, n_channels)
-        self.k_lift = nn.Linear(1, n_channels)
-        self.v_lift = nn.Linear(1, n_channels)
+        self.lift_kind = lift
+        if lift == "single":
+            self.q_lift = nn.Linear(1, n_channels)
+            self.k_lift = nn.Linear(1, n_channels)
+            self.v_lift = nn.Linear(1, n_channels)
+        else:
+            # As scvi-tools parametrises it: a bias-free token lift for the query and one shared
+            # by keys and values, then nn.MultiheadAttention's input projection (Xavier, zero bias).
+            self.query_token = nn.Linear(1, n_channels, bias=False)
+            self.kv_token = nn.Linear(1, n_channels, bias=False)
+            self.in_proj = nn.Linear(n_channels, 3 * n_channels)
+            with torch.no_grad():
+                nn.init.xavier_uniform_(self.in_proj.weight)
+                self.in_proj.bias.zero_()
         self.head_proj = nn.Linear(n_channels, head_out)
         self.dropout = nn.Dropout(dropout_rate)
         n_out = out_dim if use_map else 2 * out_dim
@@ -239,6 +253,15 @@ class AttentionBlock(nn.Module):
         if mlp == "resnet":
             self._reference_init()
 
+    def lifts(self) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+        """Effective ``(weight (C,), bias (C,))`` lifting a scalar token to q, k and v."""
+        if self.lift_kind == "single":
+            return tuple((m.weight[:, 0], m.bias) for m in (self.q_lift, self.k_lift, self.v_lift))
+        n = self.n_channels
+        w, b = self.in_proj.weight, self.in_proj.bias
+        tq, tkv = self.query_token.weight[:, 0], self.kv_token.weight[:, 0]
+        return ((w[:n] @ tq, b[:n]), (w[n:2 * n] @ tkv, b[n:2 * n]), (w[2 * n:] @ tkv, b[2 * n:]))
+
     def _reference_init(self) -> None:
         """Start the lifts and the head projection where scvi-tools' block starts.
 
@@ -247,6 +270,10 @@ class AttentionBlock(nn.Module):
         uniform, zero bias); the composition is our lift. Its output projection starts with
         zero bias."""
         n = self.n_channels
+        if self.lift_kind == "product":
+            with torch.no_grad():
+                self.head_proj.bias.zero_()
+            return
         with torch.no_grad():
             in_proj = nn.init.xavier_uniform_(torch.empty(3 * n, n))
             token_q = torch.empty(n).uniform_(-1.0, 1.0)
@@ -257,9 +284,9 @@ class AttentionBlock(nn.Module):
                 lift.bias.zero_()
             self.head_proj.bias.zero_()
 
-    def _heads(self, tokens: torch.Tensor, lift: nn.Linear) -> torch.Tensor:
+    def _heads(self, tokens: torch.Tensor, lift: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         # tokens (..., T) -> (..., H, T, C/H); used by :meth:`forward_unfactored`.
-        x = tokens.unsqueeze(-1) * lift.weight[:, 0] + lift.bias
+        x = tokens.unsqueeze(-1) * lift[0] + lift[1]
         x = x.unflatten(-1, (self.n_heads, self.n_channels // self.n_heads))
         return x.transpose(-2, -3)
 
@@ -272,10 +299,11 @@ class AttentionBlock(nn.Module):
         """
         shape = torch.Size(np.broadcast_shapes(query.shape[:-1], kv.shape[:-1]))
         attn_query = query.detach() if self.stop_gradients_mlp else query
-        q = self._heads(self.query_tokens(attn_query), self.q_lift) / math.sqrt(self.n_channels // self.n_heads)
+        q_lift, k_lift, v_lift = self.lifts()
+        q = self._heads(self.query_tokens(attn_query), q_lift) / math.sqrt(self.n_channels // self.n_heads)
         kv_tok = self.kv_tokens(kv)
-        k = self._heads(kv_tok, self.k_lift)
-        v = self._heads(kv_tok, self.v_lift)
+        k = self._heads(kv_tok, k_lift)
+        v = self._heads(kv_tok, v_lift)
         weights = self.dropout(torch.softmax(q @ k.transpose(-1, -2), dim=-1))
         mixed = (weights @ v).transpose(-2, -3).flatten(-2)  # (..., T, C)
         summary = self.post(self.head_proj(mixed).flatten(-2))
@@ -297,8 +325,11 @@ class AttentionBlock(nn.Module):
         """Whether :meth:`forward` can use the factorised form: the lifts, the head projection and
         the first layers of ``post`` and ``residual`` are the linear layers it folds. A block whose
         parts were replaced by other modules runs :meth:`forward_unfactored` instead."""
-        lifts = all(type(m) is nn.Linear and m.in_features == 1 and m.bias is not None
-                    for m in (self.q_lift, self.k_lift, self.v_lift))
+        if self.lift_kind == "single":
+            lifts = all(type(m) is nn.Linear and m.in_features == 1 and m.bias is not None
+                        for m in (self.q_lift, self.k_lift, self.v_lift))
+        else:
+            lifts = all(type(m) is nn.Linear for m in (self.query_token, self.kv_token, self.in_proj))
         mlps = all(_foldable_mlp(mlp) for mlp in (self.post, self.residual))
         return lifts and mlps and type(self.head_proj) is nn.Linear and self.head_proj.bias is not None
 
@@ -367,15 +398,14 @@ class AttentionBlock(nn.Module):
     def _folded(self) -> dict:
         """Parameters of :meth:`_forward` folded from the block's weights (see its docstring)."""
         n_heads, head_dim, n_tokens = self.n_heads, self.n_channels // self.n_heads, self.n_tokens
-        w_q = self.q_lift.weight[:, 0].view(n_heads, head_dim)
-        b_q = self.q_lift.bias.view(n_heads, head_dim)
-        w_k = self.k_lift.weight[:, 0].view(n_heads, head_dim)
+        (w_q, b_q), (w_k, _), (w_v, b_v) = self.lifts()
+        w_q, b_q, w_k = w_q.view(n_heads, head_dim), b_q.view(n_heads, head_dim), w_k.view(n_heads, head_dim)
         # Fold v-lift -> head_proj -> the first linear maps of post into weights on m (and on r
         # under dropout).
         first_weight, first_bias = _mlp_first_linear(self.post)
         w_first = first_weight.view(first_weight.shape[0], n_tokens, -1)  # (k, T, O)
         w_proj = self.head_proj.weight.view(-1, n_heads, head_dim)  # (O, H, d)
-        v_lift = torch.stack([self.v_lift.weight[:, 0], self.v_lift.bias]).view(2, n_heads, head_dim)
+        v_lift = torch.stack([w_v, b_v]).view(2, n_heads, head_dim)
         via = torch.einsum("ohd,rhd->rho", w_proj, v_lift)  # through the value weight (r=0) or bias (r=1)
         k_m, k_r = torch.einsum("kio,rho->rhik", w_first, via).reshape(2, n_heads * n_tokens, -1)
         bias = torch.addmv(first_bias, first_weight, self.head_proj.bias.repeat(n_tokens))  # of the proj bias

@@ -38,6 +38,7 @@ def iter_posterior_u(
     n_draws: int | None = None,
     seed: int | None = 0,
     progress_bar: bool | None = None,
+    draws_offset: int = 0,
 ) -> Iterator[tuple[np.ndarray, dict, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
     """Yield ``(indices, batch, loc, scale, draws)`` chunk by chunk.
 
@@ -48,6 +49,11 @@ def iter_posterior_u(
     :func:`mrvi_pyro._malloc.tune_malloc`): ``progress_bar=None``
     shows one on an interactive terminal when there is more than one chunk (tqdm's rule), True
     always, False never.
+
+    ``draws_offset`` (a multiple of ``batch_size``) is the number of cells that precede
+    ``indices`` in a longer run (a shard of a distributed analysis,
+    :class:`mrvi_pyro.distributed.CellPartition`): the generator first skips the draws of their
+    chunks, so these cells get the draws one process gives them.
     """
     tune_malloc_if_enabled()
     device = module_device(module)
@@ -64,6 +70,9 @@ def iter_posterior_u(
                 bar.update(len(chunk))
                 loc, scale = module.encode_u(batch["x"], batch["sample_index"])
                 draws = None
+                for _ in range(draws_offset // batch_size if n_draws is not None else 0):
+                    torch.randn((n_draws, batch_size, loc.shape[-1]), generator=gen, device=device, dtype=loc.dtype)
+                draws_offset = 0
                 if n_draws is not None:
                     noise = torch.randn((n_draws, *loc.shape), generator=gen, device=device, dtype=loc.dtype)
                     draws = loc + scale * noise

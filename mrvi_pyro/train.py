@@ -21,10 +21,19 @@ not kept (``benchmarks/results/optimizer_and_malloc.md``). A parameter without a
 step (the prior's in the first KL warm-up epoch, where the KL weight is 0) is skipped by Adam: no
 weight decay, no moment update. With ``mrvi_pyro.settings.tune_malloc`` the allocator keeps freed
 minibatch memory for reuse (:func:`mrvi_pyro._malloc.tune_malloc`; off by default in the library).
+Counts read from disk are read ahead (:meth:`mrvi_pyro.data.CellData.read_ahead`).
+
+Inside a ``torch.distributed`` launch the same call trains data-parallel (the hooks are
+:class:`mrvi_pyro.distributed.Replicas`: each rank's slice of every global minibatch, one
+gradient all-reduce per step, validation losses summed over the ranks); see
+:mod:`mrvi_pyro.distributed`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import random
 import time
 from dataclasses import dataclass
 
@@ -37,7 +46,9 @@ from pyro.infer import Trace_ELBO
 from tqdm.auto import tqdm
 
 from ._malloc import tune_malloc_if_enabled
+from .checkpoint import TrainingCheckpoint, TrainingState, data_identity
 from .data import CellData
+from .distributed import Replicas
 
 
 class TrainingDivergedError(FloatingPointError):
@@ -152,19 +163,27 @@ def check_parameters_owned(module, data: CellData, cells: np.ndarray, n_obs: int
 
 
 def evaluate_loss(module, data: CellData, indices: np.ndarray, *, batch_size: int, device, kl_weight=1.0,
-                  cell_weights: np.ndarray | None = None) -> float:
-    """Negative ELBO per cell over ``indices`` (one posterior draw per cell, no gradients)."""
+                  cell_weights: np.ndarray | None = None, replicas: Replicas | None = None) -> float:
+    """Negative ELBO per cell over ``indices`` (one posterior draw per cell, no gradients).
+
+    With ``replicas`` (data-parallel training) each rank evaluates its share of every chunk and
+    the sum is all-reduced, so every rank returns the single-process value.
+    """
     elbo = Trace_ELBO()
     total = 0.0
     was_training = module.training
     module.eval()
     with torch.no_grad():
-        for chunk, batch in data.iter_batches(indices, batch_size, device):
+        chunks = _minibatches(indices, batch_size, replicas)
+        for (chunk, _, share, draws), batch in zip(chunks, data.read_ahead([c[0] for c in chunks], device)):
             scale = None if cell_weights is None else torch.as_tensor(cell_weights[chunk], device=device)
-            total += float(elbo.differentiable_loss(
-                module.model, module.guide, *_call_args(batch), kl_weight=kl_weight, cell_scale=scale
-            ))
+            with draws:
+                total += float(share > 0) * float(elbo.differentiable_loss(
+                    module.model, module.guide, *_call_args(batch), kl_weight=kl_weight, cell_scale=scale
+                ))
     module.train(was_training)
+    if replicas is not None:
+        total = float(replicas.all_reduce_sum([total])[0])
     return total / max(len(indices), 1)
 
 
@@ -187,6 +206,8 @@ def train_svi(
     seed: int = 0,
     device: str | torch.device = "auto",
     progress_bar: bool = True,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_identity: dict | None = None,
 ) -> TrainingResult:
     """Fit ``module`` by SVI.
 
@@ -199,7 +220,10 @@ def train_svi(
     max_epochs
         Number of passes over the training cells.
     batch_size
-        Cells per step.
+        Cells per step. In data-parallel training (inside ``torchrun`` or
+        :func:`mrvi_pyro.distributed.launch`) this is the *global* minibatch: each of the W ranks
+        takes ``batch_size / W`` of its cells (W must divide it), and the run reproduces one
+        process with this ``batch_size`` (see :mod:`mrvi_pyro.distributed`).
     train_size
         Share of cells used for training; the rest is the validation set.
     lr, weight_decay, eps, clip_norm
@@ -219,15 +243,28 @@ def train_svi(
         ``"auto"``, ``"cpu"`` or ``"cuda"``.
     progress_bar
         Show a tqdm bar with the current losses.
+    checkpoint_dir
+        Directory of a checkpoint written atomically after every epoch (:mod:`mrvi_pyro.checkpoint`).
+        If it already holds one, training resumes after its last complete epoch, exactly where
+        the interrupted run was (parameters, optimiser, random states, minibatch order,
+        history, early stopping), and continues to ``max_epochs``. A checkpoint of another
+        run (training arguments other than ``max_epochs`` and ``progress_bar``, the module's
+        parameters or ``checkpoint_identity``, or the data) is refused, as is a non-empty
+        directory that is not a checkpoint. None (default): no checkpoint, no cost.
+    checkpoint_identity
+        More JSON-able facts a checkpoint must match to be resumed (the facade passes the
+        model's configuration).
 
     Raises
     ------
     TrainingDivergedError
         When the loss or gradient becomes non-finite (no update is applied with it).
     ValueError
-        When an argument is invalid, or when the model or guide creates Pyro parameters
-        (``pyro.param``) that are not parameters of ``module`` (:func:`check_parameters_owned`):
-        those would never be optimised.
+        For an invalid argument, or a ``checkpoint_dir`` that cannot be used; when the model or
+        guide creates Pyro parameters (``pyro.param``) that are not parameters of ``module``
+        (:func:`check_parameters_owned`): those would never be optimised; in data-parallel
+        training also (on every rank) when the ranks disagree on the data, the model or the
+        arguments, or the world size does not divide ``batch_size``.
     """
 
     def number(v):
@@ -255,74 +292,162 @@ def train_svi(
         if not valid:
             raise ValueError(f"{name} must be {rule}; got {value!r}.")
     device = resolve_device(device)
+    replicas = Replicas.current()  # None in a single process
+    if replicas is not None:
+        replicas.check_training(module, data, {
+            "max_epochs": int(max_epochs), "batch_size": int(batch_size), "train_size": float(train_size),
+            "lr": float(lr), "weight_decay": float(weight_decay), "eps": float(eps), "clip_norm": float(clip_norm),
+            "n_epochs_kl_warmup": int(n_epochs_kl_warmup), "early_stopping": bool(early_stopping),
+            "early_stopping_patience": int(early_stopping_patience),
+            "early_stopping_min_delta": float(early_stopping_min_delta),
+            "scale_observations": bool(scale_observations), "seed": int(seed),
+        })
+        device = replicas.device(device)
+        progress_bar = progress_bar and replicas.is_main
+    if replicas is not None and checkpoint_dir is not None:
+        raise ValueError("checkpoint_dir is not supported in data-parallel training yet; train in one process "
+                         "to checkpoint, or without checkpoint_dir.")
+    settings = dict(  # what the loop needs besides the split; with train_size, what a resume must match
+        batch_size=batch_size, lr=lr, weight_decay=weight_decay, eps=eps, clip_norm=clip_norm,
+        n_epochs_kl_warmup=n_epochs_kl_warmup, early_stopping=early_stopping,
+        early_stopping_patience=early_stopping_patience, early_stopping_min_delta=early_stopping_min_delta,
+        scale_observations=scale_observations, seed=seed,
+    )
+    checkpoint, resume = None, None
+    if checkpoint_dir is not None:
+        identity = {
+            "training": {**settings, "train_size": train_size, "device": device.type},
+            "parameters": {k: list(v.shape) for k, v in module.state_dict().items()},
+            "data": data_identity(data),
+            **(checkpoint_identity or {}),
+        }
+        checkpoint = TrainingCheckpoint(checkpoint_dir, identity)
+        if checkpoint.epoch > max_epochs:
+            raise ValueError(
+                f"checkpoint_dir {checkpoint_dir} holds {checkpoint.epoch} completed epochs, more than "
+                f"max_epochs={max_epochs}; pass max_epochs >= {checkpoint.epoch} to resume it."
+            )
+        resume = checkpoint.read()
     rng = np.random.default_rng(seed)
     train_idx, val_idx = split_indices(len(data), train_size, rng)
+    if resume is not None:
+        module.load_state_dict(resume.module)
+        train_idx, val_idx = resume.train_indices, resume.validation_indices
     tune_malloc_if_enabled()
     module.to(device)
     check_parameters_owned(module, data, train_idx[: min(batch_size, 16)], len(train_idx), device)
     params = [p for p in module.parameters() if p.requires_grad]
+    if replicas is not None:
+        replicas.broadcast_parameters(params)
     return _train_loop(
-        module, data, params, train_idx, val_idx, rng, max_epochs=max_epochs, batch_size=batch_size,
-        lr=lr, weight_decay=weight_decay, eps=eps, clip_norm=clip_norm, n_epochs_kl_warmup=n_epochs_kl_warmup,
-        early_stopping=early_stopping, early_stopping_patience=early_stopping_patience,
-        early_stopping_min_delta=early_stopping_min_delta, scale_observations=scale_observations, seed=seed,
-        device=device, progress_bar=progress_bar,
+        module, data, params, train_idx, val_idx, rng, max_epochs=max_epochs, **settings,
+        device=device, progress_bar=progress_bar, checkpoint=checkpoint, resume=resume, replicas=replicas,
     )
+
+
+@contextlib.contextmanager
+def _global_random_states(resume: TrainingState | None):
+    """Nothing without ``resume``; with it, the caller's numpy and Python random states are
+    kept aside for the block (which sets the checkpoint's) and given back afterwards."""
+    if resume is None:
+        yield
+        return
+    numpy_state, python_state = np.random.get_state(), random.getstate()
+    try:
+        yield
+    finally:
+        np.random.set_state(numpy_state)
+        random.setstate(python_state)
+
+
+def _minibatches(order: np.ndarray, batch_size: int, replicas: Replicas | None) -> list[tuple]:
+    """The steps over ``order``: ``(entries, global batch size, share of the loss, draws context)``.
+
+    In a single process the entries are the consecutive ``batch_size`` slices of ``order``; in
+    data-parallel training each is this rank's slice of them (:meth:`Replicas.shard`).
+    """
+    steps = []
+    for start in range(0, len(order), batch_size):
+        pos = order[start : start + batch_size]
+        local, share, draws = (pos, 1.0, contextlib.nullcontext()) if replicas is None else replicas.shard(pos)
+        steps.append((local, len(pos), share, draws))
+    return steps
 
 
 def _train_loop(module, data, params, train_idx, val_idx, rng, *, max_epochs, batch_size, lr, weight_decay,
                 eps, clip_norm, n_epochs_kl_warmup, early_stopping, early_stopping_patience,
-                early_stopping_min_delta, scale_observations, seed, device, progress_bar) -> "TrainingResult":
+                early_stopping_min_delta, scale_observations, seed, device, progress_bar, checkpoint,
+                resume, replicas=None) -> "TrainingResult":
     n_train = len(train_idx)
     weights = (
         sample_balance_weights(data.sample_index, data.registry.n_samples) if scale_observations else None
     )
     optimizer = make_adam(params, lr=lr, eps=eps, weight_decay=weight_decay)
     elbo = Trace_ELBO()
-    rows, best, since_best, stopped = [], np.inf, 0, False
+    rows, best, since_best, stopped, first = [], np.inf, 0, False, 0
     fork_devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=fork_devices), pyro.validation_enabled(False):
-        torch.manual_seed(seed)
-        bar = tqdm(range(max_epochs), desc="Training", unit="epoch", disable=not progress_bar, leave=False)
+    with (torch.random.fork_rng(devices=fork_devices), _global_random_states(resume),
+          pyro.validation_enabled(False)):
+        if resume is None:
+            if replicas is None:
+                torch.manual_seed(seed)
+            else:
+                replicas.seed(seed)
+        else:
+            optimizer.load_state_dict(resume.optimizer)
+            resume.restore_random_states(rng, device)
+            rows, best, since_best = [dict(row) for row in resume.rows], resume.best, resume.since_best
+            stopped, first = resume.stopped_early, resume.epoch
+        bar = tqdm(range(first, max_epochs if not stopped else first), initial=first, total=max_epochs,
+                   desc="Training", unit="epoch", disable=not progress_bar, leave=False)
         for epoch in bar:
             start = time.perf_counter()
             kl_weight = min(1.0, epoch / n_epochs_kl_warmup) if n_epochs_kl_warmup > 0 else 1.0
             module.train()
             positions = rng.permutation(n_train)
             epoch_loss, n_clipped, n_steps = 0.0, torch.zeros((), device=device), 0
-            for step in range(0, n_train, batch_size):
-                pos = positions[step : step + batch_size]
+            minibatches = _minibatches(positions, batch_size, replicas)
+            reads = data.read_ahead([train_idx[pos] for pos, *_ in minibatches], device)  # next one read meanwhile
+            for number, ((pos, n_batch, share, draws), batch) in enumerate(zip(minibatches, reads)):
                 cells = train_idx[pos]
-                batch = data.batch(cells, device)
                 scale = None if weights is None else torch.as_tensor(weights[cells], device=device)
-                loss = elbo.differentiable_loss(
-                    module.model, module.guide, *_call_args(batch), n_obs=n_train,
-                    subsample=torch.as_tensor(pos, device=device), kl_weight=kl_weight, cell_scale=scale,
-                ) / n_train  # per-cell mean of the minibatch
-                if not torch.isfinite(loss.detach()):
+                with draws:
+                    loss = elbo.differentiable_loss(
+                        module.model, module.guide, *_call_args(batch), n_obs=n_train,
+                        subsample=torch.as_tensor(pos, device=device), kl_weight=kl_weight, cell_scale=scale,
+                    ) / n_train * share  # per-cell mean of the (global) minibatch
+                if replicas is not None and not torch.isfinite(loss.detach()):
+                    loss = loss * torch.nan  # every rank then sees a non-finite gradient and stops
+                elif not torch.isfinite(loss.detach()):
                     raise TrainingDivergedError(
-                        f"The loss became {loss.detach().item()} at epoch {epoch} (step {step // batch_size}); "
+                        f"The loss became {loss.detach().item()} at epoch {epoch} (step {number}); "
                         "training stopped and the parameters keep their last finite values. "
                         "Try a lower learning rate (e.g. lr=5e-4), a smaller clip_norm, or check "
                         "that the counts are raw integers."
                     )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if replicas is not None:
+                    replicas.all_reduce_gradients(params)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_norm, foreach=True)
                 if not torch.isfinite(grad_norm):
                     raise TrainingDivergedError(
-                        f"The gradient became non-finite at epoch {epoch} (step {step // batch_size}); "
+                        f"The {'loss or ' if replicas is not None else ''}gradient became non-finite at epoch {epoch} "
+                        f"(step {number}); "
                         "no update was applied. Try a lower learning rate (e.g. lr=5e-4)."
                     )
                 optimizer.step()
                 n_clipped += grad_norm > clip_norm
                 n_steps += 1
-                epoch_loss += float(loss.detach()) * len(pos)
+                epoch_loss += float(loss.detach()) * n_batch
+            if replicas is not None:
+                epoch_loss = float(replicas.all_reduce_sum([epoch_loss])[0])
             row = {"epoch": epoch, "kl_weight": kl_weight, "elbo_train": epoch_loss / n_train,
                    "clipped_share": float(n_clipped) / max(n_steps, 1)}
             if len(val_idx):
                 row["elbo_validation"] = evaluate_loss(
-                    module, data, val_idx, batch_size=max(batch_size, 512), device=device, cell_weights=weights
+                    module, data, val_idx, batch_size=max(batch_size, 512), device=device, cell_weights=weights,
+                    replicas=replicas,
                 )
             row["seconds"] = time.perf_counter() - start
             rows.append(row)
@@ -332,8 +457,14 @@ def _train_loop(module, data, params, train_idx, val_idx, rng, *, max_epochs, ba
                 best, since_best = monitored, 0
             else:
                 since_best += 1
-            if early_stopping and since_best >= early_stopping_patience:
-                stopped = True
+            stopped = early_stopping and since_best >= early_stopping_patience
+            if checkpoint is not None:
+                checkpoint.write(TrainingState.capture(
+                    epoch=epoch + 1, rows=rows, best=best, since_best=since_best, stopped_early=stopped,
+                    module=module, optimizer=optimizer, train_indices=train_idx, validation_indices=val_idx,
+                    minibatch_rng=rng, device=device,
+                ))
+            if stopped:
                 break
         bar.close()
     module.eval()

@@ -1,16 +1,31 @@
 """The command line."""
 
+import contextlib
+import io
 import subprocess
 import sys
 
+import pytest
+
 from mrvi_pyro.cli import main
 
+from ._chromium import CHROMIUM, NO_BROWSER, render
 
-def test_demo_runs_end_to_end(tmp_path, capsys):
-    code = main(["demo", "--out", str(tmp_path), "--n-cells", "400", "--n-genes", "120", "--n-samples", "6",
-                 "--max-epochs", "3", "--quiet"])
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """A small demo run (400 cells, 3 epochs): its output directory and what it printed."""
+    out_dir = tmp_path_factory.mktemp("demo")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = main(["demo", "--out", str(out_dir), "--n-cells", "400", "--n-genes", "120", "--n-samples", "6",
+                     "--max-epochs", "3", "--quiet"])
     assert code == 0
-    out = capsys.readouterr().out
+    return out_dir, printed.getvalue()
+
+
+def test_demo_runs_end_to_end(demo_run):
+    out_dir, out = demo_run
     assert "trained 3 epochs" in out
     for prefix in ("distances: largest between-sample spread", "DE: highest effect size", "DA: highest log-ratio"):
         assert prefix in out, prefix
@@ -18,9 +33,24 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
                  "de_summary.csv", "da_summary.csv", "sample_distance_spread.csv", "report.html",
                  "results/local_sample_distances.zarr", "results/differential_expression.zarr",
                  "results/differential_abundance.zarr"):
-        assert (tmp_path / name).exists(), name
-    assert (tmp_path / "u_embedding.png").stat().st_size > 10_000
-    _check_report(tmp_path)
+        assert (out_dir / name).exists(), name
+    assert (out_dir / "u_embedding.png").stat().st_size > 10_000
+    _check_report(out_dir)
+    text = (out_dir / "report.html").read_text()
+    for group in ("type_0", "type_1", "type_2", "type_3"):  # every cell type in the DE table
+        assert text.count(f'<td class="text">{group}</td>') >= 3, group  # distances, DE and DA tables
+    assert "Training curves: -ELBO per cell" in text and "simulated.h5ad" in text
+    assert "mrvi-pyro demo --out" in text  # the command line in the run metadata
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason=NO_BROWSER)
+def test_demo_report_renders_in_headless_chromium(demo_run, tmp_path):
+    out_dir, _ = demo_run
+    state = render(CHROMIUM, out_dir / "report.html", tmp_path / "demo_report_1280px.png", width=1280)
+    assert len(state["images"]) == len(list(out_dir.glob("*.png"))) >= 8
+    assert all(image["complete"] and image["width"] > 0 for image in state["images"]), state["images"]
+    assert state["scrollWidth"] <= 1280 == state["innerWidth"]
+    assert state["console_errors"] == []
 
 
 def _check_report(out_dir):
@@ -90,3 +120,30 @@ def test_analyze_command_and_its_errors(tmp_path, small_adata, capsys):
     assert main(["analyze", str(tmp_path / "run"), "--groupby", "cell_type", "--de", "cell_type", "--overwrite"]) == 2
     assert "not a sample-level covariate" in capsys.readouterr().err
     assert (tmp_path / "run" / "de_summary.csv").is_file()  # the failed run left the earlier outputs
+
+
+def test_help_and_version_answer_without_loading_the_heavy_libraries():
+    code = ("import sys\nfrom mrvi_pyro.cli import main\n"
+            "for argv in (['--help'], ['--version'], ['fit', '--help']):\n"
+            "    try:\n        main(argv)\n    except SystemExit as done:\n        assert done.code == 0, argv\n"
+            "heavy = sorted(m for m in ('torch', 'anndata', 'pyro', 'numpy', 'pandas', 'matplotlib', 'xarray') "
+            "if m in sys.modules)\nprint('heavy:', heavy)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    import mrvi_pyro
+
+    assert f"mrvi-pyro {mrvi_pyro.__version__}" in result.stdout
+    assert "heavy: []" in result.stdout
+    assert "--batch-size BATCH_SIZE\n                        cells per step (as MRVI.train) (default: 128)" in result.stdout
+    assert "(default: None)" not in result.stdout and "(default: False)" not in result.stdout
+
+
+def test_the_package_imports_lazily_and_keeps_its_public_names():
+    code = ("import sys, types\nimport mrvi_pyro\nassert 'torch' not in sys.modules\n"
+            "from mrvi_pyro import MRVI, pl\nimport mrvi_pyro.model, mrvi_pyro.guide\n"
+            "assert not isinstance(mrvi_pyro.model, types.ModuleType) and callable(mrvi_pyro.guide)\n"
+            "assert mrvi_pyro.model is sys.modules['mrvi_pyro.model'].model and MRVI is mrvi_pyro.api.MRVI\n"
+            "assert mrvi_pyro.plotting.volcano is pl.volcano and callable(mrvi_pyro.datasets.simulate)\n"
+            "print('ok')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr

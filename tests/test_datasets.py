@@ -330,3 +330,27 @@ def test_batch_strength_zero_makes_means_batch_independent():
 def test_invalid_arguments_raise(arguments, message):
     with pytest.raises(ValueError, match=message):
         simulate(**arguments)
+
+
+def test_write_simulated_h5ad_equals_simulate_without_holding_the_counts(tmp_path):
+    """Written block by block (several blocks here), the file holds what simulate returns."""
+    from mrvi_pyro.datasets import CHUNK_ENTRIES, write_simulated_h5ad
+
+    n_cells, n_genes = 2 * (CHUNK_ENTRIES // 1000) + 7, 1000  # three blocks of cells
+    path = tmp_path / "cohort.h5ad"
+    write_simulated_h5ad(path, n_cells, n_genes, n_samples=8, seed=5, preset="weak", block_entries=4096)
+    expected = simulate(n_cells, n_genes, n_samples=8, seed=5, preset="weak", sparse=True)
+    backed = anndata.read_h5ad(path, backed="r")
+    assert backed.shape == (n_cells, n_genes) and backed.X.format == "csr"
+    np.testing.assert_array_equal(backed.X[np.arange(0, n_cells, 97)].toarray(),
+                                  expected.X[np.arange(0, n_cells, 97)].toarray())
+    loaded = anndata.read_h5ad(path)
+    assert (loaded.X != expected.X).nnz == 0
+    pd.testing.assert_frame_equal(loaded.obs, expected.obs)
+    assert list(loaded.var_names) == list(expected.var_names)
+    assert list(loaded.uns["simulation"]["de_genes"]) == expected.uns["simulation"]["de_genes"]
+    with pytest.raises(ValueError, match="already exists"):
+        write_simulated_h5ad(path, n_cells, n_genes)
+    with pytest.raises(ValueError, match="Unknown argument"):
+        write_simulated_h5ad(tmp_path / "other.h5ad", n_cells, n_genes, n_sample=8)
+    assert not (tmp_path / "other.h5ad").exists()

@@ -636,3 +636,37 @@ def test_bad_input(de_model, sim_adata):
         de_model.differential_expression(cells, sample_cov_keys=["disease"], pvalue_method="wald")
     with pytest.raises(ValueError, match="only apply with filter_inadmissible_samples"):
         de_model.differential_expression(cells, sample_cov_keys=["disease"], quantile_threshold=0.1)
+
+
+def test_key_added_writes_per_cell_effect_size_and_padj_to_obs(small_adata):
+    model = MRVI(small_adata, n_latent=6, n_latent_u=4)
+    model.train(max_epochs=1, progress_bar=False)
+    result = model.differential_expression(sample_cov_keys=["disease", "age"], key_added="mrvi_de")
+    covariates = [str(c) for c in result["covariate"].values]
+    assert len(covariates) == 2
+    for c in covariates:
+        np.testing.assert_array_equal(small_adata.obs[f"mrvi_de_effect_size_{c}"],
+                                      result["effect_size"].sel(covariate=c).values)
+        np.testing.assert_array_equal(small_adata.obs[f"mrvi_de_padj_{c}"], result["padj"].sel(covariate=c).values)
+    before = small_adata.obs.copy()
+    with pytest.raises(ValueError, match=f"adata.obs already has 'mrvi_de_effect_size_{covariates[0]}', "
+                                         f"'mrvi_de_padj_{covariates[0]}'.*pass overwrite=True"):
+        model.differential_expression(sample_cov_keys=["disease", "age"], key_added="mrvi_de")
+    pd.testing.assert_frame_equal(small_adata.obs, before)  # refused: left as it was
+    again = model.differential_expression(sample_cov_keys=["disease"], key_added="mrvi_de", overwrite=True)
+    np.testing.assert_array_equal(small_adata.obs[f"mrvi_de_padj_{covariates[0]}"], again["padj"].values[:, 0])
+    cells = small_adata[:120].copy()
+    model.differential_expression(cells, sample_cov_keys=["disease"], key_added="sub")
+    assert f"sub_padj_{covariates[0]}" in cells.obs and f"sub_padj_{covariates[0]}" not in small_adata.obs
+    for bad in ("", 3):
+        with pytest.raises(ValueError, match="key_added must be a non-empty string"):
+            model.differential_expression(sample_cov_keys=["disease"], key_added=bad)
+
+
+def test_key_added_never_writes_a_registered_column(small_adata):
+    from mrvi_pyro.data import check_key_added
+
+    registry = MRVI(small_adata).registry
+    with pytest.raises(ValueError, match="would write 'batch', a column the model was set up with"):
+        check_key_added("b", small_adata.obs, ["batch"], where="adata.obs", overwrite=True, registry=registry)
+    check_key_added("b", small_adata.obs, ["batch_new"], where="adata.obs", overwrite=False, registry=registry)

@@ -11,7 +11,7 @@ import xarray as xr
 from sklearn.metrics import adjusted_rand_score
 
 from mrvi_pyro import MRVI, datasets, explore
-from mrvi_pyro._plot_explore import local_distance_embedding, sample_distance_heatmap
+from mrvi_pyro.pl import local_distance_embedding, sample_distance_heatmap
 from mrvi_pyro.posterior import iter_posterior_u
 
 CELLS = np.arange(0, 2000, 40)  # 50 cells spread over the data

@@ -94,3 +94,40 @@ def test_model_saved_by_an_earlier_version_loads_and_gives_the_same_outputs():
     expr = np.asarray(model.get_normalized_expression(library_size=1.0))[:40]  # that version's default scale
     np.testing.assert_allclose(expr, expected["expr"], rtol=1e-4, atol=1e-7)
     assert {p.name: p.stat().st_mtime_ns for p in LEGACY_MODEL.iterdir()} == before  # read only
+
+
+ARCHITECTURE_2_MODEL = LEGACY_MODEL.parent / "model_stop16"
+
+
+def test_architecture_2_model_loads_and_gives_the_same_outputs():
+    """A model saved at commit 2324494 (architecture 2: one Linear per attention lift) loads as
+    architecture 2 with the current code and reproduces that version's outputs."""
+    from mrvi_pyro.module import ARCHITECTURE
+
+    model = MRVI.load(ARCHITECTURE_2_MODEL)
+    assert model.init_params["architecture"] == 2 == ARCHITECTURE
+    assert "sample_mapper.attention.q_lift.weight" in model.module.state_dict()
+    expected = np.load(ARCHITECTURE_2_MODEL / "expected_outputs.npz")
+    np.testing.assert_allclose(model.get_latent_representation(), expected["u"], rtol=1e-5, atol=1e-6)
+    z = model.get_local_sample_representation().values
+    offsets, expected_offsets = z - z.mean(1, keepdims=True), expected["z"] - expected["z"].mean(1, keepdims=True)
+    np.testing.assert_allclose(z, expected["z"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(offsets, expected_offsets, rtol=0, atol=1e-3 * np.abs(expected_offsets).max())
+    expr = np.asarray(model.get_normalized_expression(library_size=1.0))[:40]
+    np.testing.assert_allclose(expr, expected["expr"], rtol=1e-4, atol=1e-7)
+
+
+def test_architecture_3_round_trip(small_adata, tmp_path):
+    """Architecture 3 (the reference's product lifts) saves and loads as itself."""
+    from mrvi_pyro.module import MrVIModule
+
+    module = MrVIModule(30, 4, 2, n_latent=8, n_latent_u=4, architecture=3)
+    keys = module.state_dict().keys()
+    assert "sample_mapper.attention.in_proj.weight" in keys and "decoder.nuisance.kv_token.weight" in keys
+    assert not any("q_lift" in k for k in keys)
+    model = MRVI(small_adata, n_latent=8, n_latent_u=4, architecture=3)  # a module argument since format 2
+    assert "sample_mapper.attention.in_proj.weight" in model.module.state_dict()
+    model.save(tmp_path / "m")
+    loaded = MRVI.load(tmp_path / "m", adata=small_adata)
+    assert loaded.init_params["architecture"] == 3
+    np.testing.assert_array_equal(loaded.get_latent_representation(), model.get_latent_representation())

@@ -6,11 +6,15 @@ import torch
 from mrvi_pyro.nn import AttentionBlock, SampleMapper
 
 
+# (mlp, lift) of architectures 1, 2 and 3.
+KINDS = [("simple", "single"), ("resnet", "single"), ("resnet", "product")]
+
+
 def _block(use_map: bool, stop_gradients_mlp: bool = False, dropout_rate: float = 0.03,
-           mlp: str = "resnet") -> AttentionBlock:
+           mlp: str = "resnet", lift: str = "product") -> AttentionBlock:
     torch.manual_seed(0)
     block = AttentionBlock(10, 16, 30, use_map=use_map, stop_gradients_mlp=stop_gradients_mlp,
-                           dropout_rate=dropout_rate, mlp=mlp).double()
+                           dropout_rate=dropout_rate, mlp=mlp, lift=lift).double()
     # Weights of order 1 (not the small default init) so that every term of the scores matters.
     with torch.no_grad():
         for p in block.parameters():
@@ -30,12 +34,12 @@ def _grads(block, out, inputs):
     return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs + params)]
 
 
-@pytest.mark.parametrize("mlp", ["resnet", "simple"])
+@pytest.mark.parametrize(("mlp", "lift"), KINDS)
 @pytest.mark.parametrize("use_map", [True, False])
 @pytest.mark.parametrize("training", [False, True])
 @pytest.mark.parametrize("stop_gradients_mlp", [False, True])
-def test_factorised_forward_matches_literal_values_and_gradients(use_map, training, stop_gradients_mlp, mlp):
-    block = _block(use_map, stop_gradients_mlp, mlp=mlp).train(training)
+def test_factorised_forward_matches_literal_values_and_gradients(use_map, training, stop_gradients_mlp, mlp, lift):
+    block = _block(use_map, stop_gradients_mlp, mlp=mlp, lift=lift).train(training)
     query = torch.randn(64, 10, dtype=torch.float64, requires_grad=True)
     kv = torch.randn(64, 16, dtype=torch.float64, requires_grad=True)
     torch.manual_seed(5)
@@ -51,10 +55,10 @@ def test_factorised_forward_matches_literal_values_and_gradients(use_map, traini
         assert not torch.allclose(_flat(block(query, kv)), _flat(fast))
 
 
-@pytest.mark.parametrize("mlp", ["resnet", "simple"])
+@pytest.mark.parametrize(("mlp", "lift"), KINDS)
 @pytest.mark.parametrize("use_map", [True, False])
-def test_blocked_inference_matches_one_pass(use_map, mlp, monkeypatch):
-    block = _block(use_map, mlp=mlp).eval()
+def test_blocked_inference_matches_one_pass(use_map, mlp, lift, monkeypatch):
+    block = _block(use_map, mlp=mlp, lift=lift).eval()
     query = torch.randn(37, 1, 10, dtype=torch.float64)
     kv = torch.randn(9, 16, dtype=torch.float64)
     with torch.no_grad():
@@ -91,11 +95,11 @@ def test_replaced_parts_fall_back_to_the_literal_form():
     torch.testing.assert_close(block(query, kv), block.forward_unfactored(query, kv))
 
 
-@pytest.mark.parametrize("mlp", ["resnet", "simple"])
+@pytest.mark.parametrize(("mlp", "lift"), KINDS)
 @pytest.mark.parametrize("training", [False, True])
-def test_no_grad_path_matches_literal(training, mlp):
+def test_no_grad_path_matches_literal(training, mlp, lift):
     # Without autograd the factorised form works in place; with dropout it must not.
-    block = _block(True, mlp=mlp).train(training)
+    block = _block(True, mlp=mlp, lift=lift).train(training)
     query, kv = torch.randn(64, 10, dtype=torch.float64), torch.randn(64, 16, dtype=torch.float64)
     with torch.no_grad():
         torch.manual_seed(7)
@@ -142,3 +146,43 @@ def test_sample_offsets_spread_across_samples_at_initialisation():
         spreads[mlp] = sum(values) / len(values)
     # Measured: ~0.03 against ~0.0008 (5 seeds).
     assert spreads["resnet"] > 10 * spreads["simple"]
+
+
+def test_product_lift_is_multihead_attention_as_the_reference_composes_it():
+    """Architecture 3's block written with torch's own ``nn.MultiheadAttention`` the way
+    scvi-tools composes it (bias-free token lifts, the MHA input projection, its output
+    projection, then the two MLPs) gives the same values and parameter gradients: the lifts are
+    the same parameters in the same product form, not only the same function."""
+    from torch import nn
+
+    block = _block(True, dropout_rate=0.0).eval()
+    mha = nn.MultiheadAttention(8, 2, batch_first=True).double()
+    with torch.no_grad():
+        mha.in_proj_weight.copy_(block.in_proj.weight)
+        mha.in_proj_bias.copy_(block.in_proj.bias)
+        mha.out_proj.weight.copy_(block.head_proj.weight)
+        mha.out_proj.bias.copy_(block.head_proj.bias)
+    query = torch.randn(32, 10, dtype=torch.float64)
+    kv = torch.randn(32, 16, dtype=torch.float64)
+    q_tokens = block.query_token(block.query_tokens(query).unsqueeze(-1))  # (n, T, C)
+    kv_tokens = block.kv_token(block.kv_tokens(kv).unsqueeze(-1))
+    mixed = mha(q_tokens, kv_tokens, kv_tokens, need_weights=False)[0].flatten(-2)
+    expected = block.residual(torch.cat([query, block.post(mixed)], dim=-1))
+    torch.testing.assert_close(block(query, kv), expected, rtol=0, atol=1e-10 * expected.abs().max().item())
+    grads = torch.autograd.grad(block(query, kv).square().sum(),
+                                [block.query_token.weight, block.kv_token.weight, block.in_proj.weight])
+    # The same gradients through the MHA form, on the shared lift parameters.
+    expected_grads = torch.autograd.grad(expected.square().sum(),
+                                         [block.query_token.weight, block.kv_token.weight])
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-7, atol=1e-9)
+    mha_grad = torch.autograd.grad(
+        block.residual(torch.cat([query, block.post(mha(q_tokens, kv_tokens, kv_tokens, need_weights=False)[0]
+                                                    .flatten(-2))], dim=-1)).square().sum(),
+        [mha.in_proj_weight])[0]
+    torch.testing.assert_close(grads[2], mha_grad, rtol=1e-7, atol=1e-9)
+
+
+def test_unknown_lift_is_refused():
+    with pytest.raises(ValueError, match="lift"):
+        AttentionBlock(10, 16, 30, lift="outer")

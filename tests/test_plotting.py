@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 import xarray as xr  # noqa: E402
 from matplotlib.collections import PathCollection  # noqa: E402
 
-from mrvi_pyro import plotting  # noqa: E402
+from mrvi_pyro import pl, plotting  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -182,3 +182,132 @@ def test_basis_coords_read_any_obsm_key_and_fall_back_to_pca():
     fig = plotting.embedding(*plotting.basis_coords(adata, "X_umap")[:1], pd.DataFrame({"v": np.arange(20.0)}), "v",
                              basis_name="UMAP")
     assert fig.axes[0].get_xlabel() == "UMAP1"
+
+
+# ----- the pl subpackage: scanpy-style calls, one-way imports, the plotting alias ----------------
+def test_plotting_is_the_pl_subpackage_under_its_earlier_name():
+    assert plotting.__all__ == pl.__all__
+    for name in pl.__all__:
+        assert getattr(plotting, name) is getattr(pl, name), name
+
+
+def test_pl_modules_import_one_way_and_never_the_plotting_alias():
+    import ast
+    import pathlib
+    import subprocess
+    import sys
+
+    folder = pathlib.Path(pl.__file__).parent
+    allowed = {"_base": set(), "_embedding": {"_base"}, "_de": {"_base", "_embedding"},
+               "_da": {"_base"}, "_explore": {"_base", "_embedding"}}
+    assert {p.stem for p in folder.glob("_*.py")} - {"__init__"} == set(allowed)
+    for path in (folder / f"{name}.py" for name in allowed):
+        siblings = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+                siblings.add(node.module)
+            if isinstance(node, ast.ImportFrom) and node.level == 2:
+                assert node.module is None or "plotting" not in node.module, path.name
+                assert all(alias.name != "plotting" for alias in node.names), path.name
+        assert siblings <= allowed[path.stem], (path.name, siblings)
+    code = "import sys, mrvi_pyro.pl; assert 'mrvi_pyro.plotting' not in sys.modules; print('ok')"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def cells() -> anndata.AnnData:
+    """60 cells of two types with a UMAP-like 2-d embedding and a 5-d latent."""
+    rng = np.random.default_rng(6)
+    adata = anndata.AnnData(np.zeros((60, 3), dtype=np.float32))
+    adata.obs["cell_type"] = pd.Categorical(np.repeat(["A", "B"], 30))
+    adata.obs["score"] = rng.normal(size=60)
+    adata.obsm["X_umap"] = rng.normal(size=(60, 2))
+    adata.obsm["X_mrvi_u"] = rng.normal(size=(60, 5))
+    return adata
+
+
+def test_embedding_takes_adata_basis_color_ax_and_show(monkeypatch):
+    adata = cells()
+    fig = pl.embedding(adata, "X_umap", color=["cell_type", "score"])
+    assert [ax.get_xlabel() for ax in fig.axes[:2]] == ["UMAP1", "UMAP1"]
+    drawn = fig.axes[0].collections[0].get_offsets()
+    np.testing.assert_allclose(np.sort(drawn[:, 0]), np.sort(adata.obsm["X_umap"][:, 0]))
+    earlier = plotting.embedding(adata.obsm["X_umap"], adata.obs, ["cell_type", "score"], basis_name="UMAP")
+    np.testing.assert_array_equal(earlier.axes[0].collections[0].get_offsets(), drawn)  # same cells, same order
+    projected = pl.embedding(adata, color="score", latent=adata.obsm["X_mrvi_u"])
+    np.testing.assert_allclose(np.sort(projected.axes[0].collections[0].get_offsets()[:, 0]),
+                               np.sort(pl.pca_2d(adata.obsm["X_mrvi_u"])[:, 0]))
+    own_fig, ax = plt.subplots()
+    assert pl.embedding(adata, "X_umap", color="cell_type", ax=ax) is own_fig
+    assert len(ax.collections) == 1 and ax.get_title() == "cell_type"
+    with pytest.raises(ValueError, match="ax= holds one panel, but color names 2 columns"):
+        pl.embedding(adata, "X_umap", color=["cell_type", "score"], ax=ax)
+    with pytest.raises(ValueError, match="basis= and latent= select coordinates of an AnnData"):
+        pl.embedding(adata.obsm["X_umap"], "X_umap", color="cell_type")
+    with pytest.raises(ValueError, match="'tissue'.*not in obs"):
+        pl.embedding(adata, "X_umap", color="tissue")
+    shown = []
+    monkeypatch.setattr(plt, "show", lambda: shown.append(True))
+    assert pl.embedding(adata, "X_umap", color="cell_type", show=True) is None and shown == [True]
+    assert pl.embedding(adata, "X_umap", show=False).axes[0].get_xlabel() == "UMAP1"  # no color: one grey panel
+
+
+def test_result_figures_draw_on_an_adata_basis_or_into_an_axes():
+    adata = cells()
+    n = adata.n_obs
+    de = xr.Dataset({"effect_size": (("cell_name", "covariate"), np.linspace(0, 3, n)[:, None]),
+                     "padj": (("cell_name", "covariate"), np.full((n, 1), 0.01))}, coords={"covariate": ["disease"]})
+    fig = pl.effect_size_embedding(de, adata, basis="X_umap", color="cell_type")
+    assert [ax.get_xlabel() for ax in fig.axes if ax.get_xlabel()] == ["UMAP1"] * 3
+    with pytest.raises(ValueError, match="DE result has 60 cells but 10 are drawn"):
+        pl.effect_size_embedding(de, adata[:10], basis="X_umap")
+    summary = xr.Dataset({"log_ratio": ("cell_name", np.linspace(-2, 2, n))}, attrs={"group1": "d", "group2": "h"})
+    fig = pl.log_ratio_summary(summary, adata, groupby="cell_type", basis="X_umap")
+    assert fig.axes[0].get_xlabel() == "UMAP1" and [t.get_text() for t in fig.axes[1].get_xticklabels()] == ["A", "B"]
+    with pytest.raises(ValueError, match="groupby 'tissue' is not a column of obs"):
+        pl.log_ratio_summary(summary, adata, groupby="tissue", basis="X_umap")
+    by_group = pl.log_ratio_by_group(summary, adata, groupby="cell_type")
+    assert [t.get_text() for t in by_group.axes[0].get_xticklabels()] == ["A", "B"]
+    fig, (left, right) = plt.subplots(1, 2)
+    assert pl.log_ratio_embedding(summary["log_ratio"], adata, basis="X_umap", ax=left) is fig
+    assert pl.local_distance_embedding(adata, np.arange(n, dtype=float), basis="X_umap", ax=right) is fig
+    assert right.get_title() == "mean local sample distance" and len(fig.axes) == 4  # two panels, two colour bars
+    table = de_table()
+    fig, ax = plt.subplots()
+    assert pl.volcano(table, groups=["affected"], ax=ax) is fig and ax.get_title() == "Volcano: disease, affected"
+    with pytest.raises(ValueError, match="ax= holds one panel, but 2 groups"):
+        pl.volcano(table, ax=ax)
+    fig, ax = plt.subplots()
+    assert pl.top_genes_heatmap(table, n_genes=2, ax=ax) is fig and len(ax.get_images()) == 1
+
+
+def test_training_history_reads_a_model_or_its_history():
+    history = pd.DataFrame({"elbo_train": [3.0, 2.0, 1.5], "elbo_validation": [3.1, 2.2, 1.9]})
+
+    class Trained:
+        pass
+
+    model = Trained()
+    model.history = history
+    ax = pl.training_history(model).axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["train", "validation"]
+    np.testing.assert_array_equal(ax.lines[1].get_ydata(), [3.1, 2.2, 1.9])
+    model.history = None
+    with pytest.raises(ValueError, match="an untrained model has no history"):
+        pl.training_history(model)
+
+
+def test_every_figure_function_follows_the_pl_conventions():
+    import inspect
+
+    helpers = {"P_VALUE_FLOOR", "basis_coords", "pca_2d", "da_log_ratio"}
+    first = {"adata", "de", "summary", "distances", "log_ratio", "history"}
+    single_panel = {"embedding", "training_history", "top_genes_heatmap", "volcano", "log_ratio_embedding",
+                    "log_ratio_by_group", "local_distance_embedding"}
+    for name in sorted(set(pl.__all__) - helpers):
+        function = getattr(pl, name)
+        parameters = inspect.signature(function).parameters
+        assert function.__doc__ and "show" in function.__doc__, name
+        assert next(iter(parameters)) in first, name  # the AnnData or the result first
+        assert parameters["show"].kind is inspect.Parameter.KEYWORD_ONLY and parameters["show"].default is None, name
+        assert ("ax" in parameters) == (name in single_panel), name

@@ -11,6 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 from scipy import sparse
 
 import mrvi_pyro
@@ -151,6 +153,7 @@ def test_3_a_kill_during_save_leaves_the_previous_model(tmp_path, moment="inside
 def test_3_an_interrupted_fit_leaves_the_previous_run(fitted_run, tmp_path, monkeypatch, capsys):
     data, run = _copy_run(fitted_run, tmp_path)
     before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    outputs = {name: value for name, value in before.items() if name.parts[0] != "checkpoint"}
 
     def save_model_then_stop(self, *args, **kwargs):
         original_save(self, *args, **kwargs)  # model.json written, fit.json not yet
@@ -159,8 +162,12 @@ def test_3_an_interrupted_fit_leaves_the_previous_run(fitted_run, tmp_path, monk
     original_save = MRVI.save
     monkeypatch.setattr(MRVI, "save", save_model_then_stop)
     assert _fit(data, run, "--overwrite", "--seed", "4") == 130  # item 14: Ctrl-C
-    assert "interrupted; nothing partial was saved" in capsys.readouterr().err
-    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    err = capsys.readouterr().err
+    assert "earlier outputs in" in err and err.rstrip().endswith("--overwrite --seed 4 --resume")
+    after = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert {name: value for name, value in after.items() if name.parts[0] != "checkpoint"} == outputs
+    # the checkpoint is now the interrupted fit's (seed 4), ready for --resume
+    assert json.loads((run / "checkpoint" / "checkpoint.json").read_text())["identity"]["training"]["seed"] == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no staging left
 
 
@@ -351,61 +358,101 @@ def test_16_hostile_or_damaged_metadata_gives_one_line_errors(tmp_path, tiny_mod
 
 
 # ----- random inputs --------------------------------------------------------------------------
-def _variant(rng, kind):
-    n_cells, n_genes = 40, 8
-    x = rng.poisson(3.0, size=(n_cells, n_genes)).astype(rng.choice([np.float32, np.float64, np.int32, np.int64]))
-    x[:, 0] += 1  # no empty cells unless planted
-    obs = pd.DataFrame({"sample": rng.choice(["a", "b", "c"], n_cells)}, index=[f"c{i}" for i in range(n_cells)])
-    if kind == "nan":
-        x = x.astype(np.float32)
-        x[rng.integers(n_cells), rng.integers(n_genes)] = np.nan
-    elif kind == "negative":
-        x[rng.integers(n_cells), rng.integers(n_genes)] = -1
-    elif kind == "fraction":
-        x = x.astype(np.float64) + 0.5
-    elif kind == "empty_cell":
-        x[rng.integers(n_cells)] = 0
-    elif kind == "categories":
-        obs["sample"] = pd.Categorical(obs["sample"], categories=["c", "b", "a", "unused"])
-    elif kind == "one_sample":
-        obs["sample"] = "a"
-    elif kind == "missing_sample":
-        obs["sample"] = obs["sample"].astype(object)
-        obs.iloc[0, 0] = None
-    elif kind == "mixed_types":
-        obs["sample"] = pd.Series([[1, "1", 2][i] for i in rng.integers(0, 3, n_cells)], index=obs.index, dtype=object)
-    elif kind == "integer_ids":
-        obs["sample"] = rng.choice([10, 20, 30], n_cells)
-    fmt = rng.choice(["dense", "csr", "csc"])
-    matrix = x if fmt == "dense" else getattr(sparse, f"{fmt}_matrix")(x)
+DEFECTS = ("nan", "inf", "negative", "fraction", "empty_cell")
+SAMPLE_COLUMNS = {"text": True, "unused_categories": True, "integer_ids": True, "mixed_types_distinct": True,
+                  "mixed_types_clash": False, "missing": False, "one_level": False}
+BATCH_COLUMNS = {"none": True, "text": True, "unused_categories": True, "one_level": True, "missing": False,
+                 "mixed_types_clash": False}
+"""Kinds of obs column, and whether MrVI must accept them (one sample is too few; a batch is fine)."""
+
+VARIANTS = st.fixed_dictionaries({
+    "n_cells": st.integers(8, 40), "n_genes": st.integers(2, 8),
+    "dtype": st.sampled_from(["int32", "int64", "float32", "float64"]), "format": st.sampled_from(["dense", "csr", "csc"]),
+    "defects": st.one_of(st.just(frozenset()), st.frozensets(st.sampled_from(DEFECTS), min_size=1, max_size=2)),
+    "zero_genes": st.integers(0, 2), "sample": st.sampled_from(sorted(SAMPLE_COLUMNS)),
+    "batch": st.sampled_from(sorted(BATCH_COLUMNS)), "seed": st.integers(0, 2**16),
+})
+
+
+def _obs_column(kind, n_cells, rng, levels):
+    values = np.array([levels[i % 3] for i in range(n_cells)], dtype=object)[rng.permutation(n_cells)]
+    if kind == "unused_categories":
+        return pd.Categorical(values, categories=[*levels[::-1], "unused"])
+    if kind == "integer_ids":
+        return np.array([10 * (levels.index(v) + 1) for v in values])
+    if kind == "mixed_types_distinct":  # 1 and "2": two types, but two different texts
+        return np.array([1 if v == levels[0] else "2" for v in values], dtype=object)
+    if kind == "mixed_types_clash":  # 1 and "1" read the same as text
+        return np.array([1, "1", *values[2:]], dtype=object)
+    if kind == "missing":
+        values[-1] = None
+    if kind == "one_level":
+        values[:] = levels[0]
+    return values
+
+
+def _anndata_variant(spec):
+    """An AnnData built from ``spec`` (a draw of ``VARIANTS``), deterministic in it."""
     import anndata
 
+    n_cells, n_genes, rng = spec["n_cells"], spec["n_genes"], np.random.default_rng(spec["seed"])
+    x = rng.poisson(2.0, size=(n_cells, n_genes)).astype(np.float64)
+    x[:, 0] += 1  # no empty cell unless planted
+    x[:, 1 : 1 + spec["zero_genes"]] = 0  # all-zero genes (gene 0 keeps every cell non-empty)
+    for row, defect in enumerate(sorted(spec["defects"])):  # one defect per row, the last row left for empty_cell
+        if defect == "empty_cell":
+            x[-1] = 0
+        else:
+            x[row, 0] = {"nan": np.nan, "inf": np.inf, "negative": -1.0, "fraction": 2.5}[defect]
+    dtype = spec["dtype"]
+    if dtype.startswith("int") and spec["defects"] & {"nan", "inf", "fraction"}:
+        dtype = "float64"  # these values need a float matrix
+    x = x.astype(dtype)
+    matrix = x if spec["format"] == "dense" else getattr(sparse, f"{spec['format']}_matrix")(x)
+    obs = pd.DataFrame({"sample": _obs_column(spec["sample"], n_cells, rng, ["s1", "s2", "s3"])},
+                       index=[f"c{i}" for i in range(n_cells)])
+    if spec["batch"] != "none":
+        obs["batch"] = _obs_column(spec["batch"], n_cells, rng, ["b1", "b2", "b3"])
     return anndata.AnnData(matrix, obs=obs)
 
 
-def test_random_inputs_give_a_clear_error_or_a_finite_result_and_are_never_modified():
-    """Property test over seeded random variants (hypothesis would draw them; it is not a dependency)."""
-    rng = np.random.default_rng(11)
-    kinds = ["valid", "nan", "negative", "fraction", "empty_cell", "categories", "one_sample", "missing_sample",
-             "mixed_types", "integer_ids"]
-    outcomes = {}
-    for kind in kinds:
-        adata = _variant(rng, kind)
-        x_before = adata.X.copy()
-        obs_before = adata.obs.copy()
-        try:
-            MRVI.setup_anndata(adata, sample_key="sample")
-            model = MRVI(adata, n_latent=3, n_latent_u=2, encoder_n_hidden=8, seed=0)
-            model.train(max_epochs=1, batch_size=16, progress_bar=False)
-            assert np.isfinite(model.history.to_numpy()).all()
-            assert np.isfinite(model.get_latent_representation()).all()
-            outcomes.setdefault(kind, set()).add("ok")
-        except (ValueError, TypeError) as err:
-            assert len(str(err).splitlines()) == 1 and "adata" in str(err), (kind, err)
-            outcomes.setdefault(kind, set()).add("refused")
-        dense = [m.toarray() if sparse.issparse(m) else m for m in (x_before, adata.X)]
-        assert dense[0].dtype == dense[1].dtype and type(x_before) is type(adata.X), kind
-        np.testing.assert_array_equal(dense[0], dense[1])
-        pd.testing.assert_frame_equal(adata.obs, obs_before)
-    assert {k for k, v in outcomes.items() if v == {"ok"}} == {"valid", "categories", "integer_ids"}
-    assert {k for k, v in outcomes.items() if v == {"refused"}} == set(kinds) - {"valid", "categories", "integer_ids"}
+def _examples(test):
+    """Every defect and column kind once, beside the random draws."""
+    base = {"n_cells": 12, "n_genes": 4, "dtype": "float32", "format": "csr", "defects": frozenset(),
+            "zero_genes": 1, "sample": "text", "batch": "text", "seed": 0}
+    variants = [base, {**base, "dtype": "int64", "format": "dense"}, {**base, "format": "csc", "zero_genes": 2}]
+    variants += [{**base, "defects": frozenset([d])} for d in DEFECTS]
+    variants += [{**base, "sample": kind} for kind in SAMPLE_COLUMNS]
+    variants += [{**base, "batch": kind} for kind in BATCH_COLUMNS]
+    for spec in variants:
+        test = example(spec=spec)(test)
+    return test
+
+
+@_examples
+@settings(max_examples=25, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(spec=VARIANTS)
+def test_random_inputs_give_a_clear_error_or_a_finite_result_and_are_never_modified(spec):
+    """Property: setup + one epoch of training either refuses the input with a one-line
+    ValueError/TypeError naming adata (exactly when it has a defect or an unusable obs column) or
+    gives finite results; the input AnnData's X and obs are never modified."""
+    adata = _anndata_variant(spec)
+    x_before, obs_before, var_before = adata.X.copy(), adata.obs.copy(), adata.var.copy()
+    valid = not spec["defects"] and SAMPLE_COLUMNS[spec["sample"]] and BATCH_COLUMNS[spec["batch"]]
+    try:
+        MRVI.setup_anndata(adata, sample_key="sample", batch_key=None if spec["batch"] == "none" else "batch")
+        model = MRVI(adata, n_latent=3, n_latent_u=2, encoder_n_hidden=8, seed=0)
+        model.train(max_epochs=1, batch_size=8, progress_bar=False)
+        assert np.isfinite(model.history.to_numpy()).all()
+        assert np.isfinite(model.get_latent_representation()).all()
+        refused = None
+    except (ValueError, TypeError) as err:
+        refused = err
+        assert len(str(err).splitlines()) == 1 and "adata" in str(err), err
+    assert (refused is None) == valid, (spec, refused)
+    assert type(adata.X) is type(x_before) and adata.X.dtype == x_before.dtype
+    dense = [m.toarray() if sparse.issparse(m) else m for m in (x_before, adata.X)]
+    np.testing.assert_array_equal(dense[1], dense[0])  # NaNs compare equal here
+    pd.testing.assert_frame_equal(adata.obs, obs_before)
+    pd.testing.assert_frame_equal(adata.var, var_before)

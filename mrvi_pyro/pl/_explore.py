@@ -1,4 +1,5 @@
-"""Figures of the exploratory analysis. Each function reads documented outputs and returns the figure.
+"""Figures of the exploratory analysis. Each function reads documented outputs and returns the figure
+(``show=True`` displays it instead).
 
 - :func:`sample_distance_heatmap`: a group's sample x sample distance matrix, reordered by a
   hierarchical clustering (optimal leaf ordering), with its dendrogram and colour bars for
@@ -14,7 +15,9 @@ import numpy as np
 import pandas as pd
 from matplotlib.patches import Patch
 
-from . import explore
+from .. import explore
+from ._base import cell_coords, finish
+from ._embedding import embedding
 
 
 def _square_matrix(distances, group):
@@ -78,6 +81,7 @@ def sample_distance_heatmap(
     vmax: str | float = "shared",
     title: str | None = None,
     figsize: tuple[float, float] | None = None,
+    show: bool | None = None,
 ):
     """Clustered heatmap of a sample x sample distance matrix with its dendrogram.
 
@@ -105,11 +109,13 @@ def sample_distance_heatmap(
         are comparable (a group without sample structure looks pale, not as structured as one
         with it); ``"group"``: this group's own largest distance; or a number.
     cmap, title, figsize
-        Appearance.
+        Appearance (a whole figure: dendrogram, colour bars and heatmap; no ``ax``).
+    show
+        True: display the figure and return None.
 
     Returns
     -------
-    matplotlib.figure.Figure
+    matplotlib.figure.Figure, or None with ``show=True``.
     """
     from scipy.cluster.hierarchy import dendrogram
 
@@ -164,38 +170,46 @@ def sample_distance_heatmap(
     if handles:
         fig.legend(handles=handles, loc="upper right", fontsize=7, frameon=False)
     fig.suptitle(title or (f"Local sample distances: {group_name}" if group_name else "Local sample distances"))
-    return fig
+    return finish(fig, show)
 
 
 def local_distance_embedding(
-    coords: np.ndarray,
+    adata,
     distances,
     *,
+    basis: str | None = None,
+    latent: np.ndarray | None = None,
     stat: str = "mean",
     title: str | None = None,
     point_size: float = 4.0,
-    basis_name: str = "PC",
+    basis_name: str | None = None,
+    ax=None,
+    show: bool | None = None,
 ):
     """A 2-d embedding of cells coloured by a per-cell summary of their local sample distances.
 
     Parameters
     ----------
-    coords
-        (n_cells, 2) coordinates (e.g. :func:`mrvi_pyro.plotting.pca_2d` of ``u``).
+    adata
+        The cells: an AnnData (drawn on ``obsm[basis]`` or the PCA of ``latent``) or their
+        (n_cells, 2) coordinates (e.g. :func:`mrvi_pyro.pl.pca_2d` of ``u``).
     distances
         The Dataset of ``get_local_sample_distances(keep_cell=True)``, its ``"cell"`` DataArray
         (in memory or lazily on disk; read in blocks), or a precomputed (n_cells,) summary.
+    basis, latent
+        Where to draw the cells of an AnnData (see :func:`mrvi_pyro.pl.basis_coords`).
     stat
         ``"mean"`` (average distance between two different samples) or ``"max"``.
-    title, point_size, basis_name
-        Appearance.
+    title, point_size, basis_name, ax
+        Appearance; ``ax``: Axes to draw into (default: a new figure).
+    show
+        True: display the figure and return None.
 
     Returns
     -------
-    matplotlib.figure.Figure
+    matplotlib.figure.Figure, or None with ``show=True``.
     """
-    from .plotting import embedding
-
+    coords, _, axis_name = cell_coords(adata, basis, latent, basis_name)
     if hasattr(distances, "data_vars"):
         if "cell" not in distances:
             raise ValueError("The distances Dataset has no 'cell' variable; compute it with keep_cell=True.")
@@ -207,5 +221,5 @@ def local_distance_embedding(
     if len(summary) != len(coords):
         raise ValueError(f"coords has {len(coords)} cells but the distances have {len(summary)}.")
     label = f"{stat} local sample distance"
-    return embedding(np.asarray(coords), pd.DataFrame({label: summary}), label, title=title,
-                     point_size=point_size, basis_name=basis_name)
+    return embedding(coords, obs=pd.DataFrame({label: summary}), color=label, title=title, point_size=point_size,
+                     basis_name=axis_name, ax=ax, show=show)

@@ -1,15 +1,18 @@
 """Figures of differential expression. Each function reads documented outputs (the Dataset of
 :meth:`mrvi_pyro.MRVI.differential_expression` or the table of
-:meth:`mrvi_pyro.MRVI.differential_expression_summary`) and returns the matplotlib figure."""
+:meth:`mrvi_pyro.MRVI.differential_expression_summary`) and returns the matplotlib figure
+(``show=True`` displays it instead)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from .plotting import embedding, plt
+from ._base import axes_or_new, cell_coords, finish
+from ._embedding import embedding
 
 
 P_VALUE_FLOOR = 1e-7
@@ -26,8 +29,10 @@ def _pick_covariate(values: Sequence[str], covariate: str | None) -> str:
     return covariate
 
 
-def effect_size_embedding(de, coords: np.ndarray, covariate: str | None = None, *, obs: pd.DataFrame | None = None,
-                          color: str | Sequence[str] | None = None, point_size: float = 4.0, basis_name: str = "PC"):
+def effect_size_embedding(de, adata, covariate: str | None = None, *, basis: str | None = None,
+                          latent: np.ndarray | None = None, obs: pd.DataFrame | None = None,
+                          color: str | Sequence[str] | None = None, point_size: float = 4.0,
+                          basis_name: str | None = None, show: bool | None = None):
     """Per-cell effect size and significance of one covariate on a 2-d embedding.
 
     Panels: ``log10(1 + effect_size)``, ``-log10(padj)``, then the ``obs`` columns ``color``
@@ -39,19 +44,28 @@ def effect_size_embedding(de, coords: np.ndarray, covariate: str | None = None, 
     ----------
     de
         Result of ``differential_expression`` (needs ``effect_size`` and ``padj``).
-    coords
-        (n_cells, 2) embedding of the same cells (e.g. ``pca_2d`` of the latent u).
+    adata
+        The same cells: an AnnData (drawn on ``obsm[basis]`` or the PCA of ``latent``; ``color``
+        columns from its ``obs``), or their (n_cells, 2) coordinates (then ``color`` columns
+        come from ``obs``).
     covariate
         Covariate column (default: the first).
+    basis, latent
+        Where to draw the cells of an AnnData (see :func:`mrvi_pyro.pl.basis_coords`).
     obs, color
-        Extra panels coloured by these obs columns (``obs`` rows aligned with the cells).
+        Extra panels coloured by these obs columns.
     point_size, basis_name
-        Appearance (``basis_name`` names the axes, e.g. the second value of
-        :func:`mrvi_pyro.plotting.basis_coords`).
+        Appearance (``basis_name`` names the axes when ``adata`` is an array of coordinates).
+    show
+        True: display the figure and return None.
     """
+    coords, cell_obs, axis_name = cell_coords(adata, basis, latent, basis_name)
+    obs = cell_obs if obs is None else obs
     covariate = _pick_covariate(de["covariate"].values, covariate)
     effect = np.asarray(de["effect_size"].sel(covariate=covariate).values, dtype=float)
     padj = np.asarray(de["padj"].sel(covariate=covariate).values, dtype=float)
+    if len(effect) != len(coords):
+        raise ValueError(f"The DE result has {len(effect)} cells but {len(coords)} are drawn; pass the same cells.")
     table = pd.DataFrame({
         f"log10(1 + effect size) {covariate}": np.log10(1 + effect),
         f"-log10 padj (clipped at {P_VALUE_FLOOR:g})": -np.log10(np.clip(padj, P_VALUE_FLOOR, 1)),
@@ -60,18 +74,18 @@ def effect_size_embedding(de, coords: np.ndarray, covariate: str | None = None, 
     if color is not None:
         extra = [color] if isinstance(color, str) else list(color)
         if obs is None:
-            raise ValueError("Pass obs= (aligned with the cells) to colour by obs columns.")
+            raise ValueError("Pass an AnnData as adata (or obs= aligned with the cells) to colour by obs columns.")
         for key in extra:
             if key not in obs:
                 raise ValueError(f"color key {key!r} not in obs (columns: {list(obs.columns)}).")
             table[key] = obs[key].to_numpy()
             keys.append(key)
-    return embedding(np.asarray(coords), table, keys, title=f"Differential expression: {covariate}",
-                     point_size=point_size, basis_name=basis_name)
+    return embedding(coords, obs=table, color=keys, title=f"Differential expression: {covariate}",
+                     point_size=point_size, basis_name=axis_name, show=show)
 
 
 def top_genes_heatmap(summary: pd.DataFrame, covariate: str | None = None, *, n_genes: int = 5,
-                      value: str = "lfc_mean"):
+                      value: str = "lfc_mean", ax=None, show: bool | None = None):
     """Heatmap of the mean LFC of each group's top genes (rows: genes, columns: groups).
 
     Parameters
@@ -86,6 +100,8 @@ def top_genes_heatmap(summary: pd.DataFrame, covariate: str | None = None, *, n_
         which they rank best.
     value
         Column shown (default ``lfc_mean``).
+    ax, show
+        Axes to draw into (default: a new figure); True displays the figure and returns None.
     """
     if "gene" not in summary:
         raise ValueError("summary has no gene columns: run differential_expression with store_lfc=True.")
@@ -97,14 +113,14 @@ def top_genes_heatmap(summary: pd.DataFrame, covariate: str | None = None, *, n_
     matrix = table.pivot_table(index="gene", columns="group", values=value, observed=False).reindex(
         index=genes, columns=groups)
     limit = float(np.nanmax(np.abs(matrix.to_numpy()))) if matrix.size else 1.0
-    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * len(groups), 1.0 + 0.28 * len(genes)))
+    fig, ax = axes_or_new(ax, (1.2 + 0.7 * len(groups), 1.0 + 0.28 * len(genes)))
     image = ax.imshow(matrix.to_numpy(), cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
     ax.set_xticks(range(len(groups)), [str(g) for g in groups], rotation=45, ha="right")
     ax.set_yticks(range(len(genes)), genes, fontsize=7)
     fig.colorbar(image, ax=ax, shrink=0.8, label=f"{value} (log2)")
     ax.set_title(f"Top {n_genes} genes per group: {covariate}")
     fig.tight_layout()
-    return fig
+    return finish(fig, show)
 
 
 def _significance(part: pd.DataFrame, y: str) -> tuple[np.ndarray, str]:
@@ -139,7 +155,8 @@ def _place_labels(ax, points: pd.DataFrame, x: str, y: str, limit: int) -> list:
 
 
 def volcano(summary: pd.DataFrame, covariate: str | None = None, *, groups: Sequence | None = None,
-            highlight: Sequence[str] | None = None, n_label: int = 10, x: str = "lfc_mean", y: str = "pde_mean"):
+            highlight: Sequence[str] | None = None, n_label: int = 10, x: str = "lfc_mean", y: str = "pde_mean",
+            ax=None, show: bool | None = None):
     """Volcano plot per group: mean LFC against a significance measure on a -log10 scale.
 
     The panels share both axes, so a group whose genes barely move looks flat next to one whose
@@ -168,6 +185,10 @@ def volcano(summary: pd.DataFrame, covariate: str | None = None, *, groups: Sequ
         drawn as ``-log10``. Values below ``P_VALUE_FLOOR`` (1e-7, the accuracy of the p-value
         computation; for ``pde_mean``, below the smallest nonzero value in the table, the
         resolution of the posterior draws) are drawn at that floor as triangles.
+    ax
+        Axes to draw into when one group is drawn (default: a new figure).
+    show
+        True: display the figure and return None.
     """
     if "gene" not in summary:
         raise ValueError("summary has no gene columns: run differential_expression with store_lfc=True.")
@@ -185,33 +206,41 @@ def volcano(summary: pd.DataFrame, covariate: str | None = None, *, groups: Sequ
     table["_y"] = -np.log10(np.clip(error, floor, 1.0))
     names = list(pd.unique(table["group"])) if groups is None else list(groups)
     marked = set() if highlight is None else {str(g) for g in highlight}
-    fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.4), squeeze=False, sharex=True, sharey=True)
-    for ax, name in zip(axes[0], names):
+    own_figure = ax is None
+    if not own_figure:
+        if len(names) != 1:
+            raise ValueError(f"ax= holds one panel, but {len(names)} groups are drawn; pass groups=[one] or no ax.")
+        fig, axes = ax.figure, np.array([[ax]])
+    else:
+        fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.4), squeeze=False, sharex=True,
+                                 sharey=True)
+    for panel, name in zip(axes[0], names):
         part = table[table["group"] == name]
         hit = part["gene"].isin(marked).to_numpy()
         saturated = part["_saturated"].to_numpy()
         for mask, colour, size, tag in ((~hit, "0.6", 6, "other"), (hit, "tab:red", 10, "highlighted")):
-            ax.scatter(part[x][mask & ~saturated], part["_y"][mask & ~saturated], s=size, color=colour, label=tag)
+            panel.scatter(part[x][mask & ~saturated], part["_y"][mask & ~saturated], s=size, color=colour, label=tag)
             if (mask & saturated).any():
-                ax.scatter(part[x][mask & saturated], part["_y"][mask & saturated], s=size + 6, color=colour,
-                           marker="^", label=f"{tag}, at floor")
-        ax.axvline(0, color="0.8", lw=0.8)
-        ax.set_title(str(name))
-        ax.set_xlabel(f"{x} (log2)")
+                panel.scatter(part[x][mask & saturated], part["_y"][mask & saturated], s=size + 6, color=colour,
+                              marker="^", label=f"{tag}, at floor")
+        panel.axvline(0, color="0.8", lw=0.8)
+        panel.set_title(str(name) if own_figure else f"Volcano: {covariate}, {name}")
+        panel.set_xlabel(f"{x} (log2)")
     span = float(np.nanmax(np.abs(table[x].to_numpy(dtype=float)))) if len(table) else 1.0
     axes[0, 0].set_xlim(-1.05 * (span or 1.0), 1.05 * (span or 1.0))
     axes[0, 0].set_ylim(0, 1.08 * max(float(table["_y"].max()), 1.0))
     axes[0, 0].set_ylabel(label)
-    fig.suptitle(f"Volcano: {covariate}")
+    if own_figure:
+        fig.suptitle(f"Volcano: {covariate}")
     fig.tight_layout()
-    for ax, name in zip(axes[0], names):
+    for panel, name in zip(axes[0], names):
         part = table[table["group"] == name]
         ranked = part.sort_values("rank") if "rank" in part else part
-        _place_labels(ax, ranked, x, "_y", n_label)
+        _place_labels(panel, ranked, x, "_y", n_label)
     if marked or table["_saturated"].any():
         unique = {}
-        for ax in axes[0]:
-            handles, tags = ax.get_legend_handles_labels()
+        for panel in axes[0]:
+            handles, tags = panel.get_legend_handles_labels()
             unique.update({t: h for t, h in zip(tags, handles) if t not in unique})
         axes[0, 0].legend(unique.values(), unique.keys(), frameon=False, fontsize=7)
-    return fig
+    return finish(fig, show)

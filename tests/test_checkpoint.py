@@ -1,0 +1,291 @@
+"""Checkpoints: a resumed run ends where an uninterrupted one does (in process, after SIGKILL,
+after a kill inside a checkpoint write, through the command line); foreign or mismatched
+checkpoints are refused and left as they were."""
+
+import json
+import os
+import pickle
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import mrvi_pyro
+from mrvi_pyro import MRVI
+from mrvi_pyro.cli import main
+
+TRAIN = dict(batch_size=32, progress_bar=False, n_epochs_kl_warmup=3)
+_SOURCE = str(Path(mrvi_pyro.__file__).resolve().parents[1])
+_ENV = {**os.environ, "PYTHONPATH": _SOURCE, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def _data(seed=1, n_cells=150):
+    adata = mrvi_pyro.datasets.simulate(n_cells=n_cells, n_genes=20, n_samples=4, seed=seed, n_de_genes=4,
+                                        n_group_genes=4)
+    MRVI.setup_anndata(adata, sample_key="sample", batch_key="batch")
+    return adata
+
+
+def _model(adata, **kwargs):
+    return MRVI(adata, **{"n_latent": 4, "n_latent_u": 2, "encoder_n_hidden": 16, "seed": 0, **kwargs})
+
+
+def _assert_same_run(model, reference):
+    state, expected = model.module.state_dict(), reference.module.state_dict()
+    assert state.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(state[key], value, rtol=0, atol=1e-5, msg=key)
+    pd.testing.assert_frame_equal(model.history.drop(columns="seconds"), reference.history.drop(columns="seconds"))
+
+
+def _files(path):
+    return {p.relative_to(path): p.read_bytes() for p in Path(path).rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def adata():
+    return _data()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(adata):
+    """Six epochs without a checkpoint: what every resumed run must end with."""
+    model = _model(adata)
+    model.train(max_epochs=6, **TRAIN)
+    return model
+
+
+# ----- resuming -------------------------------------------------------------------------------
+def test_resume_in_process_equals_the_uninterrupted_run(adata, uninterrupted, tmp_path):
+    """The optimiser is torch's per-tensor Adam: its state (moments and step counts of every
+    parameter tensor) is saved and restored, so the resumed run is the uninterrupted one."""
+    reference = uninterrupted
+    first = _model(adata)
+    first.train(max_epochs=3, checkpoint_dir=tmp_path / "ck", **TRAIN)
+    assert json.loads((tmp_path / "ck" / "checkpoint.json").read_text())["epoch"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # no temporary siblings left
+    resumed = _model(adata, seed=5)  # other initial weights: the checkpoint's replace them
+    result = resumed.train(max_epochs=6, checkpoint_dir=tmp_path / "ck", **TRAIN)
+    _assert_same_run(resumed, reference)
+    assert list(result.history.index) == list(range(6))
+    np.testing.assert_array_equal(result.train_indices, reference.training_result.train_indices)
+    np.testing.assert_array_equal(result.validation_indices, reference.training_result.validation_indices)
+    # the same model object can go on too, and asking for what is done trains nothing
+    first.train(max_epochs=6, checkpoint_dir=tmp_path / "ck", **TRAIN)
+    _assert_same_run(first, reference)
+
+
+def test_a_checkpointed_run_equals_one_without_checkpoints(adata, uninterrupted, tmp_path):
+    model = _model(adata)
+    model.train(max_epochs=6, checkpoint_dir=tmp_path / "ck", **TRAIN)
+    _assert_same_run(model, uninterrupted)
+    for key, value in uninterrupted.module.state_dict().items():  # bit for bit
+        assert torch.equal(model.module.state_dict()[key], value), key
+
+
+def test_resume_leaves_the_global_random_state_alone(adata, tmp_path):
+    _model(adata).train(max_epochs=2, checkpoint_dir=tmp_path / "ck", **TRAIN)
+    np.random.seed(7)
+    torch.manual_seed(7)
+    numpy_before, torch_before = np.random.get_state()[1].copy(), torch.get_rng_state()
+    _model(adata).train(max_epochs=3, checkpoint_dir=tmp_path / "ck", **TRAIN)
+    np.testing.assert_array_equal(np.random.get_state()[1], numpy_before)
+    assert torch.equal(torch.get_rng_state(), torch_before)
+
+
+def test_an_early_stop_is_kept_on_resume(adata, tmp_path):
+    options = dict(TRAIN, early_stopping=True, early_stopping_patience=1, early_stopping_min_delta=1e6)
+    model = _model(adata)
+    model.train(max_epochs=10, checkpoint_dir=tmp_path / "ck", **options)
+    assert model.training_result.stopped_early and len(model.history) == 2
+    again = _model(adata, seed=5)
+    result = again.train(max_epochs=10, checkpoint_dir=tmp_path / "ck", **options)
+    assert result.stopped_early
+    _assert_same_run(again, model)
+
+
+_KILLED_RUN = """
+import os, signal, sys, torch
+import mrvi_pyro
+from mrvi_pyro import MRVI, checkpoint
+directory, mode = sys.argv[1], sys.argv[2]
+adata = mrvi_pyro.datasets.simulate(n_cells=150, n_genes=20, n_samples=4, seed=1, n_de_genes=4, n_group_genes=4)
+MRVI.setup_anndata(adata, sample_key="sample", batch_key="batch")
+model = MRVI(adata, n_latent=4, n_latent_u=2, encoder_n_hidden=16, seed=0)
+if mode == "inside_write":  # die half-way through writing the checkpoint of epoch 3
+    save, calls = torch.save, []
+    def save_then_die(obj, path):
+        calls.append(path)
+        save(obj, path)
+        if len(calls) == 3:
+            with open(path, "r+b") as file:
+                file.truncate(100)
+            os.kill(os.getpid(), signal.SIGKILL)
+    checkpoint.torch.save = save_then_die
+model.train(max_epochs=int(sys.argv[3]), batch_size=32, progress_bar=False, n_epochs_kl_warmup=3,
+            checkpoint_dir=directory)
+"""
+
+
+def _epochs_done(directory):
+    try:
+        return json.loads((Path(directory) / "checkpoint.json").read_text())["epoch"]
+    except (OSError, ValueError):
+        return 0
+
+
+def _kill_when(process, directory, epochs, sig=signal.SIGKILL, timeout=120):
+    """Send ``sig`` to ``process`` as soon as the checkpoint of ``epochs`` epochs exists."""
+    deadline = time.monotonic() + timeout
+    while _epochs_done(directory) < epochs:
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "the training run wrote no checkpoint in time"
+        time.sleep(0.005)
+    process.send_signal(sig)
+    return process.communicate(timeout=timeout)
+
+
+def test_a_run_killed_mid_training_resumes_to_the_uninterrupted_result(adata, uninterrupted, tmp_path):
+    reference = _model(adata)
+    reference.train(max_epochs=12, **TRAIN)
+    directory = tmp_path / "ck"
+    process = subprocess.Popen([sys.executable, "-c", _KILLED_RUN, str(directory), "poll", "12"], env=_ENV,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _kill_when(process, directory, 3)
+    assert process.returncode == -signal.SIGKILL
+    done = _epochs_done(directory)
+    assert 3 <= done < 12  # killed mid-training
+    resumed = _model(adata)
+    resumed.train(max_epochs=12, checkpoint_dir=directory, **TRAIN)
+    _assert_same_run(resumed, reference)
+
+
+def test_a_kill_inside_a_checkpoint_write_keeps_the_previous_checkpoint(adata, uninterrupted, tmp_path):
+    directory = tmp_path / "ck"
+    result = subprocess.run([sys.executable, "-c", _KILLED_RUN, str(directory), "inside_write", "6"], env=_ENV,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    assert _epochs_done(directory) == 2  # the third write died half-way; the second is intact
+    leftovers = [p for p in tmp_path.iterdir() if p.name != "ck"]
+    assert len(leftovers) == 1 and leftovers[0].name.startswith(".ck.partial-")  # the killed write's
+    resumed = _model(adata)
+    resumed.train(max_epochs=6, checkpoint_dir=directory, **TRAIN)
+    _assert_same_run(resumed, uninterrupted)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # the dead writer's sibling is cleared
+
+
+# ----- refusals -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def checkpoint_dir(adata, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("checkpoint") / "ck"
+    _model(adata).train(max_epochs=2, checkpoint_dir=directory, **TRAIN)
+    return directory
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(train={"lr": 1e-3}), r"training.lr \(checkpoint 0.002, now 0.001\)"),
+    (dict(train={"batch_size": 16}), r"training.batch_size \(checkpoint 32, now 16\)"),
+    (dict(train={"seed": 1}), r"training.seed \(checkpoint 0, now 1\)"),
+    (dict(train={"train_size": 0.8}), r"training.train_size \(checkpoint 0.9, now 0.8\)"),
+    (dict(train={"n_epochs_kl_warmup": 20}), r"training.n_epochs_kl_warmup"),
+    (dict(model={"n_latent": 5}), r"model.n_latent \(checkpoint 4, now 5\)"),
+    (dict(model={"likelihood": "poisson"}), r"model.likelihood \(checkpoint 'nb', now 'poisson'\)"),
+    (dict(data={"seed": 2}), r"the data differ \(data.codes, data.counts: other cells"),
+], ids=["lr", "batch_size", "seed", "train_size", "warmup", "n_latent", "likelihood", "data"])
+def test_a_checkpoint_of_another_run_is_refused_naming_what_differs(checkpoint_dir, adata, change, message):
+    before = _files(checkpoint_dir)
+    data = _data(**change["data"]) if "data" in change else adata
+    model = _model(data, **change.get("model", {}))
+    with pytest.raises(ValueError, match="holds a checkpoint of another training run, so it cannot be resumed: "
+                                         + message):
+        model.train(max_epochs=4, checkpoint_dir=checkpoint_dir, **{**TRAIN, **change.get("train", {})})
+    assert _files(checkpoint_dir) == before and not model.is_trained
+
+
+def test_other_sample_assignments_are_other_data(checkpoint_dir, adata):
+    shuffled = adata.copy()
+    shuffled.obs["sample"] = shuffled.obs["sample"].to_numpy()[::-1]
+    with pytest.raises(ValueError, match=r"the data differ \(data.codes: other cells"):
+        _model(shuffled).train(max_epochs=4, checkpoint_dir=checkpoint_dir, **TRAIN)
+
+
+def test_unusable_checkpoint_dirs_are_refused_and_left_alone(checkpoint_dir, adata, tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("precious")
+    with pytest.raises(ValueError, match=r"is not a mrvi_pyro checkpoint \(it holds \['notes.txt'\]\); choose a new"):
+        _model(adata).train(max_epochs=1, checkpoint_dir=folder, **TRAIN)
+    assert _files(folder) == {Path("notes.txt"): b"precious"}
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is an existing file, not a directory"):
+        _model(adata).train(max_epochs=1, checkpoint_dir=tmp_path / "file", **TRAIN)
+    with pytest.raises(ValueError, match=r"holds 2 completed epochs, more than max_epochs=1"):
+        _model(adata).train(max_epochs=1, checkpoint_dir=checkpoint_dir, **TRAIN)
+
+
+def test_a_hostile_checkpoint_file_is_refused_without_running_it(checkpoint_dir, adata, tmp_path):
+    import shutil
+
+    directory = Path(shutil.copytree(checkpoint_dir, tmp_path / "ck"))
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    (directory / "state.pt").write_bytes(pickle.dumps({"module": Payload()}, protocol=2))
+    with pytest.raises(ValueError, match="state.pt cannot be loaded safely"):
+        _model(adata).train(max_epochs=3, checkpoint_dir=directory, **TRAIN)
+    assert not marker.exists()
+
+
+# ----- command line ---------------------------------------------------------------------------
+def _fit_arguments(data, out, *extra):
+    return ["fit", str(data), "--sample-key", "sample", "--batch-key", "batch", "--out", str(out),
+            "--max-epochs", "12", "--batch-size", "32", "--quiet", *extra]
+
+
+def test_fit_interrupted_by_ctrl_c_and_killed_resumes_to_the_uninterrupted_model(adata, tmp_path, capsys):
+    data = tmp_path / "data.h5ad"
+    raw = adata.copy()
+    del raw.uns["_mrvi_pyro"]
+    raw.write_h5ad(data)
+    assert main(_fit_arguments(data, tmp_path / "whole")) == 0
+    run, command = tmp_path / "run", [sys.executable, "-m", "mrvi_pyro.cli"]
+
+    # Ctrl-C: exit 130, a checkpoint, and the exact command that resumes it
+    process = subprocess.Popen(command + _fit_arguments(data, run), env=_ENV, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    _, err = _kill_when(process, run / "checkpoint", 2, sig=signal.SIGINT)
+    assert process.returncode == 130, err
+    printed = err.strip().splitlines()[-1].strip()
+    assert printed == shlex.join(["mrvi-pyro", *_fit_arguments(data, run), "--resume"])
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint"]
+    (run / f".checkpoint.partial-{process.pid}-0123abcd").mkdir()  # as a write killed half-way leaves it
+    assert main(_fit_arguments(data, run)) == 2  # without --resume: refused, nothing touched
+    assert "holds the checkpoint of an unfinished fit" in capsys.readouterr().err
+    assert main(["analyze", str(run), "--groupby", "cell_type"]) == 2
+    assert "unfinished fit" in capsys.readouterr().err
+
+    # SIGKILL during the resumed run, then resume again with the printed command
+    process = subprocess.Popen(command + shlex.split(printed)[1:], env=_ENV, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    done = _epochs_done(run / "checkpoint")
+    _kill_when(process, run / "checkpoint", done + 2)
+    assert process.returncode == -signal.SIGKILL
+    assert main(shlex.split(printed)[1:]) == 0
+
+    whole, resumed = MRVI.load(tmp_path / "whole" / "model", adata=adata), MRVI.load(run / "model", adata=adata)
+    _assert_same_run(resumed, whole)
+    assert sorted(p.name for p in run.iterdir()) == sorted(p.name for p in (tmp_path / "whole").iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.h5ad", "run", "whole"]  # no staging left
+    # a finished run: --resume needs --overwrite to replace its outputs; more epochs continue it
+    assert main(_fit_arguments(data, run, "--resume")) == 2
+    assert "add --overwrite" in capsys.readouterr().err
