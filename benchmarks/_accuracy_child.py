@@ -102,11 +102,7 @@ def main(argv=None) -> int:
 
         seconds["package"] = mrvi_pyro.__file__
         MRVI.setup_anndata(adata, sample_key="sample", batch_key="batch")
-        model_kwargs = json.loads(args.model_kwargs)
-        if "architecture" in model_kwargs:  # an earlier block version (not an MRVI argument)
-            import mrvi_pyro.api
-
-            mrvi_pyro.api.ARCHITECTURE = int(model_kwargs.pop("architecture"))
+        model_kwargs = json.loads(args.model_kwargs)  # "architecture" included: a module argument
         model = MRVI(adata, seed=args.seed, **model_kwargs)
         model.train(max_epochs=args.epochs, batch_size=args.batch_size, train_size=0.9,
                     early_stopping=False, seed=args.seed, progress_bar=False)

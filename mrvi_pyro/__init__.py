@@ -3,7 +3,9 @@
 Public names: :class:`MRVI` (the scvi-tools-compatible facade), the Pyro programs
 :func:`model` and :func:`guide`, :class:`MrVIModule`, :func:`train_svi`, :mod:`datasets`
 (simulated cohorts with planted truth) and :mod:`pl` (plotting, scanpy-style; also under its
-earlier name :mod:`plotting`).
+earlier name :mod:`plotting`); the registries of model components :func:`register_likelihood`,
+:func:`register_sample_mapper`, :func:`register_prior` and :func:`register_guide`
+(:mod:`mrvi_pyro.components`); process-wide options in :data:`settings`.
 
 Importing the package is cheap: every name is imported on first use (module ``__getattr__``),
 so ``mrvi-pyro --help`` does not load torch or anndata.
@@ -19,20 +21,24 @@ try:
 except PackageNotFoundError:  # running from a source tree
     __version__ = "0.1.0"
 
+from ._settings import settings  # noqa: E402  (cheap: the standard library only)
+
 _NAMES = {
     "MRVI": "api", "MrVIModule": "module", "TrainingDivergedError": "train", "TrainingResult": "train",
-    "train_svi": "train",
+    "train_svi": "train", "register_guide": "components", "register_likelihood": "components",
+    "register_prior": "components", "register_sample_mapper": "components",
 }
 """Public classes and functions -> the submodule defining them."""
 
 _SUBMODULES = (
-    "admissibility", "api", "cli", "da", "data", "datasets", "de", "distributions", "explore", "io", "module", "nn",
-    "pl", "plotting", "posterior", "report", "train",
+    "admissibility", "api", "cli", "components", "da", "data", "datasets", "de", "distributions", "explore", "io",
+    "module", "nn", "pl", "plotting", "posterior", "report", "train",
 )
 
 __all__ = [
     "MRVI", "MrVIModule", "TrainingDivergedError", "TrainingResult", "__version__", "datasets", "guide", "model",
-    "pl", "plotting", "train_svi",
+    "pl", "plotting", "register_guide", "register_likelihood", "register_prior", "register_sample_mapper",
+    "settings", "train_svi",
 ]
 
 

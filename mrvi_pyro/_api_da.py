@@ -17,16 +17,8 @@ from anndata import AnnData
 
 from . import da, distributed
 from .admissibility import outlier_cell_sample_pairs
-from .data import check_key_added, sample_covariates
+from .data import category_levels, check_key_added, sample_covariates
 from .explore import check_positive
-
-
-def _levels(values: pd.Series) -> list:
-    """Levels of a sample covariate: category order for categoricals, else sorted."""
-    if isinstance(values.dtype, pd.CategoricalDtype):
-        present = set(values.tolist())
-        return [c for c in values.cat.categories if c in present]
-    return sorted(pd.unique(values).tolist(), key=str)
 
 
 def _check_cap(max_components_per_sample) -> None:
@@ -73,7 +65,7 @@ class DAMixin:
         restricted to ``subset``; levels left without samples are dropped with a warning."""
         table = sample_covariates(adata, self.registry, [key])
         values = table[key].reindex(sample_names)
-        levels = _levels(table[key])
+        levels = category_levels(table[key])
         if len(levels) > len(sample_names) / 2:
             warnings.warn(
                 f"Sample covariate {key!r} has {len(levels)} levels for {len(sample_names)} samples (more "
@@ -249,16 +241,10 @@ class DAMixin:
             data_vars[f"{key}_log_probs"] = (("cell_name", key), da.group_log_probs(
                 log_probs, cell_sample, membership, omit_original_sample=omit_original_sample, level_names=levels))
             if compute_log_enrichment:
-                rest = np.zeros(len(names), bool) if subset is None else ~np.isin(names, subset)
-                for v, level in enumerate(levels):
-                    if not (~membership[:, v] & ~rest).any():
-                        warnings.warn(f"All samples have {key}={level!r}; its log enrichment is NaN.",
-                                      UserWarning, stacklevel=2)
-                outside = ~membership & ~rest[:, None]
-                data_vars[f"{key}_log_enrichs"] = (("cell_name", key), da.group_log_probs(
-                    log_probs, cell_sample, membership, omit_original_sample=omit_original_sample, warn=False,
-                ) - da.group_log_probs(
-                    log_probs, cell_sample, outside, omit_original_sample=omit_original_sample, warn=False))
+                eligible = None if subset is None else np.isin(names, subset)
+                data_vars[f"{key}_log_enrichs"] = (("cell_name", key), da.log_enrichment(
+                    log_probs, cell_sample, membership, omit_original_sample=omit_original_sample,
+                    eligible=eligible, level_names=levels, covariate=key))
         if key_added is not None:
             for key, (levels, _) in groups.items():
                 level_log_probs = data_vars[f"{key}_log_probs"][1]

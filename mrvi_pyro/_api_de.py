@@ -18,8 +18,9 @@ from anndata import AnnData
 
 from . import de, distributed
 from ._safe_io import StagedPath, zarr_replaceable
-from .explore import check_positive, check_use_vmap
+from ._storage import CellArrays, open_store
 from .data import check_key_added, sample_covariates
+from .explore import check_positive, check_use_vmap
 
 
 def _as_list(value, name: str) -> list[str]:
@@ -40,8 +41,16 @@ def _sample_level_counts(data, n_samples: int, n_levels: int) -> np.ndarray:
 class DEMixin:
     """Methods of :class:`mrvi_pyro.MRVI` for differential expression."""
 
-    def _de_covariates(self, adata: AnnData, keys: list[str], kept: list[str], subset_given: bool) -> pd.DataFrame:
-        """Per-sample values of ``keys`` for the samples ``kept`` (validated, registry order)."""
+    def _de_covariates(self, adata: AnnData, keys: list[str], sample_subset) -> pd.DataFrame:
+        """Per-sample values of ``keys`` for the kept samples (``sample_subset`` or all; validated,
+        registry order). Samples without cells in ``adata`` take their values from the model's
+        own AnnData, else are refused (when named in ``sample_subset``) or left out with a warning."""
+        names = list(self.registry.sample_categories)
+        kept = names
+        if sample_subset is not None:
+            subset = _as_list(sample_subset, "sample_subset")
+            self.registry.check_samples(subset)
+            kept = [s for s in names if s in set(subset)]
         table = sample_covariates(adata, self.registry, keys)
         missing = [s for s in kept if s not in table.index]
         if missing and adata is not self.adata and self.adata is not None:
@@ -49,7 +58,7 @@ class DEMixin:
             table = pd.concat([table, fallback.loc[[s for s in missing if s in fallback.index]]])
             missing = [s for s in kept if s not in table.index]
         if missing:
-            if subset_given:
+            if sample_subset is not None:
                 raise ValueError(
                     f"sample_subset sample(s) {missing[:10]} have no cells in adata, so their values of "
                     f"{keys} are unknown; drop them from sample_subset."
@@ -59,6 +68,16 @@ class DEMixin:
                 "they are left out of the design.", UserWarning, stacklevel=3,
             )
         return table.loc[[s for s in kept if s in table.index], keys]
+
+    def _kept_level_counts(self, data, adata: AnnData, codes: np.ndarray) -> np.ndarray:
+        """(kept samples, nuisance levels) cell counts of ``data``; kept samples without cells
+        there take their counts from the model's own data."""
+        n_samples, n_levels = self.registry.n_samples, self.registry.n_batches
+        counts = _sample_level_counts(data, n_samples, n_levels)
+        if self.adata is not None and adata is not self.adata and (counts[codes].sum(1) == 0).any():
+            absent = counts.sum(1) == 0
+            counts[absent] = _sample_level_counts(self._cell_data(), n_samples, n_levels)[absent]
+        return counts[codes]
 
     def differential_expression(
         self,
@@ -262,45 +281,19 @@ class DEMixin:
                 "offsets": add_batch_specific_offsets, "normalize": normalize_design_matrix,
                 "n_permutations": n_permutations})
         adata = self.adata if adata is None else adata
-        names = list(self.registry.sample_categories)
-        if sample_subset is not None:
-            subset = _as_list(sample_subset, "sample_subset")
-            self.registry.check_samples(subset)
-            kept = [s for s in names if s in set(subset)]
-        else:
-            kept = names
-        covariates = self._de_covariates(adata, keys, kept, sample_subset is not None)
+        covariates = self._de_covariates(adata, keys, sample_subset)
         kept = list(covariates.index)
-        codes = np.array([names.index(s) for s in kept])
-
-        counts = _sample_level_counts(data, len(names), self.registry.n_batches)
-        if self.adata is not None and adata is not self.adata and (counts[codes].sum(1) == 0).any():
-            absent = counts.sum(1) == 0  # samples without cells here: their levels from the model's data
-            counts[absent] = _sample_level_counts(self._cell_data(), len(names), self.registry.n_batches)[absent]
-        counts = counts[codes]
-        shares = None
-        if add_batch_specific_offsets:
-            shares = counts / np.maximum(counts.sum(1, keepdims=True), 1)
-            if ((shares > 0).sum(0) > 0).sum() < 2:
-                warnings.warn("All kept samples are in one nuisance level: no batch offsets are added.",
-                              UserWarning, stacklevel=2)
-        design = de.design_matrix(
-            covariates, keys, normalize_design_matrix=normalize_design_matrix, batch_shares=shares,
-            level_names=self.registry.batch_categories, add_batch_specific_offsets=add_batch_specific_offsets,
+        codes = np.array([self.registry.sample_categories.index(s) for s in kept])
+        counts = self._kept_level_counts(data, adata, codes)
+        design = de.sample_design(
+            covariates, keys, counts, level_names=self.registry.batch_categories,
+            normalize_design_matrix=normalize_design_matrix, add_batch_specific_offsets=add_batch_specific_offsets,
+            pvalue_method=pvalue_method,
         )
         if key_added is not None:
             columns = [f"{key_added}_{name}_{c}" for c in design.covariate_names for name in ("effect_size", "padj")]
             check_key_added(key_added, adata.obs, columns, where="adata.obs", overwrite=overwrite,
                             registry=self.registry)
-        if pvalue_method == "robust":
-            fallback = de.robust_fallback_columns(design)
-            if fallback:
-                warnings.warn(
-                    f"Design column(s) {fallback} rest on a single sample, whose variance the robust test cannot "
-                    "estimate; their p-values use pvalue_method='chi2' (exact when all samples vary equally).",
-                    UserWarning, stacklevel=2,
-                )
-
         weights = None
         if filter_inadmissible_samples:
             from .admissibility import outlier_cell_sample_pairs
@@ -308,44 +301,18 @@ class DEMixin:
             admissible = outlier_cell_sample_pairs(self.module, data, partition=partition, gather=False,
                                                    **filter_samples_kwargs)["is_admissible"]
             weights = admissible[:, codes].astype(np.float64)  # rows of this rank's cells
-
-        n_cells, n_genes = len(data), len(self.registry.var_names)
-        lfc_columns = [c for c, k in zip(design.covariate_columns, design.column_keys) if k in lfc_keys]
-        lfc_dim = "covariate" if len(lfc_columns) == len(design.covariate_columns) else "covariate_sub"
-        coords = {
-            "cell_name": np.asarray(data.obs_names).astype(str),
-            "covariate": design.covariate_names,
-            "gene": np.asarray(self.registry.var_names).astype(str),
-            "nuisance_term": [c for i, c in enumerate(design.columns) if i not in design.covariate_columns],
-            "sample": kept,
-            "design_column": design.columns,
-        }
-        if lfc_dim == "covariate_sub":
-            coords["covariate_sub"] = [design.columns[c] for c in lfc_columns]
-        sink = None
+        coords, lfc_columns, lfc_dim = de.result_coordinates(
+            design, lfc_keys, cell_names=data.obs_names, gene_names=self.registry.var_names, samples=kept)
         if store_lfc:
-            lfc_names = ["lfc", "lfc_std"] + (["pde"] if delta is not None else [])
-            lfc_names += ["lfc_lower", "lfc_upper"] if credible_interval is not None else []
-            shape = (n_cells, len(lfc_columns), n_genes)
-            size = de.lfc_output_bytes(n_cells, len(lfc_columns), n_genes, len(lfc_names), store_baseline)
-            if zarr_path is None and size > max_in_memory_gb * 1e9:
-                import tempfile
-
-                zarr_path = Path(tempfile.mkdtemp(prefix="mrvi_de_")) / "differential_expression.zarr"
-                warnings.warn(
-                    f"The LFC outputs need {size / 1e9:.1f} GB, more than max_in_memory_gb={max_in_memory_gb}; "
-                    f"they are written chunk by chunk to {zarr_path} and returned lazily. Pass zarr_path= to "
-                    "choose the location.",
-                    UserWarning,
-                    stacklevel=2,
-                )
-            sink_coords = {k: coords[k] for k in ("cell_name", lfc_dim, "gene")}
-            store_path = zarr_path if staged is None else staged.staging
+            variables, zarr_path = de.lfc_outputs(
+                coords, lfc_dim, delta=delta, credible_interval=credible_interval, store_baseline=store_baseline,
+                max_in_memory_gb=max_in_memory_gb, zarr_path=zarr_path)
         level_weights = de.nuisance_level_weights(counts)
+        sink = None
         try:
             if store_lfc:
-                sink = de.LfcSink(lfc_names, shape, ("cell_name", lfc_dim, "gene"), sink_coords, zarr_path=store_path,
-                                  chunk_cells=batch_size, baseline_shape=(n_cells, n_genes) if store_baseline else None)
+                sink = CellArrays(variables, {k: coords[k] for k in ("cell_name", lfc_dim, "gene")},
+                                  zarr_path=zarr_path if staged is None else staged.staging, chunk_cells=batch_size)
             out = de.differential_expression(
                 self.module, data, design, codes, weights=weights, batch_size=batch_size, lambd=lambd,
                 pvalue_method=pvalue_method, n_permutations=n_permutations, store_lfc=store_lfc,
@@ -359,23 +326,6 @@ class DEMixin:
             raise
         if out is None:  # a rank other than 0 of a distributed launch
             return None
-        coords["latent_dim"] = np.arange(out["beta"].shape[-1])
-        data_vars = {
-            "beta": (("cell_name", "covariate", "latent_dim"), out["beta"]),
-            "effect_size": (("cell_name", "covariate"), out["effect_size"]),
-            "pvalue": (("cell_name", "covariate"), out["pvalue"]),
-            "padj": (("cell_name", "covariate"), out["padj"]),
-            "nuisance_beta": (("cell_name", "nuisance_term", "latent_dim"), out["nuisance_beta"]),
-            "design_matrix": (("sample", "design_column"), design.matrix),
-        }
-        if filter_inadmissible_samples:
-            data_vars["n_samples"] = (("cell_name",), out["n_samples"])
-            few = int(np.sum(out["df_residual"] < 1))
-            if few:
-                warnings.warn(
-                    f"{few} cell(s) have fewer admissible samples than design columns + 1; their tests are NaN.",
-                    UserWarning, stacklevel=2,
-                )
         attrs = {
             "pvalue_method": pvalue_method,
             "n_permutations": int(n_permutations) if pvalue_method == "permutation" else 0,
@@ -390,22 +340,17 @@ class DEMixin:
             "nuisance_level_weights": [float(v) for v in level_weights],
             "seed": int(seed),
         }
-        result = xr.Dataset(data_vars, coords=coords, attrs=attrs)
+        result = de.result_dataset(out, design, coords, attrs, sink=sink, with_n_samples=filter_inadmissible_samples)
         if key_added is not None:
             for j, c in enumerate(design.covariate_names):
                 adata.obs[f"{key_added}_effect_size_{c}"] = np.asarray(out["effect_size"][:, j])
                 adata.obs[f"{key_added}_padj_{c}"] = np.asarray(out["padj"][:, j])
-        if sink is None:
+        if sink is None or not sink.on_disk:
             return result
-        if not sink.on_disk:
-            for name, values in sink.arrays.items():
-                dims = ("cell_name", "gene") if name == "baseline_expression" else ("cell_name", lfc_dim, "gene")
-                result[name] = (dims, values)
-            return result
-        result.to_zarr(store_path, mode="a", zarr_format=2, consolidated=False)
+        sink.add_variables(result)
         if staged is not None:
             staged.commit()
-        return xr.open_zarr(zarr_path, chunks=None, consolidated=False, zarr_format=2)
+        return open_store(zarr_path, dask=False)
 
     def differential_expression_summary(
         self,
@@ -451,7 +396,9 @@ class DEMixin:
         """
         adata = self.adata if adata is None else adata
         if groupby not in adata.obs:
-            raise ValueError(f"groupby key {groupby!r} is not a column of adata.obs (columns: {list(adata.obs.columns)}).")
+            raise ValueError(
+                f"groupby key {groupby!r} is not a column of adata.obs (columns: {list(adata.obs.columns)})."
+            )
         obs = adata.obs.reindex(pd.Index(np.asarray(de_result["cell_name"].values)))
         if obs[groupby].isna().any():
             raise ValueError(

@@ -21,6 +21,8 @@ from anndata import AnnData
 
 from . import distributed, explore
 from ._safe_io import StagedPath, zarr_replaceable
+from ._storage import CellArrays
+from .data import category_levels
 
 
 def _group_codes(adata: AnnData, key: str) -> tuple[np.ndarray, list]:
@@ -35,11 +37,7 @@ def _group_codes(adata: AnnData, key: str) -> tuple[np.ndarray, list]:
         raise ValueError(
             f"groupby key {key!r} has {int(column.isna().sum())} missing value(s); fill them or drop those cells."
         )
-    if isinstance(column.dtype, pd.CategoricalDtype):
-        present = set(column.unique())
-        categories = [c for c in column.cat.categories if c in present]
-    else:
-        categories = sorted(column.unique().tolist(), key=str)
+    categories = category_levels(column)
     codes = pd.Categorical(column.to_numpy(), categories=categories).codes.astype(np.int64)
     return codes, categories
 
@@ -300,23 +298,28 @@ class ExploreMixin:
             )
         _warn_missing_samples(data, idx, samples)
         cell_names = np.asarray(data.obs_names[idx], dtype=object)
-        if storage == "memory":
-            sink = explore.InMemoryCells(partition.n_local, n_samples, first=partition.cells.start)
-        else:
-            sink = None
+        variables = {"cell": (("cell_name", "sample_x", "sample_y"), (len(idx), n_samples, n_samples))}
+        coords = {"cell_name": cell_names, "sample_x": samples, "sample_y": samples}
+        sink = None
         try:
-            if storage == "zarr":  # rank 0 creates the store; every rank writes its own chunks
+            if storage == "memory":  # this rank's cells
+                shard = {"cell": (variables["cell"][0], (partition.n_local, n_samples, n_samples))}
+                sink = CellArrays(shard, {**coords, "cell_name": cell_names[partition.cells]}, fill_value=None,
+                                  first=partition.cells.start)
+            elif storage == "zarr":  # rank 0 creates the store; every rank writes its own chunks
                 store_path = partition.broadcast(zarr_path if staged is None else staged.staging)
                 if partition.is_main:
-                    sink = explore.ZarrCellStore(store_path, cell_names, samples, chunk_cells=batch_size)
+                    sink = CellArrays(variables, coords, zarr_path=store_path, chunk_cells=batch_size,
+                                      fill_value=None)
                 partition.barrier()
-                sink = sink or explore.ZarrCellStore.attach(store_path)
+                if sink is None:
+                    sink = CellArrays.attach(store_path, variables, coords)
             result = explore.local_sample_distances(
                 self.module, data, idx, groupings=groupings, cell_sink=sink, batch_size=batch_size,
                 use_mean=use_mean, mc_samples=mc_samples, normalize=normalize_distances, norm=norm, seed=seed,
                 partition=partition,
             )
-            cell_values = partition.gather(sink.values) if storage == "memory" else None
+            cell_values = partition.gather(sink.arrays["cell"]) if storage == "memory" else None
             partition.barrier()
         except BaseException:
             if staged is not None:
@@ -348,10 +351,7 @@ class ExploreMixin:
         else:
             ds = groups
             if storage == "memory":
-                ds = xr.Dataset(
-                    {"cell": (("cell_name", "sample_x", "sample_y"), cell_values)},
-                    coords={"cell_name": cell_names, "sample_x": samples, "sample_y": samples},
-                ).merge(groups)
+                ds = xr.Dataset({"cell": (variables["cell"][0], cell_values)}, coords=coords).merge(groups)
         ds.attrs.update(attrs)
         return ds
 

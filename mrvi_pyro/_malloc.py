@@ -1,10 +1,13 @@
-"""Allocator setting shared by training and the analyses (see :func:`tune_malloc`)."""
+"""Allocator setting shared by training and the analyses (see :func:`tune_malloc`); opt-in for
+library calls (:data:`mrvi_pyro.settings`), on in the command line."""
 
 from __future__ import annotations
 
 import ctypes
 import os
 import sys
+
+from ._settings import settings
 
 MALLOC_MMAP_THRESHOLD = 32 << 20
 MALLOC_TRIM_THRESHOLD = 128 << 20
@@ -25,6 +28,9 @@ def tune_malloc() -> bool:
     freed blocks below 32 MB are reused, and up to 128 MB of free heap is kept. It applies to
     the whole process, once, on Linux with glibc only; set the environment variable
     ``MRVI_PYRO_TUNE_MALLOC=0`` to leave the allocator alone. Returns whether it was applied.
+
+    Library code calls :func:`tune_malloc_if_enabled` instead (off unless
+    ``mrvi_pyro.settings.tune_malloc``); the command line calls this directly.
     """
     if _MALLOC_TUNED:
         return _MALLOC_TUNED[0]
@@ -40,3 +46,12 @@ def tune_malloc() -> bool:
             applied = False
     _MALLOC_TUNED.append(applied)
     return applied
+
+
+def tune_malloc_if_enabled() -> bool:
+    """:func:`tune_malloc` when ``mrvi_pyro.settings.tune_malloc`` is on (off by default: the
+    allocator of a user's process, e.g. a Jupyter kernel, is not changed behind its back).
+    Returns whether the tuning is in effect."""
+    if settings.tune_malloc:
+        return tune_malloc()
+    return bool(_MALLOC_TUNED and _MALLOC_TUNED[0])

@@ -8,6 +8,7 @@ modules.
 
 from __future__ import annotations
 
+import inspect
 import numbers
 import os
 import warnings
@@ -22,19 +23,17 @@ from . import __version__, distributed
 from ._api_da import DAMixin
 from ._api_de import DEMixin
 from ._api_explore import ExploreMixin
+from .components import GUIDES, LIKELIHOODS, MODULE_CLASSES, PRIORS, SAMPLE_MAPPERS, module_class_name
 from .data import CellData, Registry, build_sample_info, check_key_added, get_registry
 from .data import setup_anndata as _setup_anndata
 from .explore import check_positive
 from .io import history_from_json, history_to_json, read_model, write_model
-from .module import ARCHITECTURE, MrVIModule, default_max_epochs
+from .module import MrVIModule, default_max_epochs, prior_name
 from .posterior import latent_representation, make_generator, normalized_expression
 from .train import TrainingDivergedError, TrainingResult, resolve_device, train_svi
 
-MODULE_ARGUMENTS = (
-    "n_latent", "n_latent_u", "encoder_n_hidden", "encoder_n_layers", "z_u_prior", "z_u_prior_scale",
-    "u_prior_scale", "u_prior_mixture", "u_prior_mixture_k", "learn_z_u_prior_scale", "likelihood", "sample_mapper",
-    "qu_kwargs", "qz_kwargs", "px_kwargs", "architecture",
-)
+FACADE_ARGUMENTS = ("scale_observations",)
+"""Saved ``init_params`` that belong to the facade; every other one is a module constructor argument."""
 
 
 PLAN_KWARGS = {
@@ -90,33 +89,6 @@ def _train_share(train_size: float, validation_size: float | None) -> float:
     return train_size
 
 
-_INT_ARGUMENTS = {"n_latent": 1, "n_latent_u": 1, "encoder_n_hidden": 1, "encoder_n_layers": 0, "u_prior_mixture_k": 1}
-_FLOAT_ARGUMENTS = ("z_u_prior_scale", "u_prior_scale")
-_BOOL_ARGUMENTS = ("z_u_prior", "u_prior_mixture", "learn_z_u_prior_scale", "scale_observations")
-_DICT_ARGUMENTS = ("qu_kwargs", "qz_kwargs", "px_kwargs")
-
-
-def check_init_params(params: dict) -> None:
-    """``ValueError`` naming the first constructor argument of the wrong type or size."""
-    for name, minimum in _INT_ARGUMENTS.items():
-        value = params.get(name)
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-            raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}.")
-    for name in _FLOAT_ARGUMENTS:
-        value = params.get(name)
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not np.isfinite(value):
-            raise ValueError(f"{name} must be a finite number (a log-scale); got {value!r}.")
-    for name in _BOOL_ARGUMENTS:
-        if name in params and not isinstance(params[name], (bool, np.bool_)):
-            raise ValueError(f"{name} must be True or False; got {params[name]!r}.")
-    for name in _DICT_ARGUMENTS:
-        if params.get(name) is not None and not isinstance(params[name], dict):
-            raise ValueError(f"{name} must be a dict or None; got {type(params[name]).__name__}.")
-    for name in ("likelihood", "sample_mapper"):
-        if not isinstance(params.get(name), str):
-            raise ValueError(f"{name} must be a string; got {params.get(name)!r}.")
-
-
 def _saved_configuration(metadata: dict, dir_path) -> tuple[Registry, dict]:
     """The registry and constructor arguments of a ``model.json``, type-checked (one-line errors)."""
     where = f"{dir_path}/model.json"
@@ -137,17 +109,97 @@ def _saved_configuration(metadata: dict, dir_path) -> tuple[Registry, dict]:
             raise ValueError(f"{where}: registry {name} must be a list of strings.")
     # Files written before these fields existed: their defaults then (architecture 1: see module.ARCHITECTURE).
     params = {"likelihood": "nb", "sample_mapper": "attention", "architecture": 1, **params}
-    try:
-        check_init_params(params)
-    except ValueError as err:
-        raise ValueError(f"{where}: {err}") from None
+    if not isinstance(params.get("scale_observations", False), (bool, np.bool_)):
+        raise ValueError(f"{where}: scale_observations must be True or False; got {params['scale_observations']!r}.")
     return registry, params
+
+
+def _saved_components(cls, metadata: dict, init_params: dict, guide, dir_path) -> tuple[type, object]:
+    """The module class and guide a ``model.json`` names, looked up among the registered ones.
+
+    Nothing is imported because a file names it: a name not registered in this process is a
+    ``ValueError`` saying what to import or register. Files written before these fields existed
+    used :class:`MrVIModule` (``cls._module_cls`` is used for them) and the MrVI guide.
+    """
+    where = f"{dir_path} was saved with"
+    names = [("likelihood", init_params.get("likelihood"), LIKELIHOODS),
+             ("sample_mapper", init_params.get("sample_mapper"), SAMPLE_MAPPERS)]
+    if isinstance(init_params.get("u_prior"), str):
+        names.append(("u_prior", init_params["u_prior"], PRIORS))
+    module_class = metadata.get("module_class")
+    if module_class is not None:
+        names.append(("module class", module_class, MODULE_CLASSES))
+    saved_guide = metadata.get("guide")
+    if guide is None and saved_guide is not None:
+        names.append(("guide", saved_guide, GUIDES))
+    for what, name, registry in names:
+        if not isinstance(name, str) or name not in registry:
+            raise ValueError(
+                f"{where} the {what} {name!r}, which is not registered in this process (registered: "
+                f"{registry.names()}). {registry.register_hint}"
+            )
+    if guide is None and saved_guide is None and metadata.get("unregistered_guide"):
+        raise ValueError(
+            f"{where} the unregistered guide {metadata['unregistered_guide']!r}; pass it with "
+            "MRVI.load(..., guide=<function>), or register it with mrvi_pyro.register_guide(name, function) before "
+            "saving so that the model file names it."
+        )
+    module_cls = cls._module_cls if module_class is None else MODULE_CLASSES.get(module_class)
+    if guide is None and saved_guide is not None:
+        guide = GUIDES.get(saved_guide)
+    return module_cls, guide
+
+
+def _check_materialised(module) -> None:
+    """``ValueError`` if loading left a tensor of ``module`` on the meta device (one kept outside
+    its ``state_dict``: a non-persistent buffer or a plain tensor attribute)."""
+    left = [f"{prefix}.{name}".lstrip(".") for prefix, sub in module.named_modules()
+            for name, value in [*sub.named_buffers(recurse=False), *vars(sub).items()]
+            if isinstance(value, torch.Tensor) and value.is_meta]
+    if left:
+        raise ValueError(
+            f"{type(module).__name__} keeps tensors outside its state_dict ({sorted(set(left))[:5]}), which a saved "
+            "model cannot restore; make them persistent buffers (register_buffer) or parameters."
+        )
+
+
+_PRIOR_NAMES = {"normal": "isotropic normal"}
 
 
 def _check_optional_positive(name: str, value) -> None:
     """:func:`mrvi_pyro.explore.check_positive` for arguments where ``None`` means a default."""
     if value is not None:
         check_positive(name, value)
+
+
+def _insert_parameter_docs(doc: str, placeholder: str, cls: type, skip: tuple[str, ...]) -> str:
+    """``doc`` with the line ``placeholder`` replaced by the entries of the numpydoc
+    ``Parameters`` section of ``cls`` (at the placeholder's indentation), without those whose
+    names are all in ``skip``: the module's arguments are documented once and shown by :class:`MRVI`."""
+    line = next(line for line in doc.splitlines() if line.strip() == placeholder)
+    indent = line[: len(line) - len(line.lstrip())]
+    return doc.replace(placeholder, _parameter_docs(cls, skip).replace("\n", "\n" + indent))
+
+
+def _parameter_docs(cls: type, skip: tuple[str, ...]) -> str:
+    """The entries of the numpydoc ``Parameters`` section of ``cls`` (unindented), without those
+    whose names are all in ``skip``."""
+    lines = inspect.cleandoc(cls.__doc__ or "").splitlines()
+    try:
+        first = lines.index("Parameters") + 2
+    except ValueError:
+        return ""
+    entries: list[list[str]] = []
+    for i in range(first, len(lines)):
+        line = lines[i]
+        if i + 1 < len(lines) and set(lines[i + 1]) == {"-"}:  # the next section
+            break
+        if line and not line.startswith(" "):
+            entries.append([line])
+        elif entries:
+            entries[-1].append(line)
+    kept = [e for e in entries if not set(e[0].replace(" ", "").split(",")) <= set(skip)]
+    return "\n".join(line for entry in kept for line in entry).rstrip()
 
 
 class MRVI(ExploreMixin, DEMixin, DAMixin):
@@ -157,36 +209,30 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
     ----------
     adata
         AnnData registered with :meth:`setup_anndata` (not modified).
-    n_latent, n_latent_u
-        Dimensions of the sample-aware ``z`` and the sample-unaware ``u``.
-    encoder_n_hidden, encoder_n_layers
-        Width and depth of the u-encoder.
-    z_u_prior
-        Keep the ``log p(z | u)`` term.
-    z_u_prior_scale, u_prior_scale
-        Log standard deviations of ``z | u`` and of the isotropic ``u`` prior.
-    u_prior_mixture, u_prior_mixture_k
-        Mixture-of-Gaussians prior on ``u`` (one component per label when ``labels_key`` was
-        registered, else ``u_prior_mixture_k``); False gives an isotropic normal.
-    learn_z_u_prior_scale
-        Learn the ``z | u`` scale.
     scale_observations
         Weight cells so that every sample counts equally in the ELBO.
-    likelihood
-        ``"nb"`` or ``"poisson"``.
-    sample_mapper
-        ``f_phi(u, s)``: ``"attention"`` (the reference's), ``"mlp"`` or ``"linear"``.
     guide
-        Optional custom guide program with the signature of :func:`mrvi_pyro.guide.guide`
-        (sites ``u`` and ``z``). It is not saved: pass it again to :meth:`load`.
+        Optional custom guide: a function with the signature of :func:`mrvi_pyro.guide.guide`
+        (sites ``u`` and ``z``) or the name it was registered under. A registered guide
+        (:func:`mrvi_pyro.register_guide`) is saved by name and found again by :meth:`load`;
+        an unregistered one must be passed again to :meth:`load`.
     seed
         Seeds the initial weights (default 0, as scvi-tools seeds with ``scvi.settings.seed = 0``:
         the same script gives the same model). ``None`` draws them from torch's global random
         state. The caller's global random state is left unchanged either way.
-    qu_kwargs, qz_kwargs, px_kwargs
-        Options of the encoder, the sample mapper (``use_map``, ``stop_gradients``,
-        ``stop_gradients_mlp``, ``dropout_rate``, ...) and the decoder (also
-        ``low_dim_batch``). Unknown keys raise a ``ValueError`` listing the allowed ones.
+    **module_kwargs
+        Keyword arguments of the module class :attr:`_module_cls` (:class:`MrVIModule` by
+        default, whose constructor lists them once; a subclass may add its own). For
+        :class:`MrVIModule`:
+
+        {module_parameters}
+
+    Attributes
+    ----------
+    _module_cls
+        The module class built by the constructor (set it in a subclass of ``MRVI`` to train a
+        variant of :class:`MrVIModule` through the facade). :meth:`load` rebuilds the class a
+        model was saved with.
 
     Examples
     --------
@@ -196,45 +242,30 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
     >>> u = model.get_latent_representation()
     """
 
+    _module_cls: type = MrVIModule
+
     def __init__(
         self,
         adata: AnnData,
         *,
-        n_latent: int = 30,
-        n_latent_u: int = 10,
-        encoder_n_hidden: int = 128,
-        encoder_n_layers: int = 2,
-        z_u_prior: bool = True,
-        z_u_prior_scale: float = 0.0,
-        u_prior_scale: float = 0.0,
-        u_prior_mixture: bool = True,
-        u_prior_mixture_k: int = 20,
-        learn_z_u_prior_scale: bool = False,
         scale_observations: bool = False,
-        likelihood: str = "nb",
-        sample_mapper: str = "attention",
-        qu_kwargs: dict | None = None,
-        qz_kwargs: dict | None = None,
-        px_kwargs: dict | None = None,
         guide=None,
         seed: int | None = 0,
+        **module_kwargs,
     ):
         registry = get_registry(adata)
-        self.init_params = {name: value for name, value in locals().items() if name in MODULE_ARGUMENTS}
-        self.init_params["architecture"] = ARCHITECTURE
-        self.init_params["scale_observations"] = scale_observations
-        check_init_params(self.init_params)
-        self.registry: Registry = registry
-        self.adata = adata
-        self.scale_observations = scale_observations
+        if not isinstance(scale_observations, (bool, np.bool_)):
+            raise ValueError(f"scale_observations must be True or False; got {scale_observations!r}.")
         with torch.random.fork_rng():
             if seed is not None:
                 torch.manual_seed(seed)
-            self.module = MrVIModule(
-                len(registry.var_names), registry.n_samples, registry.n_batches, registry.n_labels,
-                **{k: v for k, v in self.init_params.items() if k in MODULE_ARGUMENTS}, guide=guide,
-            )
+            self.module = self._module_cls.from_config(registry, guide=guide, **module_kwargs)
         self.module.eval()
+        self.init_params = {**self._module_cls.default_arguments(), **module_kwargs,
+                            "scale_observations": scale_observations}
+        self.registry: Registry = registry
+        self.adata = adata
+        self.scale_observations = scale_observations
         self._data_cache: tuple[int, CellData] | None = None
         self.sample_info = build_sample_info(adata, registry)
         self.history: pd.DataFrame | None = None
@@ -493,7 +524,9 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
         _check_optional_positive("batch_size", batch_size)
         _check_optional_positive("n_samples", n_samples)
         if weights not in (None, "uniform"):
-            raise ValueError(f"weights must be None or 'uniform' (importance weights are not implemented); got {weights!r}.")
+            raise ValueError(
+                f"weights must be None or 'uniform' (importance weights are not implemented); got {weights!r}."
+            )
         if not (library_size == "latent" or (isinstance(library_size, numbers.Real) and library_size > 0)):
             raise ValueError(f"library_size must be 'latent' or a positive number; got {library_size!r}.")
         if n_samples_overall is not None and (n_samples != 1 or int(n_samples_overall) < 1):
@@ -526,7 +559,9 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
         names = [transform_batch] if isinstance(transform_batch, str) else list(transform_batch)
         unknown = [b for b in names if b not in self.registry.batch_categories]
         if unknown:
-            raise ValueError(f"transform_batch {unknown} not among the nuisance levels {self.registry.batch_categories}.")
+            raise ValueError(
+                f"transform_batch {unknown} not among the nuisance levels {self.registry.batch_categories}."
+            )
         return [self.registry.batch_categories.index(b) for b in names]
 
     def _gene_positions(self, gene_list: Sequence[str] | None) -> slice | np.ndarray:
@@ -552,14 +587,24 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
         """
         if distributed.rank() != 0:
             return
+        guide_name = GUIDES.name_of(self.module.guide_program)
         metadata = {
             "package_version": __version__,
+            "module_class": module_class_name(type(self.module)),
+            "guide": guide_name,
             "init_params": self.init_params,
             "registry": self.registry.__dict__,
             "history": history_to_json(self.history),
             "is_trained": self.is_trained,
             "diverged": getattr(self, "diverged", None),
         }
+        if guide_name is None:
+            metadata["unregistered_guide"] = getattr(self.module.guide_program, "__qualname__", "?")
+            warnings.warn(
+                f"The guide {metadata['unregistered_guide']!r} is not registered, so the model file cannot name it: "
+                "MRVI.load will need it again as guide=. Register it with mrvi_pyro.register_guide(name, guide) "
+                "before saving to make the file self-describing.", UserWarning, stacklevel=2,
+            )
         write_model(dir_path, self.module.state_dict(), metadata, overwrite=overwrite,
                     adata=self.adata if save_anndata else None)
 
@@ -570,21 +615,30 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
 
         ``adata`` must have the saved genes (same order) and no sample, nuisance or label
         category the model was not trained on; without ``adata`` the saved ``adata.h5ad`` is
-        used. ``adata`` is not modified. A custom ``guide`` used at training is passed again.
+        used. ``adata`` is not modified.
+
+        The module class, guide and components (likelihood, sample mapper, prior) named in
+        ``model.json`` are looked up among those registered in this process
+        (:mod:`mrvi_pyro.components`): import or register custom ones before loading. Nothing is
+        imported because a model file names it. ``guide`` overrides the saved guide; it is
+        needed for a model trained with an unregistered guide.
         """
         import anndata
 
         state_dict, metadata, adata_path = read_model(dir_path)
         registry, init_params = _saved_configuration(metadata, dir_path)
-        # Sizes come from a JSON file: build the module on the meta device (no memory) and
-        # compare its shapes with the weights before allocating anything.
-        arguments = {k: v for k, v in init_params.items() if k in MODULE_ARGUMENTS}
-        sizes = (len(registry.var_names), registry.n_samples, registry.n_batches, registry.n_labels)
+        module_cls, guide = _saved_components(cls, metadata, init_params, guide, dir_path)
+        # Sizes come from a JSON file: build the module on the meta device (no memory), compare
+        # its shapes with the weights, then give it the loaded tensors (built once).
+        arguments = {k: v for k, v in init_params.items() if k not in FACADE_ARGUMENTS}
         try:
             with torch.device("meta"):
-                expected = MrVIModule(*sizes, **arguments, guide=guide).state_dict()
+                module = module_cls.from_config(registry, guide=guide, **arguments)
         except (TypeError, ValueError) as err:
             raise ValueError(f"{dir_path}/model.json has an invalid configuration: {err}") from None
+        if metadata.get("format_version", 1) < 2:
+            state_dict = module.upgrade_state_dict(state_dict)
+        expected = module.state_dict()
         wrong = [k for k in expected if k not in state_dict or tuple(state_dict[k].shape) != tuple(expected[k].shape)]
         wrong += [k for k in state_dict if k not in expected]
         if wrong:
@@ -601,12 +655,12 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
         model._cell_data(adata, purpose="check")  # counts, genes and categories must fit
         model.init_params = init_params
         model.scale_observations = bool(model.init_params.get("scale_observations", False))
-        model.module = MrVIModule(*sizes, **arguments, guide=guide)
         try:
-            model.module.load_state_dict(state_dict)
+            module.load_state_dict(state_dict, assign=True)
         except RuntimeError as err:
             raise ValueError(f"The weights in {dir_path} do not fit the saved configuration: {err}") from None
-        model.module.to(resolve_device(device)).eval()
+        _check_materialised(module)
+        model.module = module.to(resolve_device(device)).eval()
         model.sample_info = build_sample_info(adata, registry)
         model.history = history_from_json(metadata.get("history"))
         model.training_result = None
@@ -616,12 +670,13 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
 
     def __repr__(self) -> str:
         r = self.registry
+        prior = prior_name(self.init_params.get("u_prior"), self.init_params["u_prior_mixture"])
         lines = [
             f"MRVI (mrvi_pyro {__version__}): {'trained' if self.is_trained else 'not trained'}",
             f"  data: {len(r.var_names)} genes; samples {r.n_samples} ({r.sample_key!r}); "
             f"nuisance levels {r.n_batches} ({r.batch_key!r}); labels {r.n_labels} ({r.labels_key!r})",
             f"  latent: u {self.init_params['n_latent_u']}-d, z {self.init_params['n_latent']}-d; "
-            f"prior: {'mixture' if self.init_params['u_prior_mixture'] else 'isotropic normal'}; "
+            f"prior: {_PRIOR_NAMES.get(prior, prior)}; "
             f"likelihood: {self.init_params['likelihood']}; parameters: {self.module.n_parameters():,}",
         ]
         if self.history is not None and len(self.history):
@@ -629,3 +684,7 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
             val = f", validation {last['elbo_validation']:.2f}" if "elbo_validation" in last else ""
             lines.append(f"  trained {len(self.history)} epochs; last -ELBO/cell: train {last['elbo_train']:.2f}{val}")
         return "\n".join(lines)
+
+
+MRVI.__doc__ = _insert_parameter_docs(MRVI.__doc__, "{module_parameters}", MrVIModule,
+                                      skip=("n_genes", "n_samples", "n_batches", "n_labels", "guide"))

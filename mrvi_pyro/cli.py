@@ -645,6 +645,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ._malloc import tune_malloc
+
+    tune_malloc()  # the command's process is its own: reuse freed minibatch memory (opt-in for library calls)
     parser = build_parser()
     args = parser.parse_args(argv)
     args.command_line = ["mrvi-pyro", *(sys.argv[1:] if argv is None else argv)]

@@ -525,16 +525,27 @@ def log_enrichment(
     membership: np.ndarray,
     *,
     omit_original_sample: bool = True,
+    eligible: np.ndarray | None = None,
     level_names=None,
+    covariate: str = "the covariate",
 ) -> np.ndarray:
-    """Log enrichment of each group against all other samples pooled:
-    ``log q_{A_v}(u_n) - log q_{not A_v}(u_n)``, (n, V). Levels that contain every sample give NaN."""
+    """Log enrichment of each group against all other eligible samples pooled:
+    ``log q_{A_v}(u_n) - log q_{E \\ A_v}(u_n)``, (n, V).
+
+    ``eligible`` (S,) marks the samples that may form the complement (default: all; the facade's
+    ``sample_subset``). A level that holds every eligible sample has no complement: its column is
+    NaN, with a warning naming ``covariate`` and the level.
+    """
     membership = np.asarray(membership, dtype=bool)
+    eligible = np.ones(membership.shape[0], dtype=bool) if eligible is None else np.asarray(eligible, dtype=bool)
+    outside = ~membership & eligible[:, None]
+    for v in np.flatnonzero(~outside.any(0)):
+        level = level_names[v] if level_names is not None else v
+        warnings.warn(f"All samples have {covariate}={level!r}; its log enrichment is NaN.", UserWarning, stacklevel=3)
     inside = group_log_probs(log_probs, cell_sample, membership, omit_original_sample=omit_original_sample,
-                             level_names=level_names, warn=False)
-    outside = group_log_probs(log_probs, cell_sample, ~membership, omit_original_sample=omit_original_sample,
-                              level_names=level_names, warn=False)
-    return inside - outside
+                             warn=False)
+    rest = group_log_probs(log_probs, cell_sample, outside, omit_original_sample=omit_original_sample, warn=False)
+    return inside - rest
 
 
 # ---------------------------------------------------------------------------------------------

@@ -144,17 +144,22 @@ def validate_counts(matrix, where: str = "adata.X", check: bool = True) -> tuple
     return (tuple(matrix.shape), total, squares, by_row, by_column)
 
 
+def category_levels(values: pd.Series) -> list:
+    """The levels of a column, in the one order every part of mrvi_pyro uses: the category order
+    of a categorical (only the categories present), else the distinct values sorted as text."""
+    if isinstance(values.dtype, pd.CategoricalDtype):
+        present = set(values.unique())
+        return [c for c in values.cat.categories if c in present]
+    return sorted(pd.unique(values).tolist(), key=str)
+
+
 def _categories(adata: AnnData, key: str, role: str) -> list:
     if key not in adata.obs:
         raise ValueError(f"{role} {key!r} is not a column of adata.obs (columns: {list(adata.obs.columns)}).")
     column = adata.obs[key]
     if column.isna().any():
         raise ValueError(f"adata.obs[{key!r}] has {int(column.isna().sum())} missing value(s); fill or drop them.")
-    if isinstance(column.dtype, pd.CategoricalDtype):
-        present = set(column.unique())
-        values = [c for c in column.cat.categories if c in present]
-    else:
-        values = sorted(column.unique().tolist(), key=str)
+    values = category_levels(column)
     as_text = [str(v) for v in values]
     if len(set(as_text)) < len(as_text):
         clashes = [v for v in values if as_text.count(str(v)) > 1][:4]
@@ -386,7 +391,8 @@ class CellData:
         matrix = _count_matrix(adata, registry.layer)
         if sparse.issparse(matrix) and matrix.format == "csc":
             matrix = matrix.tocsr()  # row access; a sparse copy, never densified
-        self._dense = torch.from_numpy(np.ascontiguousarray(matrix, dtype=np.float32)) if isinstance(matrix, np.ndarray) else None
+        dense = isinstance(matrix, np.ndarray)
+        self._dense = torch.from_numpy(np.ascontiguousarray(matrix, dtype=np.float32)) if dense else None
         self._matrix = matrix
         self._backed_rows = BackedCSRRows(matrix.group) if BackedCSRRows.supported(matrix) else None
         self.backed = self._dense is None and not sparse.issparse(matrix)

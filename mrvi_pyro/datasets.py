@@ -120,6 +120,8 @@ abundance) under a stronger batch effect (per-gene log sd 0.6, library multiplie
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import anndata
 import numpy as np
 import pandas as pd
@@ -348,56 +350,68 @@ def _simulate(n_cells, n_genes, n_samples, n_batches, n_cell_types, *, seed, spa
               mean_library_size, write_counts=None):
     """The body of :func:`simulate`; ``write_counts`` (if given) receives each block of counts
     (a dense float32 array of consecutive cells) instead of the returned AnnData (``X`` None)."""
-    if preset not in PRESETS:
-        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}.")
-    if group_log_fold_change is None and de_log_fold_change is not None:
-        group_log_fold_change = de_log_fold_change
-    effects = {
-        name: PRESETS[preset][name] if value is None else value
-        for name, value in {
-            "de_log_fold_change": de_log_fold_change,
-            "n_de_genes": n_de_genes,
-            "group_log_fold_change": group_log_fold_change,
-            "n_group_genes": n_group_genes,
-            "da_fold_change": da_fold_change,
-            "batch_effect_scale": batch_effect_scale,
-        }.items()
-    }
-    de_log_fold_change, n_de_genes = effects["de_log_fold_change"], effects["n_de_genes"]
-    group_log_fold_change, n_group_genes = effects["group_log_fold_change"], effects["n_group_genes"]
-    da_fold_change, batch_effect_scale = effects["da_fold_change"], effects["batch_effect_scale"]
+    effects = _effect_sizes(
+        preset, de_log_fold_change=de_log_fold_change, n_de_genes=n_de_genes,
+        group_log_fold_change=group_log_fold_change, n_group_genes=n_group_genes, da_fold_change=da_fold_change,
+        batch_effect_scale=batch_effect_scale,
+    )
     n_markers_per_type = max(1, n_genes // max(10, 2 * n_cell_types))
     _validate_arguments(
-        n_cells=n_cells,
-        n_genes=n_genes,
-        n_samples=n_samples,
-        n_batches=n_batches,
-        n_cell_types=n_cell_types,
-        seed=seed,
-        de_log_fold_change=de_log_fold_change,
-        n_de_genes=n_de_genes,
-        group_log_fold_change=group_log_fold_change,
-        n_group_genes=n_group_genes,
-        da_fold_change=da_fold_change,
-        batch_effect_scale=batch_effect_scale,
-        mean_library_size=mean_library_size,
-        n_markers_per_type=n_markers_per_type,
+        n_cells=n_cells, n_genes=n_genes, n_samples=n_samples, n_batches=n_batches, n_cell_types=n_cell_types,
+        seed=seed, **effects, mean_library_size=mean_library_size, n_markers_per_type=n_markers_per_type,
     )
+    # One generator, consumed in this order by the steps: genes, samples, cells, counts.
     rng = np.random.default_rng(seed)
+    genes = _draw_genes(rng, n_genes, n_cell_types, n_batches, n_markers_per_type, effects)
+    samples = _draw_samples(rng, n_samples, n_batches)
+    cells = _draw_cells(rng, n_cells, n_cell_types, samples, genes, effects["da_fold_change"], mean_library_size)
+    counts = _draw_counts(rng, genes, cells, n_genes, n_cell_types, sparse, write_counts)
+    return _assemble(counts, genes, samples, cells, effects, n_batches=n_batches, n_cell_types=n_cell_types,
+                     seed=seed, preset=preset)
 
-    # Genes: disjoint markers per type, DE genes and grouping genes.
+
+def _effect_sizes(preset: str, **given) -> dict:
+    """The effect-size arguments, each ``None`` taken from ``PRESETS[preset]`` (a grouping shift
+    left unset follows an explicit DE shift, as before it had its own argument)."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}.")
+    if given["group_log_fold_change"] is None and given["de_log_fold_change"] is not None:
+        given["group_log_fold_change"] = given["de_log_fold_change"]
+    return {name: PRESETS[preset][name] if value is None else value for name, value in given.items()}
+
+
+@dataclass
+class _Genes:
+    """Gene-level draws: markers, planted shifts, log means, batch effects, dispersions."""
+
+    marker_indices: list
+    de_indices: np.ndarray
+    group_indices: np.ndarray
+    de_shifts: np.ndarray
+    group_shifts: np.ndarray
+    type_log_mean: np.ndarray
+    latent_loadings: np.ndarray
+    batch_gene_effect_sd: float
+    batch_gene_effect: np.ndarray
+    batch_library_multipliers: np.ndarray
+    inverse_dispersion: np.ndarray
+
+
+def _draw_genes(rng, n_genes, n_cell_types, n_batches, n_markers_per_type, effects) -> _Genes:
+    """Disjoint marker, DE and grouping genes, the planted shifts and every per-gene parameter."""
     gene_order = rng.permutation(n_genes)
     marker_indices = [
         np.sort(gene_order[k * n_markers_per_type : (k + 1) * n_markers_per_type])
         for k in range(n_cell_types)
     ]
     first_free = n_cell_types * n_markers_per_type
+    n_de_genes, n_group_genes = effects["n_de_genes"], effects["n_group_genes"]
     de_indices = np.sort(gene_order[first_free : first_free + n_de_genes])
     group_indices = np.sort(
         gene_order[first_free + n_de_genes : first_free + n_de_genes + n_group_genes]
     )
-    de_shifts = de_log_fold_change * _balanced_signs(n_de_genes, rng)
-    group_shifts = group_log_fold_change * _balanced_signs(n_group_genes, rng)
+    de_shifts = effects["de_log_fold_change"] * _balanced_signs(n_de_genes, rng)
+    group_shifts = effects["group_log_fold_change"] * _balanced_signs(n_group_genes, rng)
 
     baseline_log_mean = rng.normal(0.0, BASELINE_LOG_MEAN_SD, size=n_genes)
     type_log_mean = np.tile(baseline_log_mean, (n_cell_types, 1))
@@ -406,6 +420,7 @@ def _simulate(n_cells, n_genes, n_samples, n_batches, n_cell_types, *, seed, spa
     latent_loadings = rng.normal(
         0.0, LATENT_LOADING_SD, size=(n_cell_types, N_LATENT_FACTORS, n_genes)
     )
+    batch_effect_scale = effects["batch_effect_scale"]
     batch_gene_effect_sd = BATCH_GENE_EFFECT_SD * batch_effect_scale
     batch_gene_effect = rng.normal(0.0, batch_gene_effect_sd, size=(n_batches, n_genes))
     batch_library_multipliers = (MAX_BATCH_LIBRARY_MULTIPLIER**batch_effect_scale) ** (
@@ -414,8 +429,23 @@ def _simulate(n_cells, n_genes, n_samples, n_batches, n_cell_types, *, seed, spa
     inverse_dispersion = np.exp(
         rng.normal(INVERSE_DISPERSION_LOG_MEAN, INVERSE_DISPERSION_LOG_SD, size=n_genes)
     )
+    return _Genes(marker_indices, de_indices, group_indices, de_shifts, group_shifts, type_log_mean,
+                  latent_loadings, batch_gene_effect_sd, batch_gene_effect, batch_library_multipliers,
+                  inverse_dispersion)
 
-    # Samples: batch, disease, hidden group, age.
+
+@dataclass
+class _Samples:
+    """Sample-level draws: batch, disease, hidden group and age of every sample."""
+
+    batch: np.ndarray
+    is_disease: np.ndarray
+    in_group_b: np.ndarray
+    age: np.ndarray
+
+
+def _draw_samples(rng, n_samples, n_batches) -> _Samples:
+    """Batches in turn; disease and hidden group balanced within strata; age uniform."""
     sample_batch = np.arange(n_samples) % n_batches
     sample_is_disease = _alternate_within_strata(sample_batch, rng)
     # Batches run forwards for healthy and backwards for disease samples, so that the odd
@@ -424,10 +454,29 @@ def _simulate(n_cells, n_genes, n_samples, n_batches, n_cell_types, *, seed, spa
         np.where(sample_is_disease, 2 * n_batches - 1 - sample_batch, sample_batch), rng
     )
     sample_age = rng.uniform(*AGE_RANGE, size=n_samples)
+    return _Samples(sample_batch, sample_is_disease, sample_in_group_b, sample_age)
 
-    # Cells: numbers per sample and cell type, shuffled order.
+
+@dataclass
+class _Cells:
+    """Cell-level draws, in the final (shuffled) cell order."""
+
+    sample: np.ndarray
+    cell_type: np.ndarray
+    batch: np.ndarray
+    latent: np.ndarray
+    library_size: np.ndarray
+    has_de: np.ndarray
+    has_group_shift: np.ndarray
+
+
+def _draw_cells(rng, n_cells, n_cell_types, samples: _Samples, genes: _Genes, da_fold_change,
+                mean_library_size) -> _Cells:
+    """Cells per sample and cell type (DA planted in the proportions), shuffled; latent factors,
+    library sizes and which cells carry the DE and grouping shifts."""
+    n_samples = len(samples.batch)
     type_weights = np.ones((n_samples, n_cell_types))
-    type_weights[sample_is_disease, 2] *= da_fold_change
+    type_weights[samples.is_disease, 2] *= da_fold_change
     expected_proportions = type_weights / type_weights.sum(axis=1, keepdims=True)
     proportions = np.stack(
         [rng.dirichlet(PROPORTION_CONCENTRATION * p) for p in expected_proportions]
@@ -445,97 +494,112 @@ def _simulate(n_cells, n_genes, n_samples, n_batches, n_cell_types, *, seed, spa
     )
     shuffle = rng.permutation(n_cells)
     cell_sample, cell_type = cell_sample[shuffle], cell_type[shuffle]
-    cell_batch = sample_batch[cell_sample]
+    cell_batch = samples.batch[cell_sample]
     cell_latent = rng.normal(size=(n_cells, N_LATENT_FACTORS))
     cell_library_size = (
         mean_library_size
-        * batch_library_multipliers[cell_batch]
+        * genes.batch_library_multipliers[cell_batch]
         * np.exp(rng.normal(-0.5 * LIBRARY_SIZE_LOG_SD**2, LIBRARY_SIZE_LOG_SD, size=n_cells))
     )
-    cell_has_de = (cell_type == 0) & sample_is_disease[cell_sample]
-    cell_has_group_shift = (cell_type == 1) & sample_in_group_b[cell_sample]
+    cell_has_de = (cell_type == 0) & samples.is_disease[cell_sample]
+    cell_has_group_shift = (cell_type == 1) & samples.in_group_b[cell_sample]
+    return _Cells(cell_sample, cell_type, cell_batch, cell_latent, cell_library_size, cell_has_de,
+                  cell_has_group_shift)
 
+
+def _draw_counts(rng, genes: _Genes, cells: _Cells, n_genes, n_cell_types, sparse, write_counts=None):
+    """Negative binomial counts (float32), chunk by chunk of cells: dense or CSR; with
+    ``write_counts``, each chunk is passed to it instead and None is returned."""
+    n_cells = len(cells.sample)
     chunk_size = max(1, CHUNK_ENTRIES // n_genes)
     sparse_chunks = []
     dense_counts = None if sparse or write_counts else np.empty((n_cells, n_genes), dtype=np.float32)
     for start in range(0, n_cells, chunk_size):
-        cells = slice(start, min(start + chunk_size, n_cells))
-        log_expression = type_log_mean[cell_type[cells]] + batch_gene_effect[cell_batch[cells]]
+        rows = slice(start, min(start + chunk_size, n_cells))
+        log_expression = genes.type_log_mean[cells.cell_type[rows]] + genes.batch_gene_effect[cells.batch[rows]]
         for k in range(n_cell_types):
-            of_type = cell_type[cells] == k
-            log_expression[of_type] += cell_latent[cells][of_type] @ latent_loadings[k]
-        log_expression[np.ix_(cell_has_de[cells], de_indices)] += de_shifts
-        log_expression[np.ix_(cell_has_group_shift[cells], group_indices)] += group_shifts
+            of_type = cells.cell_type[rows] == k
+            log_expression[of_type] += cells.latent[rows][of_type] @ genes.latent_loadings[k]
+        log_expression[np.ix_(cells.has_de[rows], genes.de_indices)] += genes.de_shifts
+        log_expression[np.ix_(cells.has_group_shift[rows], genes.group_indices)] += genes.group_shifts
         chunk_counts = _sample_counts(
-            log_expression, cell_library_size[cells], inverse_dispersion, rng
+            log_expression, cells.library_size[rows], genes.inverse_dispersion, rng
         ).astype(np.float32)
         if write_counts is not None:
             write_counts(chunk_counts)
         elif sparse:
             sparse_chunks.append(sp.csr_matrix(chunk_counts))
         else:
-            dense_counts[cells] = chunk_counts
-    counts = None if write_counts is not None else sp.vstack(sparse_chunks, format="csr") if sparse else dense_counts
+            dense_counts[rows] = chunk_counts
+    if write_counts is not None:
+        return None
+    return sp.vstack(sparse_chunks, format="csr") if sparse else dense_counts
 
+
+def _assemble(counts, genes: _Genes, samples: _Samples, cells: _Cells, effects: dict, *, n_batches, n_cell_types,
+              seed, preset) -> anndata.AnnData:
+    """The AnnData: counts (None: ``X`` None), named genes and cells, categorical obs, and the
+    truth in ``uns``."""
+    n_cells, n_genes = len(cells.sample), len(genes.inverse_dispersion)
     gene_names = _names("gene", n_genes, min_width=3)
-    sample_names = _names("sample", n_samples, min_width=2)
+    sample_names = _names("sample", len(samples.batch), min_width=2)
     obs = pd.DataFrame(
         {
-            "sample": pd.Categorical.from_codes(cell_sample, categories=sample_names),
+            "sample": pd.Categorical.from_codes(cells.sample, categories=sample_names),
             "batch": pd.Categorical.from_codes(
-                cell_batch, categories=[f"batch_{b}" for b in range(n_batches)]
+                cells.batch, categories=[f"batch_{b}" for b in range(n_batches)]
             ),
             "cell_type": pd.Categorical.from_codes(
-                cell_type, categories=[f"type_{k}" for k in range(n_cell_types)]
+                cells.cell_type, categories=[f"type_{k}" for k in range(n_cell_types)]
             ),
             "disease": pd.Categorical.from_codes(
-                sample_is_disease[cell_sample].astype(int), categories=["healthy", "disease"]
+                samples.is_disease[cells.sample].astype(int), categories=["healthy", "disease"]
             ),
             "hidden_group": pd.Categorical.from_codes(
-                sample_in_group_b[cell_sample].astype(int), categories=["A", "B"]
+                samples.in_group_b[cells.sample].astype(int), categories=["A", "B"]
             ),
-            "age": sample_age[cell_sample],
+            "age": samples.age[cells.sample],
         },
         index=_names("cell", n_cells, min_width=4),
     )
     adata = anndata.AnnData(X=counts, obs=obs, var=pd.DataFrame(index=gene_names))
     adata.uns["simulation"] = {
         "description": _DESCRIPTION.format(
-            n_samples=n_samples,
+            n_samples=len(samples.batch),
             n_batches=n_batches,
             n_cell_types=n_cell_types,
             marker_lfc=MARKER_LOG_FOLD_CHANGE,
             de_type="type_0",
-            n_de=n_de_genes,
-            lfc=float(de_log_fold_change),
-            group_lfc=float(group_log_fold_change),
+            n_de=effects["n_de_genes"],
+            lfc=float(effects["de_log_fold_change"]),
+            group_lfc=float(effects["group_log_fold_change"]),
             group_type="type_1",
-            n_group=n_group_genes,
+            n_group=effects["n_group_genes"],
             da_type="type_2",
-            da_fc=float(da_fold_change),
-            batch_sd=batch_gene_effect_sd,
-            multipliers=[round(float(m), 3) for m in batch_library_multipliers],
+            da_fc=float(effects["da_fold_change"]),
+            batch_sd=genes.batch_gene_effect_sd,
+            multipliers=[round(float(m), 3) for m in genes.batch_library_multipliers],
         ),
         "seed": int(seed),
         "marker_genes": {
             f"type_{k}": [gene_names[g] for g in markers]
-            for k, markers in enumerate(marker_indices)
+            for k, markers in enumerate(genes.marker_indices)
         },
         "marker_log_fold_change": MARKER_LOG_FOLD_CHANGE,
         "de_cell_type": "type_0",
         "de_covariate": "disease",
-        "de_genes": [gene_names[g] for g in de_indices],
-        "de_log_fold_changes": [float(x) for x in de_shifts],
+        "de_genes": [gene_names[g] for g in genes.de_indices],
+        "de_log_fold_changes": [float(x) for x in genes.de_shifts],
         "grouping_cell_type": "type_1",
         "grouping_covariate": "hidden_group",
-        "grouping_genes": [gene_names[g] for g in group_indices],
-        "grouping_log_fold_changes": [float(x) for x in group_shifts],
+        "grouping_genes": [gene_names[g] for g in genes.group_indices],
+        "grouping_log_fold_changes": [float(x) for x in genes.group_shifts],
         "da_cell_type": "type_2",
         "da_covariate": "disease",
-        "da_fold_change": float(da_fold_change),
-        "batch_library_multipliers": [float(m) for m in batch_library_multipliers],
-        "batch_gene_effect_sd": float(batch_gene_effect_sd),
-        "batch_effect_scale": float(batch_effect_scale),
+        "da_fold_change": float(effects["da_fold_change"]),
+        "batch_library_multipliers": [float(m) for m in genes.batch_library_multipliers],
+        "batch_gene_effect_sd": float(genes.batch_gene_effect_sd),
+        "batch_effect_scale": float(effects["batch_effect_scale"]),
         "null_covariate": "age",
         "preset": preset,
     }

@@ -143,13 +143,18 @@ go to a chunked zarr store (``zarr_path``, or a temporary directory named in a w
 from __future__ import annotations
 
 import math
+import tempfile
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
+from ._storage import CellArrays
+from .data import category_levels
 from .distributed import CellPartition
 from .posterior import iter_posterior_u, make_generator, module_device
 
@@ -234,15 +239,6 @@ def _kind(values: pd.Series) -> str:
     if all(isinstance(v, (bool, np.bool_)) for v in values):
         return "boolean"
     return "string"
-
-
-def _levels(values: pd.Series, kind: str) -> list:
-    present = set(values.tolist())
-    if kind == "categorical":
-        return [c for c in values.cat.categories if c in present]
-    if kind == "boolean":
-        return [v for v in (False, True) if v in present]
-    return sorted(present, key=str)
 
 
 def _collinear_columns(matrix: np.ndarray, names: list[str]) -> list[str] | None:
@@ -353,7 +349,7 @@ def design_matrix(
             names.append(str(key))
             reference_row.append(float(x.mean()))
             continue
-        levels = _levels(values, kind)
+        levels = category_levels(values)  # booleans: [False, True], as text sorts them
         if len(levels) < 2:
             raise ValueError(
                 f"Sample covariate {key!r} has a single level ({levels[0]!r}) over the {n} samples used; "
@@ -920,47 +916,6 @@ def summarize_lfc_draws(lfc: torch.Tensor, delta: float | None, credible_interva
 # ------------------------------------------------------------------------------------------
 # outputs
 # ------------------------------------------------------------------------------------------
-class LfcSink:
-    """Where ``(cell, covariate, gene)`` outputs go: numpy arrays, or a chunked zarr store.
-
-    The zarr store (format 2, one chunk per ``chunk_cells`` cells) starts with the
-    coordinates; the caller appends the other variables and opens it with
-    :func:`xarray.open_zarr`.
-    """
-
-    def __init__(self, names: Sequence[str], shape: tuple, dims: tuple, coords: dict, *, zarr_path=None,
-                 chunk_cells: int = 128, baseline_shape: tuple | None = None):
-        self.names, self.shape, self.dims, self.zarr_path = list(names), shape, dims, zarr_path
-        self.arrays: dict = {}
-        if zarr_path is None:
-            self.arrays = {name: np.full(shape, np.nan, dtype=np.float32) for name in self.names}
-            if baseline_shape is not None:
-                self.arrays["baseline_expression"] = np.full(baseline_shape, np.nan, dtype=np.float32)
-            return
-        import xarray as xr
-        import zarr
-
-        xr.Dataset(coords=coords).to_zarr(zarr_path, mode="w-", zarr_format=2, consolidated=False)
-        group = zarr.open_group(str(zarr_path), mode="a", zarr_format=2)
-        for name in self.names:
-            arr = group.create_array(name, shape=shape, chunks=(chunk_cells, *shape[1:]), dtype="float32",
-                                     fill_value=np.nan)
-            arr.attrs["_ARRAY_DIMENSIONS"] = list(dims)
-            self.arrays[name] = arr
-        if baseline_shape is not None:
-            arr = group.create_array("baseline_expression", shape=baseline_shape,
-                                     chunks=(chunk_cells, baseline_shape[1]), dtype="float32", fill_value=np.nan)
-            arr.attrs["_ARRAY_DIMENSIONS"] = [dims[0], dims[2]]
-            self.arrays["baseline_expression"] = arr
-
-    @property
-    def on_disk(self) -> bool:
-        return self.zarr_path is not None
-
-    def write(self, name: str, rows: slice, values: np.ndarray) -> None:
-        self.arrays[name][rows] = values
-
-
 def group_summary(
     result,
     groups: pd.Series,
@@ -987,10 +942,7 @@ def group_summary(
     test_pos = np.array([all_covariates.index(c) for c in chosen])
     lfc_pos = np.array([available.index(c) for c in chosen])
     values = groups.to_numpy()
-    if isinstance(groups.dtype, pd.CategoricalDtype):
-        levels = [c for c in groups.cat.categories if c in set(values)]
-    else:
-        levels = sorted(set(values), key=str)
+    levels = category_levels(groups)
     genes = np.asarray(result["gene"].values).astype(str) if has_lfc else None
     rng = np.random.default_rng(seed)
     frames = []
@@ -1014,7 +966,8 @@ def group_summary(
                 sums[name] = sums[name] + np.nansum(block, 0)
             counts = counts + np.isfinite(blocks["lfc"]).sum(0)
         means = {name: total / np.maximum(counts, 1) for name, total in sums.items()}
-        subset = idx if len(idx) <= max_cells_per_group else np.sort(rng.choice(idx, max_cells_per_group, replace=False))
+        subset = (idx if len(idx) <= max_cells_per_group
+                  else np.sort(rng.choice(idx, max_cells_per_group, replace=False)))
         lfc_cells = result["lfc"].isel({"cell_name": subset, lfc_dim: lfc_pos}).values
         lower, upper = np.nanquantile(lfc_cells, interval, axis=0)
         for c, name in enumerate(chosen):
@@ -1036,6 +989,109 @@ def group_summary(
 def lfc_output_bytes(n_cells: int, n_covariates: int, n_genes: int, n_arrays: int, store_baseline: bool) -> int:
     """Bytes of the float32 ``(cell, covariate, gene)`` outputs (and the baseline)."""
     return 4 * n_cells * n_genes * (n_covariates * n_arrays + int(store_baseline))
+
+
+def sample_design(covariates: pd.DataFrame, keys: Sequence[str], level_counts: np.ndarray, *, level_names,
+                  normalize_design_matrix: bool, add_batch_specific_offsets: bool, pvalue_method: str) -> Design:
+    """The design of the kept samples (:func:`design_matrix`), with batch offsets from each sample's
+    share of cells per nuisance level (``level_counts``, samples x levels).
+
+    Warns when the offsets cannot be added (every kept sample in one level) and when the robust
+    test falls back to the equal-variance one for a column (:func:`robust_fallback_columns`).
+    """
+    shares = None
+    if add_batch_specific_offsets:
+        shares = level_counts / np.maximum(level_counts.sum(1, keepdims=True), 1)
+        if ((shares > 0).sum(0) > 0).sum() < 2:
+            warnings.warn("All kept samples are in one nuisance level: no batch offsets are added.",
+                          UserWarning, stacklevel=3)
+    design = design_matrix(
+        covariates, keys, normalize_design_matrix=normalize_design_matrix, batch_shares=shares,
+        level_names=level_names, add_batch_specific_offsets=add_batch_specific_offsets,
+    )
+    if pvalue_method == "robust":
+        fallback = robust_fallback_columns(design)
+        if fallback:
+            warnings.warn(
+                f"Design column(s) {fallback} rest on a single sample, whose variance the robust test cannot "
+                "estimate; their p-values use pvalue_method='chi2' (exact when all samples vary equally).",
+                UserWarning, stacklevel=3,
+            )
+    return design
+
+
+def result_coordinates(design: Design, lfc_keys: Sequence[str], *, cell_names, gene_names,
+                       samples) -> tuple[dict, list[int], str]:
+    """Coordinates of the result, the design columns whose LFCs are stored (those of
+    ``lfc_keys``) and their dimension: ``"covariate"`` when all, else ``"covariate_sub"``."""
+    lfc_columns = [c for c, k in zip(design.covariate_columns, design.column_keys) if k in lfc_keys]
+    lfc_dim = "covariate" if len(lfc_columns) == len(design.covariate_columns) else "covariate_sub"
+    coords = {
+        "cell_name": np.asarray(cell_names).astype(str),
+        "covariate": design.covariate_names,
+        "gene": np.asarray(gene_names).astype(str),
+        "nuisance_term": [c for i, c in enumerate(design.columns) if i not in design.covariate_columns],
+        "sample": list(samples),
+        "design_column": design.columns,
+    }
+    if lfc_dim == "covariate_sub":
+        coords["covariate_sub"] = [design.columns[c] for c in lfc_columns]
+    return coords, lfc_columns, lfc_dim
+
+
+def lfc_outputs(coords: dict, lfc_dim: str, *, delta, credible_interval, store_baseline: bool,
+                max_in_memory_gb: float, zarr_path) -> tuple[dict, Path | None]:
+    """The LFC output variables (name -> dims, shape) and where they go: ``zarr_path``; a new
+    temporary store (with a warning naming it) when they exceed ``max_in_memory_gb``; else None
+    (memory). Pass both to :class:`mrvi_pyro._storage.CellArrays`."""
+    dims = ("cell_name", lfc_dim, "gene")
+    shape = tuple(len(coords[d]) for d in dims)
+    names = ["lfc", "lfc_std"] + (["pde"] if delta is not None else [])
+    names += ["lfc_lower", "lfc_upper"] if credible_interval is not None else []
+    variables = {name: (dims, shape) for name in names}
+    if store_baseline:
+        variables["baseline_expression"] = (("cell_name", "gene"), (shape[0], shape[2]))
+    size = lfc_output_bytes(shape[0], shape[1], shape[2], len(names), store_baseline)
+    if zarr_path is None and size > max_in_memory_gb * 1e9:
+        zarr_path = Path(tempfile.mkdtemp(prefix="mrvi_de_")) / "differential_expression.zarr"
+        warnings.warn(
+            f"The LFC outputs need {size / 1e9:.1f} GB, more than max_in_memory_gb={max_in_memory_gb}; "
+            f"they are written chunk by chunk to {zarr_path} and returned lazily. Pass zarr_path= to "
+            "choose the location.", UserWarning, stacklevel=3,
+        )
+    return variables, zarr_path
+
+
+def result_dataset(out: dict, design: Design, coords: dict, attrs: dict, *, sink: CellArrays | None = None,
+                   with_n_samples: bool = False):
+    """The result as an ``xarray.Dataset``: the per-cell tests and coefficients of ``out`` (from
+    :func:`differential_expression`), the design, ``attrs``, and the LFC outputs of an in-memory
+    ``sink`` (a zarr sink's are appended to its store by the caller). ``with_n_samples`` adds
+    the admissible samples per cell and warns about cells with too few for their tests."""
+    import xarray as xr
+
+    coords = {**coords, "latent_dim": np.arange(out["beta"].shape[-1])}
+    data_vars = {
+        "beta": (("cell_name", "covariate", "latent_dim"), out["beta"]),
+        "effect_size": (("cell_name", "covariate"), out["effect_size"]),
+        "pvalue": (("cell_name", "covariate"), out["pvalue"]),
+        "padj": (("cell_name", "covariate"), out["padj"]),
+        "nuisance_beta": (("cell_name", "nuisance_term", "latent_dim"), out["nuisance_beta"]),
+        "design_matrix": (("sample", "design_column"), design.matrix),
+    }
+    if with_n_samples:
+        data_vars["n_samples"] = (("cell_name",), out["n_samples"])
+        few = int(np.sum(out["df_residual"] < 1))
+        if few:
+            warnings.warn(
+                f"{few} cell(s) have fewer admissible samples than design columns + 1; their tests are NaN.",
+                UserWarning, stacklevel=3,
+            )
+    result = xr.Dataset(data_vars, coords=coords, attrs=attrs)
+    if sink is not None and not sink.on_disk:
+        for name, values in sink.arrays.items():
+            result[name] = (sink.variables[name][0], values)
+    return result
 
 
 # ------------------------------------------------------------------------------------------
@@ -1061,7 +1117,7 @@ def differential_expression(
     delta: float | None = 0.3,
     credible_interval: float | None = None,
     store_baseline: bool = False,
-    sink: LfcSink | None = None,
+    sink: CellArrays | None = None,
     paired: bool = True,
     regression_uncertainty: bool = True,
     linearized_draws: bool = True,
@@ -1102,7 +1158,8 @@ def differential_expression(
     eps_lfc, delta, credible_interval, store_baseline
         See the module docstring.
     sink
-        Destination of the LFC outputs (:class:`LfcSink`); required with ``store_lfc``.
+        Destination of the LFC outputs (:class:`mrvi_pyro._storage.CellArrays` with the variables
+        ``lfc``, ``lfc_std``, ... and ``baseline_expression``); required with ``store_lfc``.
     paired
         Pair the draws of the two arms (False: the reference's unpaired comparison).
     regression_uncertainty
@@ -1283,7 +1340,7 @@ def _store_lfc_chunk(module, sink, rows, loc, scale, draws, Z_mean, codes, X, w,
     S = len(codes)
     L = Z_mean.shape[-1]
     # split the cells so that the per-draw counterfactuals and LFC blocks stay bounded
-    per_cell = D * max(len(lfc_columns) * sink.shape[-1], S * L)
+    per_cell = D * max(len(lfc_columns) * sink.variables["lfc"][1][-1], S * L)
     sub = max(1, LFC_MAX_ELEMENTS // max(1, per_cell))
     for start in range(0, n, sub):
         sl = slice(start, start + sub)

@@ -339,12 +339,20 @@ class Replicas:
         torch.manual_seed(seed if self.same_draws else hash((int(seed), self.rank)) % 2**63)
 
     def all_reduce_gradients(self, params: list[torch.Tensor]) -> None:
-        """Sum the gradients of ``params`` (tensors with ``.grad``, or one flat parameter)
-        across ranks with one all-reduce; a missing gradient counts as zeros."""
+        """Sum the gradients of ``params`` (the trainable parameter tensors) across ranks with
+        one all-reduce. A gradient missing on some ranks counts as zeros there; one missing on
+        every rank stays missing (``None``), so that Adam skips that parameter as it does in one
+        process (e.g. the prior's while the KL weight is 0)."""
+        if not params:
+            return
+        present = torch.tensor([p.grad is not None for p in params], dtype=params[0].dtype, device=params[0].device)
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        all_reduce_([p.grad for p in params])
+        all_reduce_([*(p.grad for p in params), present])  # the presence counts ride in the same buffer
+        for p, count in zip(params, present.tolist()):
+            if count == 0:
+                p.grad = None
 
     def all_reduce_sum(self, values) -> np.ndarray:
         return all_reduce_sum(values)

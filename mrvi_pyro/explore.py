@@ -37,7 +37,7 @@ accumulated as float64 sums with ``index_add_`` (:class:`GroupedMean`), so memor
 O(chunk x S^2 + groups x S^2). Float64 sums of float32 values are exact for any realistic
 number of cells, so group means do not depend on the chunk order or size of the summation. The
 per-cell tensor goes either to a preallocated array or, chunk by chunk, to a zarr store
-(:class:`ZarrCellStore`) that is opened lazily; it is never assembled in RAM in that case.
+(:class:`mrvi_pyro._storage.CellArrays`) that is opened lazily; it is never assembled in RAM in that case.
 
 Stratification
 --------------
@@ -58,6 +58,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ._storage import CellArrays, open_store
 from .distributed import CellPartition
 from .posterior import iter_posterior_u
 
@@ -243,106 +244,11 @@ class GroupedMean:
         return (self.sums / self.counts[:, None, None]).float().numpy()
 
 
-# ----- per-cell sinks -----------------------------------------------------------------------
-class InMemoryCells:
-    """Preallocated (N, S, S) float32 array written chunk by chunk.
-
-    ``first`` is the position of its first row among all cells (a shard of a distributed
-    analysis holds rows ``first:first + n_cells``); :meth:`write` takes positions among all cells.
-    """
-
-    def __init__(self, n_cells: int, n_samples: int, first: int = 0):
-        self.values = np.empty((n_cells, n_samples, n_samples), dtype=np.float32)
-        self.first = int(first)
-
-    def write(self, start: int, block: np.ndarray) -> None:
-        start -= self.first
-        self.values[start : start + len(block)] = block
-
-
-class ZarrCellStore:
-    """An on-disk zarr store of per-cell distances, written chunk by chunk, read lazily.
-
-    The store is a plain xarray-compatible zarr group (format 3): coordinate arrays
-    ``cell_name``, ``sample_x``, ``sample_y`` and the array ``cell`` (cell_name, sample_x,
-    sample_y) chunked by ``chunk_cells`` cells. Further (small) variables can be added with
-    :meth:`add_variables`; :meth:`open` returns the whole store as an ``xarray.Dataset``
-    whose variables are loaded lazily (dask arrays when dask is installed, otherwise xarray's
-    lazily indexed backend arrays: selecting cells reads only their chunks).
-
-    Parameters
-    ----------
-    path
-        A directory that must not exist yet (it is created).
-    cell_names, sample_names
-        Coordinates.
-    chunk_cells
-        Cells per zarr chunk (the distance chunk size, so every write fills whole chunks).
-
-    :meth:`attach` opens an existing store for writing: the other ranks of a distributed
-    analysis write their cell ranges (whole chunks, so no two ranks touch one chunk).
-    """
-
-    def __init__(self, path: str | os.PathLike, cell_names: Iterable, sample_names: Iterable, chunk_cells: int):
-        import xarray as xr
-        import zarr
-
-        self.path = os.fspath(path)
-        if os.path.exists(self.path):
-            raise ValueError(f"zarr_path {self.path!r} already exists; choose a new path or remove it first.")
-        cells = np.asarray(list(cell_names), dtype=object)
-        samples = np.asarray([str(s) for s in sample_names], dtype=object)
-        coords = xr.Dataset(coords={"cell_name": cells, "sample_x": samples, "sample_y": samples})
-        coords.to_zarr(self.path, mode="w-", consolidated=False, zarr_format=3)
-        group = zarr.open_group(self.path, mode="a")
-        self.array = group.create_array(
-            "cell",
-            shape=(len(cells), len(samples), len(samples)),
-            chunks=(max(1, min(int(chunk_cells), len(cells))), len(samples), len(samples)),
-            dtype="float32",
-            fill_value=np.nan,
-            dimension_names=["cell_name", "sample_x", "sample_y"],
-        )
-
-    @classmethod
-    def attach(cls, path: str | os.PathLike) -> "ZarrCellStore":
-        """The store at ``path`` (written by another process's constructor), for writing."""
-        import zarr
-
-        store = cls.__new__(cls)
-        store.path = os.fspath(path)
-        store.array = zarr.open_group(store.path, mode="a")["cell"]
-        return store
-
-    def write(self, start: int, block: np.ndarray) -> None:
-        """Write ``block`` (n, S, S) at cells ``start:start + n``."""
-        self.array[start : start + len(block)] = block
-
-    def add_variables(self, dataset) -> None:
-        """Append the variables of a small in-memory ``xarray.Dataset`` to the store."""
-        dataset = dataset.assign_coords(
-            {name: np.asarray(values, dtype=object)
-             for name, values in dataset.coords.items() if values.dtype.kind in "OU"}
-        )
-        dataset.to_zarr(self.path, mode="a", consolidated=False)
-
-    def open(self):
-        """The store as an ``xarray.Dataset`` with lazily loaded variables."""
-        return open_distance_store(self.path)
-
-
+# ----- per-cell storage ---------------------------------------------------------------------
 def open_distance_store(path: str | os.PathLike):
-    """Open a store written by :class:`ZarrCellStore` lazily (dask arrays when dask is
-    installed, else lazily indexed arrays that read only the selected chunks)."""
-    import xarray as xr
-
-    try:
-        import dask  # noqa: F401
-
-        chunks = {}
-    except ImportError:
-        chunks = None
-    return xr.open_dataset(os.fspath(path), engine="zarr", chunks=chunks, consolidated=False, cache=False)
+    """Open a store of per-cell distances lazily (:func:`mrvi_pyro._storage.open_store`: dask
+    arrays when dask is installed, else lazily indexed arrays that read only the selected chunks)."""
+    return open_store(path)
 
 
 # ----- streamed distances with reductions ---------------------------------------------------
@@ -353,14 +259,14 @@ class LocalDistances:
     Attributes
     ----------
     cell
-        The per-cell sink (:class:`InMemoryCells` or :class:`ZarrCellStore`), or None.
+        The per-cell storage (:class:`mrvi_pyro._storage.CellArrays` with the variable ``cell``), or None.
     groups
         Group key -> (n_groups, S, S) float32 mean matrices.
     group_counts
         Group key -> (n_groups,) number of cells.
     """
 
-    cell: InMemoryCells | ZarrCellStore | None
+    cell: CellArrays | None
     groups: dict[str, np.ndarray]
     group_counts: dict[str, np.ndarray]
 
@@ -371,7 +277,7 @@ def local_sample_distances(
     indices: np.ndarray | None = None,
     *,
     groupings: dict[str, tuple[np.ndarray, int]] | None = None,
-    cell_sink: InMemoryCells | ZarrCellStore | None = None,
+    cell_sink: CellArrays | None = None,
     batch_size: int = 256,
     use_mean: bool = True,
     mc_samples: int = 10,
@@ -387,7 +293,8 @@ def local_sample_distances(
     groupings
         Key -> (codes, n_groups): codes (0..n_groups-1) for every cell of ``data``.
     cell_sink
-        Receives each chunk's (n, S, S) block at its position in ``indices`` (None: not kept).
+        Receives each chunk's (n, S, S) block in its variable ``cell``, at the chunk's position in
+        ``indices`` (None: not kept).
     batch_size, use_mean, mc_samples, normalize, norm, seed
         See :func:`iter_local_sample_distances`.
     partition
@@ -408,7 +315,7 @@ def local_sample_distances(
         for acc in accumulators.values():
             acc.add(chunk, dist)
         if cell_sink is not None:
-            cell_sink.write(start, dist.cpu().numpy())
+            cell_sink.write("cell", slice(start, start + len(chunk)), dist.cpu().numpy())
         start += len(chunk)
     partition.all_reduce_([t for acc in accumulators.values() for t in (acc.sums, acc.counts)])
     return LocalDistances(
@@ -589,7 +496,7 @@ def stratify_samples(group_means: np.ndarray, n_sample_clusters: int = 2, method
 
 
 __all__ = [
-    "GroupedMean", "InMemoryCells", "LINKAGE_METHODS", "LocalDistances", "NORMS", "ZarrCellStore",
+    "GroupedMean", "LINKAGE_METHODS", "LocalDistances", "NORMS",
     "cell_distance_summary", "check_norm", "check_positive", "chunk_bytes", "cluster_cells",
     "condensed_upper_triangle", "distance_features", "iter_cell_blocks", "iter_local_sample_distances",
     "iter_local_sample_representations", "leaf_order", "local_sample_distances", "open_distance_store",

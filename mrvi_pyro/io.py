@@ -4,8 +4,10 @@ A saved model is a directory with
 
 - ``model.pt`` -- the module's ``state_dict`` (tensors only; read back with
   ``torch.load(..., weights_only=True)``, so no code is ever unpickled);
-- ``model.json`` -- a format tag, the package version, the constructor arguments, the
-  registry (keys, category orders, genes) and the training history;
+- ``model.json`` -- a format tag, the package version, the names of the module class and the
+  guide (as registered, :mod:`mrvi_pyro.components`), the constructor arguments (which name the
+  likelihood, sample mapper and prior), the registry (keys, category orders, genes) and the
+  training history;
 - ``adata.h5ad`` -- the AnnData, when ``save_anndata=True``.
 
 Saving is atomic: the files are written into a temporary sibling directory that then replaces
@@ -26,7 +28,10 @@ import torch
 from ._safe_io import staged_directory
 
 FORMAT = "mrvi_pyro"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: the prior on ``u`` is a component (state-dict keys ``u_prior.*``, see
+:data:`mrvi_pyro.module.LEGACY_KEYS`), ``model.json`` names the module class and the guide.
+1: files of earlier versions (still read)."""
 WEIGHTS_FILE = "model.pt"
 METADATA_FILE = "model.json"
 ADATA_FILE = "adata.h5ad"

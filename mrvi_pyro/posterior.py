@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ._malloc import tune_malloc
+from ._malloc import tune_malloc_if_enabled
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
@@ -45,7 +45,8 @@ def iter_posterior_u(
     ``loc`` and ``scale`` are the posterior ``q(u | x, s)`` parameters (n, L_u); ``draws`` is
     ``None`` when ``n_draws`` is None, else (n_draws, n, L_u) reparameterised draws. Every
     analysis passes through here, so this is where its progress bar lives (and where the
-    allocator is tuned once, :func:`mrvi_pyro._malloc.tune_malloc`): ``progress_bar=None``
+    allocator is tuned once when ``mrvi_pyro.settings.tune_malloc`` is on,
+    :func:`mrvi_pyro._malloc.tune_malloc`): ``progress_bar=None``
     shows one on an interactive terminal when there is more than one chunk (tqdm's rule), True
     always, False never.
 
@@ -54,7 +55,7 @@ def iter_posterior_u(
     :class:`mrvi_pyro.distributed.CellPartition`): the generator first skips the draws of their
     chunks, so these cells get the draws one process gives them.
     """
-    tune_malloc()
+    tune_malloc_if_enabled()
     device = module_device(module)
     gen = make_generator(seed, device)
     was_training = module.training

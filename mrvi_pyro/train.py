@@ -4,8 +4,10 @@
 :func:`mrvi_pyro.model.model` signature, and torch parameters) on minibatches from a
 :class:`mrvi_pyro.data.CellData`. The ELBO is Pyro's ``Trace_ELBO`` used as a differentiable
 loss with a plain torch optimiser (Adam with gradient-norm clipping) on the module's own
-parameters: no global parameter store. Minibatches are ``subsample`` indices of the
-``cells`` plate, so each step's ELBO is an unbiased estimate of the full training-set ELBO.
+parameters: no global parameter store (a model or guide that creates ``pyro.param``
+parameters is refused before the first step, :func:`check_parameters_owned`). Minibatches are
+``subsample`` indices of the ``cells`` plate, so each step's ELBO is an unbiased estimate of the
+full training-set ELBO.
 
 The optimiser sees that estimate divided by the number of training cells: the per-cell mean
 loss of the minibatch, the scale the reference (scvi-tools) optimises. Adam is invariant to the
@@ -13,11 +15,13 @@ scale of the loss, but gradient-norm clipping (``clip_norm=40``) is not: on the 
 scale the gradient norm is N times larger and every step was clipped. The history records the
 share of clipped steps per epoch (``clipped_share``).
 
-Per-step overhead is kept low: parameters and gradients are views of one flat buffer while
-training (:class:`FlatParameters`: one zeroing, one norm, one clip, one fused Adam update),
-and on Linux the allocator keeps freed minibatch memory for reuse (:func:`tune_malloc`, which
-``MRVI_PYRO_TUNE_MALLOC=0`` turns off). Counts read from disk are read ahead
-(:meth:`mrvi_pyro.data.CellData.read_ahead`).
+The optimiser is ``torch.optim.Adam`` (the fused kernel where available) with
+``clip_grad_norm_(foreach=True)``: a hand-written flat-buffer Adam was measured against it and
+not kept (``benchmarks/results/optimizer_and_malloc.md``). A parameter without a gradient in a
+step (the prior's in the first KL warm-up epoch, where the KL weight is 0) is skipped by Adam: no
+weight decay, no moment update. With ``mrvi_pyro.settings.tune_malloc`` the allocator keeps freed
+minibatch memory for reuse (:func:`mrvi_pyro._malloc.tune_malloc`; off by default in the library).
+Counts read from disk are read ahead (:meth:`mrvi_pyro.data.CellData.read_ahead`).
 
 Inside a ``torch.distributed`` launch the same call trains data-parallel (the hooks are
 :class:`mrvi_pyro.distributed.Replicas`: each rank's slice of every global minibatch, one
@@ -37,10 +41,11 @@ import numpy as np
 import pandas as pd
 import pyro
 import torch
+from pyro import poutine
 from pyro.infer import Trace_ELBO
 from tqdm.auto import tqdm
 
-from ._malloc import tune_malloc
+from ._malloc import tune_malloc_if_enabled
 from .checkpoint import TrainingCheckpoint, TrainingState, data_identity
 from .data import CellData
 from .distributed import Replicas
@@ -93,79 +98,6 @@ def make_adam(params, **kwargs) -> torch.optim.Adam:
         return torch.optim.Adam(params, **kwargs)
 
 
-class FlatParameters:
-    """Parameters as views of one flat buffer, and their gradients as views of one flat gradient.
-
-    While active, every parameter's ``.data`` lives in ``self.flat`` and its ``.grad`` in
-    ``self.flat.grad`` (backward accumulates in place into an existing gradient), so zeroing,
-    the gradient norm, clipping and the Adam update each run as ONE operation on the whole
-    model instead of one per parameter tensor (74 for the default model): same maths, much less
-    per-step overhead at small batch sizes. :meth:`release` gives every parameter its own
-    storage back (training calls it on exit, also after an error).
-
-    One difference from torch's per-tensor Adam: a parameter that gets no gradient in a step
-    (the u and z prior parameters while the KL weight is 0 in the first warm-up epoch, or a
-    parameter the forward pass does not use) is not skipped but steps with a zero gradient --
-    weight decay still applies and the step count is shared -- which is how optax, and so the
-    reference's JAX backend, treats it. When every parameter gets a gradient the two agree to
-    float rounding (tested).
-
-    Parameters
-    ----------
-    params
-        Trainable parameters, all of one dtype and device.
-    """
-
-    def __init__(self, params: list[torch.nn.Parameter]):
-        self.params = params
-        sizes = [p.numel() for p in params]
-        flat = torch.empty(sum(sizes), dtype=params[0].dtype, device=params[0].device)
-        grad = torch.zeros_like(flat)
-        self.grads = []
-        for p, piece, piece_grad in zip(params, flat.split(sizes), grad.split(sizes)):
-            piece.copy_(p.detach().reshape(-1))
-            p.data = piece.view_as(p)
-            p.grad = piece_grad.view_as(p)
-            self.grads.append(p.grad)
-        self.flat = torch.nn.Parameter(flat)
-        self.flat.grad = grad
-
-    @staticmethod
-    def supported(params: list[torch.nn.Parameter]) -> bool:
-        """One dtype and device, dense, no parameter sharing storage with another."""
-        if not params:
-            return False
-        first = params[0]
-        ptrs = {p.data_ptr() for p in params}
-        return len(ptrs) == len(params) and all(
-            p.dtype == first.dtype and p.device == first.device and p.layout == torch.strided for p in params
-        )
-
-    def zero_grad(self) -> None:
-        self.flat.grad.zero_()
-
-    def check_grads(self) -> None:
-        """Re-attach gradients that autograd replaced instead of accumulating in place."""
-        for p, view in zip(self.params, self.grads):
-            if p.grad is not view:
-                if p.grad is not None:
-                    view.copy_(p.grad)
-                else:
-                    view.zero_()
-                p.grad = view
-
-    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        """Total gradient norm (before clipping); gradients scaled to at most ``max_norm``."""
-        total = torch.linalg.vector_norm(self.flat.grad)
-        self.flat.grad.mul_((max_norm / (total + 1e-6)).clamp_(max=1.0))
-        return total
-
-    def release(self) -> None:
-        for p in self.params:
-            p.data = p.data.clone()
-            p.grad = None
-
-
 def split_indices(n_obs: int, train_size: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Random train/validation split; ``train_size=1`` keeps every cell for training."""
     if not 0 < train_size <= 1:
@@ -187,6 +119,47 @@ def sample_balance_weights(sample_index: np.ndarray, n_samples: int) -> np.ndarr
 
 def _call_args(batch: dict) -> tuple:
     return batch["x"], batch["sample_index"], batch["batch_index"], batch["label_index"]
+
+
+def check_parameters_owned(module, data: CellData, cells: np.ndarray, n_obs: int, device) -> None:
+    """``ValueError`` when the model or guide uses Pyro parameters that ``module`` does not own.
+
+    :func:`train_svi` optimises ``module.parameters()`` only, so a ``pyro.param`` created inside
+    the guide or the model (kept in Pyro's global parameter store) would silently stay at its
+    initial value, and would not be saved with the model either. Both programs are run once on
+    ``cells`` under ``poutine.trace``; every ``param`` site must be a parameter of the module
+    (as the parameters of a :class:`pyro.nn.PyroModule` are). The run uses evaluation mode, no
+    gradients and a forked random state, so training is unchanged by it.
+    """
+    owned = {id(p) for p in module.parameters()}
+    was_training = module.training
+    module.eval()
+    fork_devices = [device.index or 0] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=fork_devices), torch.no_grad(), pyro.validation_enabled(False):
+            args = _call_args(data.batch(cells, device))
+            kwargs = {"n_obs": n_obs, "subsample": torch.arange(len(cells), device=device)}
+            guide_trace = poutine.trace(module.guide).get_trace(*args, **kwargs)
+            model_trace = poutine.trace(poutine.replay(module.model, trace=guide_trace)).get_trace(*args, **kwargs)
+    finally:
+        module.train(was_training)
+    store = dict(pyro.get_param_store().named_parameters())
+    foreign = {
+        program: sorted(name for name, site in trace.nodes.items()
+                        if site["type"] == "param" and id(store.get(name)) not in owned)
+        for program, trace in (("guide", guide_trace), ("model", model_trace))
+    }
+    foreign = {program: names for program, names in foreign.items() if names}
+    if foreign:
+        found = "; ".join(f"the {program} creates {names}" for program, names in foreign.items())
+        raise ValueError(
+            f"Pyro parameters that the module does not own: {found}. Training optimises the module's "
+            "parameters only, so these would keep their initial values (and would not be saved). Make "
+            "each one a torch.nn.Parameter of the module instead of a pyro.param: subclass MrVIModule, "
+            "create it in __init__ (self.name = nn.Parameter(...)) and read module.name in the program "
+            "(a pyro.nn.PyroModule with PyroParam attributes works too); use the subclass through "
+            "MRVI._module_cls."
+        )
 
 
 def evaluate_loss(module, data: CellData, indices: np.ndarray, *, batch_size: int, device, kl_weight=1.0,
@@ -287,7 +260,9 @@ def train_svi(
     TrainingDivergedError
         When the loss or gradient becomes non-finite (no update is applied with it).
     ValueError
-        For an invalid argument, or a ``checkpoint_dir`` that cannot be used; in data-parallel
+        For an invalid argument, or a ``checkpoint_dir`` that cannot be used; when the model or
+        guide creates Pyro parameters (``pyro.param``) that are not parameters of ``module``
+        (:func:`check_parameters_owned`): those would never be optimised; in data-parallel
         training also (on every rank) when the ranks disagree on the data, the model or the
         arguments, or the world size does not divide ``batch_size``.
     """
@@ -358,20 +333,16 @@ def train_svi(
     if resume is not None:
         module.load_state_dict(resume.module)
         train_idx, val_idx = resume.train_indices, resume.validation_indices
-    tune_malloc()
+    tune_malloc_if_enabled()
     module.to(device)
+    check_parameters_owned(module, data, train_idx[: min(batch_size, 16)], len(train_idx), device)
     params = [p for p in module.parameters() if p.requires_grad]
-    flat = FlatParameters(params) if FlatParameters.supported(params) else None
     if replicas is not None:
-        replicas.broadcast_parameters([flat.flat] if flat is not None else params)
-    try:
-        return _train_loop(
-            module, data, flat, params, train_idx, val_idx, rng, max_epochs=max_epochs, **settings,
-            device=device, progress_bar=progress_bar, checkpoint=checkpoint, resume=resume, replicas=replicas,
-        )
-    finally:
-        if flat is not None:
-            flat.release()
+        replicas.broadcast_parameters(params)
+    return _train_loop(
+        module, data, params, train_idx, val_idx, rng, max_epochs=max_epochs, **settings,
+        device=device, progress_bar=progress_bar, checkpoint=checkpoint, resume=resume, replicas=replicas,
+    )
 
 
 @contextlib.contextmanager
@@ -403,7 +374,7 @@ def _minibatches(order: np.ndarray, batch_size: int, replicas: Replicas | None) 
     return steps
 
 
-def _train_loop(module, data, flat, params, train_idx, val_idx, rng, *, max_epochs, batch_size, lr, weight_decay,
+def _train_loop(module, data, params, train_idx, val_idx, rng, *, max_epochs, batch_size, lr, weight_decay,
                 eps, clip_norm, n_epochs_kl_warmup, early_stopping, early_stopping_patience,
                 early_stopping_min_delta, scale_observations, seed, device, progress_bar, checkpoint,
                 resume, replicas=None) -> "TrainingResult":
@@ -411,7 +382,7 @@ def _train_loop(module, data, flat, params, train_idx, val_idx, rng, *, max_epoc
     weights = (
         sample_balance_weights(data.sample_index, data.registry.n_samples) if scale_observations else None
     )
-    optimizer = make_adam([flat.flat] if flat is not None else params, lr=lr, eps=eps, weight_decay=weight_decay)
+    optimizer = make_adam(params, lr=lr, eps=eps, weight_decay=weight_decay)
     elbo = Trace_ELBO()
     rows, best, since_best, stopped, first = [], np.inf, 0, False, 0
     fork_devices = [device.index or 0] if device.type == "cuda" else []
@@ -454,19 +425,11 @@ def _train_loop(module, data, flat, params, train_idx, val_idx, rng, *, max_epoc
                         "Try a lower learning rate (e.g. lr=5e-4), a smaller clip_norm, or check "
                         "that the counts are raw integers."
                     )
-                if flat is not None:
-                    flat.zero_grad()
-                    loss.backward()
-                    flat.check_grads()
-                    if replicas is not None:
-                        replicas.all_reduce_gradients([flat.flat])
-                    grad_norm = flat.clip_grad_norm_(clip_norm)
-                else:
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if replicas is not None:
-                        replicas.all_reduce_gradients(params)
-                    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_norm, foreach=True)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if replicas is not None:
+                    replicas.all_reduce_gradients(params)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_norm, foreach=True)
                 if not torch.isfinite(grad_norm):
                     raise TrainingDivergedError(
                         f"The {'loss or ' if replicas is not None else ''}gradient became non-finite at epoch {epoch} "

@@ -53,7 +53,6 @@ _LIGHTNING = "no Lightning trainer: one device, chosen by device= ('auto', 'cpu'
 DIFFERENCES = {
     ("__init__", "adata"): "required: a model is built on a registered AnnData",
     ("__init__", "registry"): "no AnnDataManager registry object; load() restores a saved model",
-    ("__init__", "model_kwargs"): "the constructor arguments are named (keyword-only), not **model_kwargs",
     ("setup_anndata", "sample_key"): "required (no default): MrVI needs samples",
     ("setup_anndata", "kwargs"): "no extra registry fields",
     ("train", "accelerator"): _LIGHTNING,

@@ -250,6 +250,25 @@ def test_does_not_modify_adata(trained_model, sim_adata):
     assert small.obs.equals(obs) and set(small.uns) == uns_keys and set(small.obsm) == obsm_keys
 
 
+def test_log_enrichment_pools_the_eligible_complement():
+    """``da.log_enrichment`` (what the facade calls): a group against the other eligible samples;
+    a level holding every eligible sample has no complement, is NaN and warns."""
+    rng = np.random.default_rng(0)
+    log_probs = rng.normal(size=(6, 4))
+    cell_sample = np.array([0, 1, 2, 3, 0, 2])
+    membership = np.array([[1, 0], [1, 0], [0, 1], [0, 1]], dtype=bool)
+    eligible = np.array([True, True, True, False])
+    got = da.log_enrichment(log_probs, cell_sample, membership, omit_original_sample=False, eligible=eligible)
+    expected = (da.group_log_probs(log_probs, cell_sample, membership[:, :1], omit_original_sample=False)
+                - da.group_log_probs(log_probs, cell_sample, np.array([[0], [0], [1], [0]], dtype=bool),
+                                     omit_original_sample=False))
+    np.testing.assert_allclose(got[:, :1], expected)
+    with pytest.warns(UserWarning, match="All samples have disease='d'; its log enrichment is NaN"):
+        only = da.log_enrichment(log_probs, cell_sample, np.ones((4, 1), dtype=bool), omit_original_sample=False,
+                                 level_names=["d"], covariate="disease")
+    assert np.isnan(only).all()
+
+
 def test_key_added_writes_per_cell_log_ratios_to_obs(small_adata):
     from mrvi_pyro import MRVI
 

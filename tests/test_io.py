@@ -125,14 +125,8 @@ def test_architecture_3_round_trip(small_adata, tmp_path):
     keys = module.state_dict().keys()
     assert "sample_mapper.attention.in_proj.weight" in keys and "decoder.nuisance.kv_token.weight" in keys
     assert not any("q_lift" in k for k in keys)
-    import mrvi_pyro.api
-
-    original = mrvi_pyro.api.ARCHITECTURE
-    mrvi_pyro.api.ARCHITECTURE = 3
-    try:
-        model = MRVI(small_adata, n_latent=8, n_latent_u=4)
-    finally:
-        mrvi_pyro.api.ARCHITECTURE = original
+    model = MRVI(small_adata, n_latent=8, n_latent_u=4, architecture=3)  # a module argument since format 2
+    assert "sample_mapper.attention.in_proj.weight" in model.module.state_dict()
     model.save(tmp_path / "m")
     loaded = MRVI.load(tmp_path / "m", adata=small_adata)
     assert loaded.init_params["architecture"] == 3

@@ -1,6 +1,7 @@
 """Training: learning planted structure, reproducibility, early stopping, divergence, devices."""
 
 import numpy as np
+import pyro
 import pytest
 import torch
 
@@ -24,7 +25,8 @@ def test_history_and_validation_elbo_decreases(trained_model):
     assert history["elbo_validation"].iloc[-1] < history["elbo_validation"].iloc[20]
     assert history["elbo_validation"].iloc[-1] < history["elbo_validation"].iloc[0]
     split = trained_model.training_result
-    assert len(split.validation_indices) == 200 and len(np.intersect1d(split.train_indices, split.validation_indices)) == 0
+    assert len(split.validation_indices) == 200
+    assert len(np.intersect1d(split.train_indices, split.validation_indices)) == 0
 
 
 def test_u_separates_cell_types_and_mixes_batches(trained_model, sim_adata):
@@ -145,68 +147,16 @@ def test_seeded_initialisation(small_adata):
     assert not torch.equal(a.module.encoder.loc.weight, c.module.encoder.loc.weight)
 
 
-def test_flat_parameter_training_equals_per_tensor_training(small_adata, monkeypatch):
-    """One flat buffer for parameters and gradients changes the overhead, not the maths."""
-    from mrvi_pyro import train as train_module
-
+def test_parameters_without_a_gradient_are_not_stepped(small_adata):
+    """torch's Adam skips a parameter without a gradient: the prior's parameters, masked out while
+    the KL weight is 0 (first warm-up epoch), keep their values even under weight decay."""
     model = MRVI(small_adata, n_latent=8, n_latent_u=4)
-    init = _params(model)
-    # No clipping, no weight decay, no KL warm-up: the runs must then agree to rounding (Adam is
-    # elementwise; the fused kernel rounds an element differently when it falls in a vector
-    # lane rather than a scalar tail). The flat step differs from torch's per-tensor Adam only
-    # for parameters that get no gradient in a step (see FlatParameters), which these settings
-    # rule out.
-    model.train(max_epochs=3, seed=2, progress_bar=False, clip_norm=1e12, weight_decay=0.0, n_epochs_kl_warmup=0)
-    flat_params = _params(model)
-    # released afterwards: every parameter has its own storage again, and no gradient
-    ptrs = [p.data_ptr() for p in model.module.parameters()]
-    assert len(set(ptrs)) == len(ptrs) and all(p.grad is None for p in model.module.parameters())
-
-    monkeypatch.setattr(train_module.FlatParameters, "supported", staticmethod(lambda params: False))
-    model.module.load_state_dict(init)
-    model.train(max_epochs=3, seed=2, progress_bar=False, clip_norm=1e12, weight_decay=0.0, n_epochs_kl_warmup=0)
-    per_tensor = _params(model)
-    changed = 0
-    for key in init:
-        torch.testing.assert_close(flat_params[key], per_tensor[key], rtol=1e-5, atol=1e-6)
-        changed += not torch.equal(flat_params[key], init[key])
-    assert changed > 0.8 * len(init)
-
-
-def test_flat_clipping_matches_torch():
-    from mrvi_pyro.train import FlatParameters
-
-    torch.manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(*shape)) for shape in [(3, 4), (5,), (2, 2, 2)]]
-    flat = FlatParameters(params)
-    assert flat.flat.grad.data_ptr() == params[0].grad.data_ptr()
-    for p in params:
-        p.grad.copy_(torch.randn_like(p) * 10)
-    expected = [p.grad.clone() for p in params]
-    reference = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    for r, g in zip(reference, expected):
-        r.grad = g.clone()
-    want = torch.nn.utils.clip_grad_norm_(reference, 5.0)
-    got = flat.clip_grad_norm_(5.0)
-    torch.testing.assert_close(got, want)
-    for p, r in zip(params, reference):
-        torch.testing.assert_close(p.grad, r.grad)
-    # parameter values live in the flat buffer: an update of the buffer is seen by the parameters
-    with torch.no_grad():
-        flat.flat.add_(1.0)
-    torch.testing.assert_close(params[1].detach(), reference[1].detach() + 1.0)
-    flat.release()
-    assert params[0].grad is None and params[0].data_ptr() != params[1].data_ptr()
-
-
-def test_flat_parameters_released_after_divergence(small_adata):
-    model = MRVI(small_adata, n_latent=8, n_latent_u=4)
-    with torch.no_grad():
-        model.module.decoder.linear.bias[3] = float("nan")
-    with pytest.raises(TrainingDivergedError):
-        model.train(max_epochs=1, progress_bar=False)
-    ptrs = [p.data_ptr() for p in model.module.parameters()]
-    assert len(set(ptrs)) == len(ptrs)
+    before = _params(model)
+    model.train(max_epochs=1, n_epochs_kl_warmup=20, weight_decay=1e-2, progress_bar=False)
+    after = _params(model)
+    for key in ("u_prior.logits", "u_prior.means", "u_prior.log_scales"):
+        torch.testing.assert_close(after[key], before[key], rtol=0, atol=0)
+    assert not torch.equal(after["encoder.loc.weight"], before["encoder.loc.weight"])
 
 
 def test_malloc_tuning_applies_once_and_can_be_turned_off():
@@ -220,3 +170,101 @@ def test_malloc_tuning_applies_once_and_can_be_turned_off():
     assert off.stdout.split() == ["False", "False"]
     if sys.platform.startswith("linux"):
         assert on.stdout.split() == ["True", "True"]
+
+
+def test_malloc_tuning_is_opt_in_for_library_calls():
+    """Training and analyses leave a user's process allocator alone unless settings.tune_malloc."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import mrvi_pyro; from mrvi_pyro import MRVI, _malloc\n"
+        "a = mrvi_pyro.datasets.simulate(n_cells=120, n_genes=40, n_samples=4, seed=0, n_de_genes=5, n_group_genes=5)\n"
+        "MRVI.setup_anndata(a, sample_key='sample', batch_key='batch')\n"
+        "m = MRVI(a, n_latent=4, n_latent_u=2); m.train(max_epochs=1, progress_bar=False)\n"
+        "m.get_latent_representation(); print(_malloc._MALLOC_TUNED)\n"
+        "mrvi_pyro.settings.tune_malloc = True; m.get_latent_representation(); print(_malloc._MALLOC_TUNED)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "MRVI_PYRO_TUNE_MALLOC"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    lines = out.stdout.split("\n")
+    assert lines[0] == "[]"  # never called by default
+    assert lines[1] == ("[True]" if sys.platform.startswith("linux") else "[False]")
+    cli = ("from mrvi_pyro import cli, _malloc\ntry:\n    cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
+           "print(_malloc._MALLOC_TUNED)")
+    out = subprocess.run([sys.executable, "-c", cli], capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.split("\n")[-2] == ("[True]" if sys.platform.startswith("linux") else "[False]")  # CLI: on
+    import mrvi_pyro
+
+    with pytest.raises(TypeError, match="tune_malloc must be True or False"):
+        mrvi_pyro.settings.tune_malloc = "yes"
+
+
+def _guide_with_pyro_param(module, x, sample_index, batch_index, label_index=None, *, n_obs=None, subsample=None,
+                           kl_weight=1.0, cell_scale=None):
+    """The MrVI guide with a global learnable scale on u kept in Pyro's param store."""
+    from pyro import distributions as dist
+
+    from mrvi_pyro.model import cells_plate, kl_scale
+
+    log_scale = pyro.param("u_extra_log_scale", torch.zeros(module.config["n_latent_u"]))
+    with cells_plate(x, n_obs, subsample, cell_scale), kl_scale(kl_weight):
+        loc, scale = module.encode_u(x, sample_index)
+        u = pyro.sample("u", dist.Normal(loc, scale * log_scale.exp()).to_event(1))
+        pyro.sample("z", dist.Delta(module.counterfactual_z(u, sample_index), event_dim=1))
+
+
+def test_parameters_outside_the_module_are_refused(small_adata):
+    """A pyro.param in the guide would never be optimised: training refuses it before any step."""
+    model = MRVI(small_adata, n_latent=8, n_latent_u=4, guide=_guide_with_pyro_param)
+    before = _params(model)
+    with pytest.raises(ValueError, match=r"the guide creates \['u_extra_log_scale'\].*nn\.Parameter"):
+        model.train(max_epochs=1, progress_bar=False)
+    for key, value in before.items():
+        torch.testing.assert_close(model.module.state_dict()[key], value, rtol=0, atol=0)
+    assert not model.is_trained
+
+
+def test_module_parameters_used_by_the_guide_are_owned_and_trained(small_adata):
+    """The remedy the error names: a subclass owns the parameter, so it is optimised. Parameter
+    sites of module parameters (``pyro.module``, PyroModule attributes) are accepted."""
+    from pyro import distributions as dist
+
+    from mrvi_pyro import MrVIModule
+    from mrvi_pyro.data import CellData, get_registry
+    from mrvi_pyro.model import cells_plate, kl_scale
+    from mrvi_pyro.train import train_svi
+
+    class ScaledU(MrVIModule):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.u_extra_log_scale = torch.nn.Parameter(torch.zeros(self.config["n_latent_u"]))
+
+    def guide(module, x, sample_index, batch_index, label_index=None, *, n_obs=None, subsample=None,
+              kl_weight=1.0, cell_scale=None):
+        pyro.module("mrvi", module)  # param sites, all owned by the module
+        with cells_plate(x, n_obs, subsample, cell_scale), kl_scale(kl_weight):
+            loc, scale = module.encode_u(x, sample_index)
+            u = pyro.sample("u", dist.Normal(loc, scale * module.u_extra_log_scale.exp()).to_event(1))
+            pyro.sample("z", dist.Delta(module.counterfactual_z(u, sample_index), event_dim=1))
+
+    torch.manual_seed(0)
+    module = ScaledU(small_adata.n_vars, 6, 2, n_latent=8, n_latent_u=4, guide=guide)
+    train_svi(module, CellData(small_adata, get_registry(small_adata)), max_epochs=2, progress_bar=False)
+    assert "mrvi$$$u_extra_log_scale" in dict(pyro.get_param_store().named_parameters())
+    assert module.u_extra_log_scale.abs().max() > 0  # optimised
+
+
+def test_ownership_check_leaves_training_unchanged(small_adata, monkeypatch):
+    from mrvi_pyro import train as train_module
+
+    runs = []
+    for check in (True, False):
+        if not check:
+            monkeypatch.setattr(train_module, "check_parameters_owned", lambda *args: None)
+        model = MRVI(small_adata, n_latent=8, n_latent_u=4)
+        model.train(max_epochs=2, progress_bar=False)
+        runs.append(_params(model))
+    for key, value in runs[0].items():
+        torch.testing.assert_close(runs[1][key], value, rtol=0, atol=0)
