@@ -9,7 +9,9 @@ epochs (batch 128, no validation set) in a fresh process (peak RSS from ``_harne
   (a read per row; how backed minibatches were read before);
 - ``backed``: the same file through :class:`mrvi_pyro.data.BackedCSRRows` (one HDF5 read per
   array per minibatch), without read-ahead (``MRVI_PYRO_READ_AHEAD=0``);
-- ``backed + read-ahead``: as above, the next minibatches read by a worker process (default).
+- ``backed + read-ahead``: as above, the next minibatches read by a worker process
+  (``MRVI_PYRO_READ_AHEAD=1``; by default it is used when torch leaves a core free or the model
+  runs on a GPU).
 
 Each is run with 1 torch thread and with torch's default thread count, ``--repeats`` times
 interleaved (a shared machine is noisy), and the table reports the median wall-clock
