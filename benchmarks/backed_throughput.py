@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -136,6 +137,7 @@ def main() -> None:
         print(f"{r['threads']:>7}  {r['mode']:<22} {r['cells_per_s']:>8.0f} {r['vs_memory']:>9.2f} "
               f"{r['cpu_s_per_1000_cells']:>16.3f} {r['cpu_vs_memory']:>13.2f} {r['worker_cpu']:>11.3f} "
               f"{r['peak_rss_gb']:>11.2f}")
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
