@@ -9,7 +9,9 @@ epochs (batch 128, no validation set) in a fresh process (peak RSS from ``_harne
   (a read per row; how backed minibatches were read before);
 - ``backed``: the same file through :class:`mrvi_pyro.data.BackedCSRRows` (one HDF5 read per
   array per minibatch), without read-ahead (``MRVI_PYRO_READ_AHEAD=0``);
-- ``backed + read-ahead``: as above, the next minibatches read by a worker process (default).
+- ``backed + read-ahead``: as above, the next minibatches read by a worker process
+  (``MRVI_PYRO_READ_AHEAD=1``; by default it is used when torch leaves a core free or the model
+  runs on a GPU).
 
 Each is run with 1 torch thread and with torch's default thread count, ``--repeats`` times
 interleaved (a shared machine is noisy), and the table reports the median wall-clock
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -134,6 +137,7 @@ def main() -> None:
         print(f"{r['threads']:>7}  {r['mode']:<22} {r['cells_per_s']:>8.0f} {r['vs_memory']:>9.2f} "
               f"{r['cpu_s_per_1000_cells']:>16.3f} {r['cpu_vs_memory']:>13.2f} {r['worker_cpu']:>11.3f} "
               f"{r['peak_rss_gb']:>11.2f}")
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -457,13 +457,18 @@ class CellData:
         For counts in a backed .h5ad (CSR, opened read-only) the minibatches are read ahead by a
         worker process (a ``torch.utils.data.DataLoader`` worker that opens the file itself and
         reads the next two minibatches while the caller uses the current one), so reading
-        overlaps with training. In-memory counts, other backed formats or modes, and backed ones
-        when the environment variable ``MRVI_PYRO_READ_AHEAD=0`` is set, are read in place. (A
-        thread would not help: h5py holds the GIL while it reads.)
+        overlaps with training -- when a core is free for it: the model runs on a GPU, or torch
+        uses fewer threads than there are cores (otherwise the worker only competes with torch's
+        threads; measured in ``benchmarks/backed_throughput.py``). The environment variable
+        ``MRVI_PYRO_READ_AHEAD`` overrides that choice (``1`` on, ``0`` off). In-memory counts and
+        other backed formats or modes are read in place. (A thread would not help: h5py holds
+        the GIL while it reads.)
         """
         cell_lists = [np.asarray(cells, dtype=np.int64) for cells in cell_lists]
-        in_worker = self._backed_rows is not None and self._read_only  # a writable file is locked by HDF5
-        if not in_worker or os.environ.get("MRVI_PYRO_READ_AHEAD", "1") == "0":
+        setting = os.environ.get("MRVI_PYRO_READ_AHEAD", "auto")
+        free_core = torch.device(device).type != "cpu" or torch.get_num_threads() < (os.cpu_count() or 1)
+        wanted = setting == "1" or (setting != "0" and free_core)
+        if not (wanted and self._backed_rows is not None and self._read_only):  # HDF5 locks a writable file
             for cells in cell_lists:
                 yield self.batch(cells, device)
             return

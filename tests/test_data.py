@@ -192,7 +192,8 @@ def test_backed_csr_rows_match_the_matrix(raw, tmp_path, compression):
         np.testing.assert_array_equal(got, dense[rows])
 
 
-def test_read_ahead_yields_the_batches_in_order(raw, tmp_path):
+def test_read_ahead_yields_the_batches_in_order(raw, tmp_path, monkeypatch):
+    monkeypatch.setenv("MRVI_PYRO_READ_AHEAD", "1")  # the worker, whatever the cores and threads
     dense, backed = _backed_csr(raw, tmp_path)
     MRVI.setup_anndata(backed, sample_key="sample", batch_key="batch")
     data = CellData(backed, get_registry(backed))
@@ -208,8 +209,9 @@ def test_read_ahead_yields_the_batches_in_order(raw, tmp_path):
     reads.close()  # leaving early waits for the pending read and stops the thread
 
 
-def test_backed_training_equals_in_memory_training(raw, tmp_path):
+def test_backed_training_equals_in_memory_training(raw, tmp_path, monkeypatch):
     """Reading the counts from disk (with read-ahead) changes nothing in what is learned."""
+    monkeypatch.setenv("MRVI_PYRO_READ_AHEAD", "1")
     dense, backed = _backed_csr(raw, tmp_path)
     memory = raw.copy()
     memory.X = dense
@@ -224,11 +226,12 @@ def test_backed_training_equals_in_memory_training(raw, tmp_path):
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=name)
 
 
-def test_a_writable_backed_file_is_read_in_place_and_rechecked(raw, tmp_path):
+def test_a_writable_backed_file_is_read_in_place_and_rechecked(raw, tmp_path, monkeypatch):
     """Opened r+, the file is locked against a second reader and its counts may change: no
     read-ahead worker, and the fingerprint is checked again on each use."""
     import anndata
 
+    monkeypatch.setenv("MRVI_PYRO_READ_AHEAD", "1")  # asked for, but a writable file is read in place
     dense, read_only = _backed_csr(raw, tmp_path)
     read_only.file.close()
     writable = anndata.read_h5ad(tmp_path / "a.h5ad", backed="r+")
