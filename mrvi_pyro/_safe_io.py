@@ -21,6 +21,8 @@ import os
 import re
 import secrets
 import shutil
+import signal
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -156,6 +158,30 @@ class StagedPath:
 
 
 @contextlib.contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) until the block has ended, then deliver it.
+
+    Used around the short sequences of renames and removals that must not be cut half-way
+    (creating a staging directory, moving it into place): an interrupt inside them would leave
+    a stray sibling. Outside the main thread (where signal handlers cannot be set) it does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            if callable(previous):
+                previous(signal.SIGINT, None)  # Python's default handler raises KeyboardInterrupt
+            elif previous == signal.SIG_DFL:
+                os.kill(os.getpid(), signal.SIGINT)
+
+
+@contextlib.contextmanager
 def staged_directory(path: str | os.PathLike, *, overwrite: bool, what: str,
                      replaceable: Callable[[Path], str | None],
                      flag: str = "overwrite=True") -> Iterator[Path]:
@@ -165,13 +191,16 @@ def staged_directory(path: str | os.PathLike, *, overwrite: bool, what: str,
     ``KeyboardInterrupt``), the temporary directory is removed and ``path`` is untouched.
     """
     staged = StagedPath(path, overwrite=overwrite, what=what, replaceable=replaceable, flag=flag)
-    staged.staging.mkdir()
+    with deferred_interrupts():
+        staged.staging.mkdir()
     try:
         yield staged.staging
     except BaseException:
-        staged.discard()
+        with deferred_interrupts():
+            staged.discard()
         raise
-    staged.commit()
+    with deferred_interrupts():  # a Ctrl-C here arrives once the new version is in place
+        staged.commit()
 
 
 def move_into(source: Path, target: Path) -> None:

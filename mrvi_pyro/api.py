@@ -391,7 +391,7 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
         complete one). Calling ``train`` again with the same ``checkpoint_dir``, data and
         arguments -- in this process or a new one, on a freshly built ``MRVI`` -- resumes after
         the last complete epoch and continues to ``max_epochs`` (which may be raised); on CPU
-        the result equals that of an uninterrupted run. A checkpoint of another configuration,
+        (same torch thread count) the result equals that of an uninterrupted run. A checkpoint of another configuration,
         other training arguments or other data is refused naming what differs, and a
         non-empty directory that is not a checkpoint is refused; neither is changed.
 

@@ -26,6 +26,16 @@ _SOURCE = str(Path(mrvi_pyro.__file__).resolve().parents[1])
 _ENV = {**os.environ, "PYTHONPATH": _SOURCE, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Runs compared here train in this process and in subprocesses started with one thread;
+    float reductions depend on the thread count, so this process uses one thread too."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _data(seed=1, n_cells=150):
     adata = mrvi_pyro.datasets.simulate(n_cells=n_cells, n_genes=20, n_samples=4, seed=seed, n_de_genes=4,
                                         n_group_genes=4)

@@ -456,3 +456,26 @@ def test_random_inputs_give_a_clear_error_or_a_finite_result_and_are_never_modif
     np.testing.assert_array_equal(dense[1], dense[0])  # NaNs compare equal here
     pd.testing.assert_frame_equal(adata.obs, obs_before)
     pd.testing.assert_frame_equal(adata.var, var_before)
+
+
+def test_ctrl_c_inside_a_staged_commit_is_delivered_after_it(tmp_path, monkeypatch):
+    """A SIGINT that arrives while a staged directory is moved into place is held until the
+    move is complete: the target is the new version and no staging sibling is left."""
+    import os
+    import signal
+
+    from mrvi_pyro import _safe_io
+
+    target = tmp_path / "out"
+    real_replace = _safe_io.replace_directory
+
+    def replace_with_interrupt(staging, path):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of the commit
+        real_replace(staging, path)
+
+    monkeypatch.setattr(_safe_io, "replace_directory", replace_with_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        with _safe_io.staged_directory(target, overwrite=False, what="out", replaceable=lambda p: None) as staging:
+            (staging / "new.txt").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert (target / "new.txt").read_text() == "new"
