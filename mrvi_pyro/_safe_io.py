@@ -118,21 +118,23 @@ def remove_stale_siblings(path: Path) -> None:
 def replace_directory(new: Path, path: Path) -> None:
     """Move the directory ``new`` to ``path``, discarding what ``path`` held before.
 
-    The old content is removed only after the new one is in place.
+    The old content is removed only after the new one is in place. A Ctrl-C during the swap
+    is delivered once it is complete (:func:`deferred_interrupts`), so no sibling is left.
     """
-    if not path.exists():
+    with deferred_interrupts():
+        if not path.exists():
+            os.replace(new, path)
+            return
+        if path.is_dir() and not any(path.iterdir()):
+            os.replace(new, path)  # rename(2) replaces an empty directory atomically
+            return
+        if _exchange(new, path):
+            shutil.rmtree(new)  # now holds the old content
+            return
+        old = sibling(path, "old")
+        os.replace(path, old)
         os.replace(new, path)
-        return
-    if path.is_dir() and not any(path.iterdir()):
-        os.replace(new, path)  # rename(2) replaces an empty directory atomically
-        return
-    if _exchange(new, path):
-        shutil.rmtree(new)  # now holds the old content
-        return
-    old = sibling(path, "old")
-    os.replace(path, old)
-    os.replace(new, path)
-    shutil.rmtree(old)
+        shutil.rmtree(old)
 
 
 class StagedPath:
@@ -154,7 +156,8 @@ class StagedPath:
         return self.target
 
     def discard(self) -> None:
-        shutil.rmtree(self.staging, ignore_errors=True)
+        with deferred_interrupts():
+            shutil.rmtree(self.staging, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -162,8 +165,9 @@ def deferred_interrupts() -> Iterator[None]:
     """Hold Ctrl-C (SIGINT) until the block has ended, then deliver it.
 
     Used around the short sequences of renames and removals that must not be cut half-way
-    (creating a staging directory, moving it into place): an interrupt inside them would leave
-    a stray sibling. Outside the main thread (where signal handlers cannot be set) it does nothing.
+    (creating a staging directory, swapping it into place, removing it): an interrupt inside
+    them would leave a stray sibling. Every writer goes through :func:`replace_directory` and
+    :meth:`StagedPath.discard`, so all of them get this. Outside the main thread (where signal handlers cannot be set) it does nothing.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -196,11 +200,9 @@ def staged_directory(path: str | os.PathLike, *, overwrite: bool, what: str,
     try:
         yield staged.staging
     except BaseException:
-        with deferred_interrupts():
-            staged.discard()
+        staged.discard()
         raise
-    with deferred_interrupts():  # a Ctrl-C here arrives once the new version is in place
-        staged.commit()
+    staged.commit()  # a Ctrl-C during the swap arrives once the new version is in place
 
 
 def move_into(source: Path, target: Path) -> None:

@@ -467,15 +467,17 @@ def test_ctrl_c_inside_a_staged_commit_is_delivered_after_it(tmp_path, monkeypat
     from mrvi_pyro import _safe_io
 
     target = tmp_path / "out"
-    real_replace = _safe_io.replace_directory
+    target.mkdir()
+    (target / "old.txt").write_text("old")  # a previous version, so the swap has several steps
+    real_exchange = _safe_io._exchange
 
-    def replace_with_interrupt(staging, path):
-        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of the commit
-        real_replace(staging, path)
+    def exchange_with_interrupt(new, path):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of the swap
+        return real_exchange(new, path)
 
-    monkeypatch.setattr(_safe_io, "replace_directory", replace_with_interrupt)
+    monkeypatch.setattr(_safe_io, "_exchange", exchange_with_interrupt)
     with pytest.raises(KeyboardInterrupt):
-        with _safe_io.staged_directory(target, overwrite=False, what="out", replaceable=lambda p: None) as staging:
+        with _safe_io.staged_directory(target, overwrite=True, what="out", replaceable=lambda p: None) as staging:
             (staging / "new.txt").write_text("new")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-    assert (target / "new.txt").read_text() == "new"
+    assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
