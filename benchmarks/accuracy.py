@@ -29,6 +29,11 @@ scores both sides with the same code (:mod:`mrvi_pyro._metrics`, scipy):
     (``get_latent_representation()``, Euclidean) on a random subset of at most ``--knn-cells``
     cells (the same subset for both sides); chance is 1 / n_batches (``batch_chance``); lower is
     better mixed.
+``hidden_in_u``
+    A diagnostic of where the hidden grouping went: leave-one-out 15-nearest-neighbour accuracy
+    of the hidden group in u among the hidden-grouping cell type's cells (at most
+    ``--knn-cells`` of them); chance 0.5. Well above chance means the encoder kept the grouping
+    in u, where counterfactual distances cannot see it (it belongs in ``f(u, s)``).
 ``null_p05``
     Calibration: share of cells with p < 0.05 from ``differential_expression`` on the null
     covariate (``age`` / ``null_group``, no effect); 0.05 is calibrated, more is anticonservative.
@@ -69,8 +74,8 @@ sys.path[:0] = [str(HERE), str(REPOSITORY)]
 import _harness  # noqa: E402
 
 DEFAULT_REFERENCE = "/work/refenv/bin/python"
-METRICS = ("cov_auroc", "hidden_auroc", "hidden_ari", "gene_auroc", "da_auroc", "batch_knn", "null_p05",
-           "null_perm_p05")
+METRICS = ("cov_auroc", "hidden_auroc", "hidden_ari", "gene_auroc", "da_auroc", "batch_knn", "hidden_in_u",
+           "null_p05", "null_perm_p05")
 KNN_NEIGHBOURS = 15
 
 
@@ -110,7 +115,8 @@ def two_cluster_ari(distances: np.ndarray, sample_labels: np.ndarray) -> float:
 
 
 def knn_batch_accuracy(u: np.ndarray, batches: np.ndarray, k: int = KNN_NEIGHBOURS) -> float:
-    """Leave-one-out accuracy of a k-nearest-neighbour majority vote (ties: lowest code)."""
+    """Leave-one-out accuracy of a k-nearest-neighbour majority vote of ``batches`` (any labels;
+    ties: lowest code)."""
     squared = (u**2).sum(axis=1)
     distances = squared[:, None] + squared[None, :] - 2 * u @ u.T
     np.fill_diagonal(distances, np.inf)
@@ -133,13 +139,17 @@ def score(arrays, adata, knn_cells: np.ndarray) -> dict:
     planted = np.isin(arrays["genes"], truth["de_genes"])
     in_da_type = (obs["cell_type"] == truth["da_cell_type"]).to_numpy()
     batches = obs["batch"].astype(str).to_numpy()
+    u = np.asarray(arrays["u"], dtype=np.float64)
+    grouping = np.flatnonzero((obs["cell_type"] == truth["grouping_cell_type"]).to_numpy())
+    grouping = np.sort(np.random.default_rng(0).choice(grouping, min(len(knn_cells), len(grouping)), replace=False))
     return {
         "cov_auroc": pair_auroc(arrays["distances_de"], disease),
         "hidden_auroc": pair_auroc(arrays["distances_grouping"], hidden),
         "hidden_ari": two_cluster_ari(arrays["distances_grouping"], hidden),
         "gene_auroc": auroc(planted, arrays["mean_abs_lfc"]),
         "da_auroc": auroc(in_da_type, arrays["da_log_ratio"]),
-        "batch_knn": knn_batch_accuracy(np.asarray(arrays["u"], dtype=np.float64)[knn_cells], batches[knn_cells]),
+        "batch_knn": knn_batch_accuracy(u[knn_cells], batches[knn_cells]),
+        "hidden_in_u": knn_batch_accuracy(u[grouping], obs["hidden_group"].astype(str).to_numpy()[grouping]),
         "batch_chance": 1.0 / obs["batch"].nunique(),
         "null_p05": float(np.mean(np.asarray(arrays["null_pvalue"]) < 0.05)) if "null_pvalue" in arrays else None,
         "null_perm_p05": (float(np.mean(np.asarray(arrays["null_perm_pvalue"]) < 0.05))
@@ -296,7 +306,11 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", default=None, help="where the .h5ad/.npz files go (default: a temp dir)")
     parser.add_argument("--keep-data", action="store_true")
     parser.add_argument("--out", required=True, help="results .json (a .csv is written next to it)")
+    parser.add_argument("--rescore", action="store_true",
+                        help="train nothing: score the .npz files a --keep-data run left in --workdir")
     args = parser.parse_args(argv)
+    if args.rescore:
+        return rescore(args)
     if "reference" in args.sides and not os.path.exists(args.reference_python):
         parser.error(f"--reference-python {args.reference_python} does not exist; pass it or --sides ours")
 
@@ -327,10 +341,38 @@ def main(argv=None) -> int:
                 if not args.keep_data:
                     data.unlink()
 
+    return report(rows, args)
+
+
+def rescore(args) -> int:
+    """Score the arrays a ``--keep-data`` run left in ``--workdir`` (e.g. after adding a metric)."""
+    import re
+
+    import anndata
+
+    if args.workdir is None:
+        raise SystemExit("--rescore needs --workdir (the folder of a --keep-data run)")
+    rows = []
+    for data in sorted(Path(args.workdir).glob("*_seed*.h5ad")):
+        simulator, preset, seed = re.fullmatch(r"(\w+?)_(\w+)_seed(\d+)", data.stem).groups()
+        adata = anndata.read_h5ad(data)
+        knn_cells = np.sort(np.random.default_rng(int(seed)).choice(
+            adata.n_obs, min(args.knn_cells, adata.n_obs), replace=False))
+        for out in sorted(Path(args.workdir).glob(f"{data.stem}_*_b*.npz")):
+            side, batch_size = re.fullmatch(rf"{data.stem}_(\w+)_b(\d+)", out.stem).groups()
+            row = {"simulator": simulator, "preset": preset, "seed": int(seed), "batch_size": int(batch_size),
+                   "side": side, "failed": False, **score(dict(np.load(out)), adata, knn_cells)}
+            rows.append(row)
+            print(format_rows([row], ROW_KEYS), flush=True)
+    return report(rows, args)
+
+
+def report(rows: list[dict], args) -> int:
+    """Print every run and the medians; write ``--out`` (.json and .csv)."""
     print("\nAll runs")
     print(format_rows(rows, ROW_KEYS))
     summary = medians([row for row in rows if not row["failed"]])
-    print(f"\nMedians over seeds {args.seeds} (chance: AUROC 0.5, ARI 0, batch_knn 1/{args.n_batches}; "
+    print(f"\nMedians over seeds {sorted({row['seed'] for row in rows})} (chance: AUROC 0.5, ARI 0, batch_knn 1/{args.n_batches}; "
           f"null_p05 target 0.05)")
     print(format_rows(summary, MEDIAN_KEYS))
 

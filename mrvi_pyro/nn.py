@@ -337,9 +337,12 @@ class AttentionBlock(nn.Module):
         """Attend ``query`` (..., query_dim) to ``kv`` (..., kv_dim); leading dims broadcast."""
         if not self.factorisable():
             return self.forward_unfactored(query, kv)
+        if torch.is_grad_enabled():
+            # Training: folding the parameters costs more than it saves (see _forward_direct).
+            return self._forward_direct(query, kv)
         shape = torch.Size(np.broadcast_shapes(query.shape[:-1], kv.shape[:-1]))
         n_pairs = math.prod(shape)
-        if torch.is_grad_enabled() or not shape or shape[0] < 2 or n_pairs <= self.inference_block_pairs:
+        if not shape or shape[0] < 2 or n_pairs <= self.inference_block_pairs:
             return self._forward(query, kv)
         folded = self._folded()
         step = max(1, self.inference_block_pairs * shape[0] // n_pairs)
@@ -394,6 +397,36 @@ class AttentionBlock(nn.Module):
         from_query = F.linear(query, res_weight[:, :n_query], res_bias)  # once per query
         hidden = from_query + summary @ res_weight[:, n_query:].T
         return self._output(_mlp_tail(self.residual, hidden))
+
+    def _forward_direct(self, query: torch.Tensor, kv: torch.Tensor):
+        """:meth:`forward_unfactored` with the factorised scores of :meth:`_forward` and nothing folded.
+
+        The attention weights come from the per-head slope and intercept (no q/k tensors); the
+        values, the head projection and both MLPs are applied as written. Folding them
+        (:meth:`_folded`) costs a fixed ~30 small operations on the parameters per call, forward
+        and backward, which outweighs what it saves per row on a training minibatch.
+        """
+        n_heads, head_dim = self.n_heads, self.n_channels // self.n_heads
+        (w_q, b_q), (w_k, _), (w_v, b_v) = self.lifts()
+        w_k = w_k.view(n_heads, head_dim)
+        slope = (w_q.view(n_heads, head_dim) * w_k).sum(-1, keepdim=True) / math.sqrt(head_dim)  # (H, 1)
+        intercept = (b_q.view(n_heads, head_dim) * w_k).sum(-1, keepdim=True) / math.sqrt(head_dim)
+        attn_query = query.detach() if self.stop_gradients_mlp else query
+        x = self.query_tokens(attn_query)  # (..., T)
+        y = self.kv_tokens(kv)  # (..., T)
+        a = x.unsqueeze(-2) * slope + intercept  # (..., H, T)
+        weights = self.dropout(torch.softmax(a.unsqueeze(-1) * y.unsqueeze(-2).unsqueeze(-2), dim=-1))
+        m = (weights * y.unsqueeze(-2).unsqueeze(-2)).sum(-1)  # (..., H, T)
+        # Head h's output for token i is m_hi w_vh + r_hi b_vh with r_hi = sum_j p_hij (1 unless dropout).
+        mixed = m.unsqueeze(-1) * w_v.view(n_heads, 1, head_dim)  # (..., H, T, d)
+        if self.training and self.dropout.p > 0:
+            mixed = mixed + weights.sum(-1).unsqueeze(-1) * b_v.view(n_heads, 1, head_dim)
+        else:
+            mixed = mixed + b_v.view(n_heads, 1, head_dim)
+        mixed = mixed.transpose(-2, -3).flatten(-2)  # (..., T, C)
+        summary = self.post(self.head_proj(mixed).flatten(-2))
+        shape = summary.shape[:-1]
+        return self._output(self.residual(torch.cat([query.expand(*shape, query.shape[-1]), summary], dim=-1)))
 
     def _folded(self) -> dict:
         """Parameters of :meth:`_forward` folded from the block's weights (see its docstring)."""

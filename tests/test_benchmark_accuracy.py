@@ -102,3 +102,15 @@ def test_scores_of_the_pseudobulk_control_find_strong_planted_effects(programs):
     assert scores["gene_auroc"] > 0.95 and scores["da_auroc"] > 0.75
     assert scores["batch_knn"] > 0.6 and scores["batch_chance"] == pytest.approx(1 / 3)
     assert scores["null_p05"] is None
+
+
+def test_hidden_in_u_sees_a_grouping_kept_in_u_and_not_otherwise(programs):
+    knn_cells = np.arange(0, 3000, 3)
+    arrays = accuracy.pseudobulk_arrays(programs)
+    rng = np.random.default_rng(0)
+    noise = rng.normal(size=(programs.n_obs, 5))
+    in_u = noise + 4.0 * (programs.obs["hidden_group"] == programs.obs["hidden_group"].iloc[0]).to_numpy()[:, None]
+    kept = accuracy.score({**arrays, "u": in_u}, programs, knn_cells)["hidden_in_u"]
+    absent = accuracy.score({**arrays, "u": noise}, programs, knn_cells)["hidden_in_u"]
+    assert kept > 0.95
+    assert 0.35 < absent < 0.65

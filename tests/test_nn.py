@@ -38,21 +38,38 @@ def _grads(block, out, inputs):
 @pytest.mark.parametrize("use_map", [True, False])
 @pytest.mark.parametrize("training", [False, True])
 @pytest.mark.parametrize("stop_gradients_mlp", [False, True])
-def test_factorised_forward_matches_literal_values_and_gradients(use_map, training, stop_gradients_mlp, mlp, lift):
+@pytest.mark.parametrize("form", ["_forward", "_forward_direct"])
+def test_factorised_forward_matches_literal_values_and_gradients(use_map, training, stop_gradients_mlp, mlp, lift,
+                                                                 form):
+    """Both factorised forms (folded, and direct: what training uses) against the literal one."""
     block = _block(use_map, stop_gradients_mlp, mlp=mlp, lift=lift).train(training)
     query = torch.randn(64, 10, dtype=torch.float64, requires_grad=True)
     kv = torch.randn(64, 16, dtype=torch.float64, requires_grad=True)
     torch.manual_seed(5)
     literal = block.forward_unfactored(query, kv)
     torch.manual_seed(5)  # same dropout draws: the weights tensor has the same shape in both
-    fast = block(query, kv)
+    fast = getattr(block, form)(query, kv)
     scale = _flat(literal).abs().max()
     assert torch.allclose(_flat(fast), _flat(literal), rtol=0, atol=1e-10 * scale.item())
     for g_fast, g_literal in zip(_grads(block, fast, [query, kv]), _grads(block, literal, [query, kv])):
         assert torch.allclose(g_fast, g_literal, rtol=1e-7, atol=1e-7 * max(1.0, g_literal.abs().max().item()))
     if training:  # dropout really acted (otherwise the test above says nothing about it)
         block.eval()
-        assert not torch.allclose(_flat(block(query, kv)), _flat(fast))
+        assert not torch.allclose(_flat(getattr(block, form)(query, kv)), _flat(fast))
+
+
+def test_training_uses_the_direct_form_and_inference_the_folded_one(monkeypatch):
+    block = _block(True).train()
+    query, kv = torch.randn(8, 10, dtype=torch.float64), torch.randn(8, 16, dtype=torch.float64)
+    calls = []
+    for name in ("_forward", "_forward_direct"):
+        original = getattr(AttentionBlock, name)
+        monkeypatch.setattr(AttentionBlock, name,
+                            lambda self, *a, _name=name, _f=original, **k: calls.append(_name) or _f(self, *a, **k))
+    block(query, kv)
+    with torch.no_grad():
+        block(query, kv)
+    assert calls == ["_forward_direct", "_forward"]
 
 
 @pytest.mark.parametrize(("mlp", "lift"), KINDS)
