@@ -83,11 +83,11 @@ def main(argv=None) -> int:
     os.environ.setdefault("TQDM_DISABLE", "1")
     warnings.filterwarnings("ignore")
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from _harness import emit_result
-
     import anndata
     import numpy as np
     import torch
+
+    from _harness import emit_result
 
     torch.set_num_threads(args.threads)
     adata = anndata.read_h5ad(args.data)
@@ -171,7 +171,8 @@ def main(argv=None) -> int:
     seconds["da"] = time.perf_counter() - start
 
     np.savez(args.out, samples=samples, genes=genes, mean_abs_lfc=mean_abs_lfc, da_log_ratio=da_log_ratio,
-             u=np.asarray(u), null_pvalue=np.asarray(null_pvalue), null_perm_pvalue=null_perm_pvalue, de_cells=de_cells, **distances)
+             u=np.asarray(u), null_pvalue=np.asarray(null_pvalue), null_perm_pvalue=null_perm_pvalue,
+             de_cells=de_cells, **distances)
     emit_result({"side": args.side, "seconds": seconds, "torch_threads": torch.get_num_threads(),
                  "argv": json.dumps(vars(args))})
     return 0

@@ -123,7 +123,8 @@ def simulate_programs(
 
     # Samples: contiguous batch blocks, disease balanced within batches, hidden group balanced
     # within (batch, disease), null group balanced within disease.
-    sample_batch = np.repeat(np.arange(n_batches), np.diff(np.linspace(0, n_samples, n_batches + 1).round().astype(int)))
+    batch_sizes = np.diff(np.linspace(0, n_samples, n_batches + 1).round().astype(int))
+    sample_batch = np.repeat(np.arange(n_batches), batch_sizes)
     sample_disease = _balanced_split(sample_batch, rng)
     sample_group_b = _balanced_split(sample_batch * 2 + sample_disease, rng)
     sample_null_y = _balanced_split(sample_disease * 2 + sample_group_b, rng)
@@ -183,7 +184,8 @@ def simulate_programs(
         "sample": pd.Categorical.from_codes(cell_sample, categories=samples),
         "batch": pd.Categorical.from_codes(cell_batch, categories=[f"batch_{b}" for b in range(n_batches)]),
         "cell_type": pd.Categorical.from_codes(cell_type, categories=types),
-        "disease": pd.Categorical.from_codes(sample_disease[cell_sample].astype(int), categories=["healthy", "disease"]),
+        "disease": pd.Categorical.from_codes(sample_disease[cell_sample].astype(int),
+                                             categories=["healthy", "disease"]),
         "hidden_group": pd.Categorical.from_codes(sample_group_b[cell_sample].astype(int), categories=["A", "B"]),
         "null_group": pd.Categorical.from_codes(sample_null_y[cell_sample].astype(int), categories=["X", "Y"]),
     }, index=[f"cell_{n:05d}" for n in range(n_cells)])

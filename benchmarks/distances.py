@@ -172,7 +172,8 @@ def main(argv=None) -> int:
     print_table(rows, baseline=baseline, title=(
         f"get_local_sample_distances(groupby='cell_type', keep_cell=False): {args.n_cells:,} cells x "
         f"{args.n_samples} samples x {args.n_genes:,} genes, {args.threads} torch thread(s), batch {args.batch_size}, "
-        f"{args.epochs} epoch(s) trained {'untimed in the same process' if args.train_in_process else 'and saved beforehand'}"
+        f"{args.epochs} epoch(s) trained "
+        f"{'untimed in the same process' if args.train_in_process else 'and saved beforehand'}"
         f"{' (counts read backed)' if args.backed else ''}"))
     if not args.workdir:
         import shutil

@@ -115,9 +115,8 @@ def main(argv=None) -> int:
 
     import anndata as ad
     import numpy as np
-    import torch
-
     import scvi
+    import torch
     from scvi.external import MRVI
     import_seconds = time.perf_counter() - t_import
 

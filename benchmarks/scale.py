@@ -19,8 +19,9 @@ as stated in its table: cells for simulation and training; cells x samples for D
 fixed component cap); cells x samples to cells x samples^2 for distances (the counterfactuals
 grow with S, the distance matrices with S^2: both bounds are printed). Peak memory is projected
 as a fixed part, plus per-cell bytes (the slope to a run at fewer cells with ``--smaller``),
-plus the output (see :func:`project`); ``--from-json`` projects an earlier run again. ``--ranks`` divides the time (each rank takes an equal share of the
-cells: see :mod:`mrvi_pyro.distributed`; the simulation runs in one process).
+plus the output (see :func:`project`); ``--from-json`` projects an earlier run again.
+``--ranks`` divides the time (each rank takes an equal share of the cells: see
+:mod:`mrvi_pyro.distributed`; the simulation runs in one process).
 
     python benchmarks/scale.py                                  # 1,000,000 cells x 2,000 genes x 300 samples
     python benchmarks/scale.py --n-cells 100000                 # what a 2-core machine runs in ~30 min
@@ -212,8 +213,9 @@ def main() -> None:
                 projections.append({"cells": to_cells, "samples": to_samples, "ranks": ranks, "step": row["step"], **p})
                 hours = (f"{p['hours_low']:.2f} h" if p["hours_low"] == p["hours_high"]
                          else f"{p['hours_low']:.2f}-{p['hours_high']:.2f} h")
-                print(f"  {to_cells:>9,} x {to_samples:>5}, {ranks} rank(s), {row['step']:<9} ({WORK[row['step']]:>10}):"
-                      f" {hours:>14}, ~{p['memory_gb']:.1f} GB per rank ({p['per_cell_kb']:.2f} kB per cell)")
+                print(f"  {to_cells:>9,} x {to_samples:>5}, {ranks} rank(s), {row['step']:<9} "
+                      f"({WORK[row['step']]:>10}): {hours:>14}, ~{p['memory_gb']:.1f} GB per rank "
+                      f"({p['per_cell_kb']:.2f} kB per cell)")
     if args.out:
         Path(args.out).write_text(json.dumps({"arguments": vars(args), "steps": rows, "projections": projections},
                                              indent=2, default=str))

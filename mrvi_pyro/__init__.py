@@ -32,7 +32,7 @@ _NAMES = {
 
 _SUBMODULES = (
     "admissibility", "api", "cli", "components", "da", "data", "datasets", "de", "distributions", "explore", "io",
-    "module", "nn", "pl", "plotting", "posterior", "report", "train",
+    "module", "nn", "pipeline", "pl", "plotting", "posterior", "report", "train",
 )
 
 __all__ = [

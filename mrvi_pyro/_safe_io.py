@@ -167,7 +167,8 @@ def deferred_interrupts() -> Iterator[None]:
     Used around the short sequences of renames and removals that must not be cut half-way
     (creating a staging directory, swapping it into place, removing it): an interrupt inside
     them would leave a stray sibling. Every writer goes through :func:`replace_directory` and
-    :meth:`StagedPath.discard`, so all of them get this. Outside the main thread (where signal handlers cannot be set) it does nothing.
+    :meth:`StagedPath.discard`, so all of them get this. Outside the main thread (where signal
+    handlers cannot be set) it does nothing.
     """
     if threading.current_thread() is not threading.main_thread():
         yield

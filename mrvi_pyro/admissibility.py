@@ -52,11 +52,17 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .distributed import CellPartition
 from .da import (
-    COMPONENT_CHUNK, QUERY_CHUNK, ComponentTable, aggregated_log_density, pack_components, posterior_parameters,
-    query_features, select_components,
+    COMPONENT_CHUNK,
+    QUERY_CHUNK,
+    ComponentTable,
+    aggregated_log_density,
+    pack_components,
+    posterior_parameters,
+    query_features,
+    select_components,
 )
+from .distributed import CellPartition
 
 FLAVORS = ("ball", "mog")
 

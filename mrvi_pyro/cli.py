@@ -11,6 +11,10 @@
 - ``mrvi-pyro demo --out DIR`` simulates a cohort with planted truth, trains MrVI on it, saves the
   model and writes figures and a summary.
 
+This module parses the arguments, guards the output directories and maps errors and Ctrl-C to
+exit statuses; the work itself (fit, analyses, report, checks against a simulation's truth) is
+:mod:`mrvi_pyro.pipeline`, which scripts and notebooks call directly.
+
 Errors in user input are printed as one line (``error: ...``) with exit status 2, never as a
 traceback; Ctrl-C exits with status 130.
 
@@ -18,9 +22,10 @@ Outputs are never lost or mixed: ``fit`` and ``demo`` check ``--out`` before tra
 non-empty one unless ``--overwrite`` (and then only a previous run directory), build the run in
 a temporary sibling and rename it into place when complete, so an interrupted run leaves
 ``--out`` as it was, apart from the checkpoint of the interrupted fit in ``--out/checkpoint``
-(Ctrl-C prints the command that resumes it). ``analyze`` holds a lock file in its output directory, refuses earlier
-analysis outputs unless ``--overwrite`` (which removes them, so no stale DE/DA result stays
-beside new ones), writes into a temporary subdirectory and moves the results in at the end.
+(Ctrl-C prints the command that resumes it). ``analyze`` holds a lock file in its output
+directory, refuses earlier analysis outputs unless ``--overwrite`` (which removes them, so no
+stale DE/DA result stays beside new ones), writes into a temporary subdirectory and moves the
+results in at the end.
 """
 
 from __future__ import annotations
@@ -32,21 +37,16 @@ import os
 import shlex
 import shutil
 import sys
-import time
 from pathlib import Path
 
-# numpy, pandas, torch, anndata and matplotlib are imported inside the subcommands, so that
-# `mrvi-pyro --help` and `--version` answer at once.
+from .pipeline import ANALYSIS_OUTPUTS, RUN_OUTPUTS
+
+# numpy, pandas, torch, anndata and matplotlib are imported inside the subcommands (the pipeline
+# imports only the standard library at the top), so `mrvi-pyro --help` and `--version` answer at once.
 
 
 CHECKPOINT_DIR = "checkpoint"
 """Where ``fit`` keeps its training checkpoint inside the run directory."""
-RUN_OUTPUTS = ("model", CHECKPOINT_DIR, "fit.json", "history.csv", "training_history.png", "u_embedding.png", "simulated.h5ad")
-"""What ``fit`` (and ``demo``) write into a run directory."""
-ANALYSIS_OUTPUTS = ("results", "sample_distance_spread.csv", "sample_distances_*.png", "de_summary.csv",
-                    "de_effect_size.png", "de_top_genes.png", "de_volcano.png", "da_summary.csv", "da_log_ratio.png",
-                    "report.html")
-"""What ``analyze`` writes (beside the model's figures, which it redraws)."""
 
 
 def _matches(name: str, patterns) -> bool:
@@ -56,7 +56,6 @@ def _matches(name: str, patterns) -> bool:
 def _run_rule(path: Path) -> str | None:
     """``replaceable`` rule of run directories: only our own outputs, and no analysis running."""
     from ._safe_io import LOCK_FILE, lock_owner
-
     from .checkpoint import checkpoint_rule
 
     if lock_owner(path / LOCK_FILE) is not None:
@@ -64,8 +63,8 @@ def _run_rule(path: Path) -> str | None:
     checkpoint = path / CHECKPOINT_DIR
     if checkpoint.exists() and (not checkpoint.is_dir() or checkpoint_rule(checkpoint) is not None):
         return f"its {CHECKPOINT_DIR!r} is not a mrvi_pyro checkpoint"
-    foreign = sorted(p.name for p in path.iterdir()
-                     if p.name != LOCK_FILE and not _matches(p.name, RUN_OUTPUTS + ANALYSIS_OUTPUTS))
+    ours = (*RUN_OUTPUTS, CHECKPOINT_DIR, *ANALYSIS_OUTPUTS)
+    foreign = sorted(p.name for p in path.iterdir() if p.name != LOCK_FILE and not _matches(p.name, ours))
     return f"holds files mrvi-pyro does not write ({foreign[:5]})" if foreign else None
 
 
@@ -76,143 +75,27 @@ def _staged_run(out: Path, overwrite: bool):
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from . import __version__, datasets
+    from . import __version__
+    from .pipeline import run_demo
 
     out = Path(args.out)
     with _staged_run(out, args.overwrite) as staging:
         print(f"mrvi_pyro {__version__} demo -> {out}")
-        adata = datasets.simulate(n_cells=args.n_cells, n_genes=args.n_genes, n_samples=args.n_samples,
-                                  seed=args.seed)
-        truth = adata.uns["simulation"]
-        adata.write_h5ad(staging / "simulated.h5ad")
-        print(f"simulated {adata.n_obs} cells x {adata.n_vars} genes, {args.n_samples} samples, "
-              f"{adata.obs['batch'].nunique()} batches (data: simulated.h5ad)")
-        model = fit_and_save(adata, staging, sample_key="sample", batch_key="batch", max_epochs=args.max_epochs,
-                             batch_size=args.batch_size, seed=args.seed, quiet=args.quiet,
-                             data_path=out / "simulated.h5ad", shown_dir=out)
-        u = model.get_latent_representation()
-        score = _knn_agreement(coords=u, labels=adata.obs["cell_type"].to_numpy())
-        batch_score = _knn_agreement(coords=u, labels=adata.obs["batch"].to_numpy())
-        print(f"u embedding: cell-type kNN agreement {score:.2f}, batch kNN agreement {batch_score:.2f} "
-              f"(lower is better mixed; chance {adata.obs['batch'].value_counts(normalize=True).max():.2f}) "
-              "(figure: u_embedding.png)")
-        results = analyze_model(model, adata, staging, groupby="cell_type", de=truth["de_covariate"],
-                                da=truth["da_covariate"], quiet=args.quiet, mc_samples=10, seed=args.seed,
-                                data_path=staging / "simulated.h5ad", command=args.command_line)
-    for line in check_against_truth(model, results, truth):
+        lines = run_demo(staging, shown_dir=out, n_cells=args.n_cells, n_genes=args.n_genes,
+                         n_samples=args.n_samples, max_epochs=args.max_epochs, batch_size=args.batch_size,
+                         seed=args.seed, quiet=args.quiet, command=args.command_line)
+    for line in lines:
         print(line)
     print(f"report: {out / 'report.html'}")
     return 0
 
 
-def check_against_truth(model, results: dict, truth) -> list[str]:
-    """One line per analysis comparing its result with the simulation's planted truth."""
-    import numpy as np
-
-    from . import explore
-    from ._metrics import adjusted_rand_index, auroc
-
-    lines = []
-    group_type, group_key = truth["grouping_cell_type"], truth["grouping_covariate"]
-    matrix = results["distances"]["cell_type"].sel(cell_type_name=group_type).values
-    clusters = explore.sample_groups(explore.sample_linkage(matrix), 2)
-    ari = adjusted_rand_index(model.sample_info[group_key].astype(str), clusters)
-    top_two = ", ".join(results["distance_spread"]["cell_type"].head(2))
-    lines.append(f"distances: largest between-sample spread in {top_two} (planted sample effects: "
-                 f"{truth['de_cell_type']} by {truth['de_covariate']}, {group_type} by {group_key}); "
-                 f"{group_type}'s 2 sample clusters vs the planted {group_key}: ARI {ari:.2f}")
-    if "de_table" in results:
-        table = results["de_table"]
-        effect = table.drop_duplicates("group").set_index("group")["effect_size_mean"].sort_values(ascending=False)
-        genes = table[table["group"] == truth["de_cell_type"]].set_index("gene")
-        planted = dict(zip(truth["de_genes"], truth["de_log_fold_changes"]))
-        score = auroc([g in planted for g in genes.index], genes["lfc_mean"].abs())
-        signs = np.mean([np.sign(genes.loc[g, "lfc_mean"]) == np.sign(v) for g, v in planted.items()])
-        lines.append(f"DE: highest effect size in {effect.index[0]} (planted: {truth['de_cell_type']}); planted genes "
-                     f"by |lfc|: AUROC {score:.2f}, signs agree {signs:.0%}")
-    if "da_table" in results:
-        table = results["da_table"]
-        top = table["cell_type_log_ratio"].idxmax()
-        lines.append(f"DA: highest log-ratio in {top} ({table.loc[top, 'cell_type_log_ratio']:.2f}, "
-                     f"P(>0) {table.loc[top, 'cell_type_prob_positive']:.2f}) (planted: {truth['da_cell_type']})")
-    return lines
-
-
-def _read_h5ad(path: str):
-    import anndata
-
-    file = Path(path)
-    if not file.is_file():
-        raise ValueError(f"data file {path} does not exist")
-    try:
-        return anndata.read_h5ad(file)
-    except Exception as err:  # h5py and anndata raise many types for foreign files
-        raise ValueError(f"{path} is not a readable .h5ad file ({type(err).__name__}: {err})") from None
-
-
-def _train_rank(data_path: str, keys: dict, seed: int, options: dict):
-    """One rank of ``fit --nproc``: read the data, train data-parallel, return the weights and
-    history (rank 0's are what the launching process keeps)."""
-    from . import MRVI, distributed
-
-    adata = _read_h5ad(data_path)
-    MRVI.setup_anndata(adata, **keys)
-    model = MRVI(adata, seed=seed)
-    progress_bar = options.pop("progress_bar") and distributed.rank() == 0
-    model.train(**options, seed=seed, progress_bar=progress_bar)
-    return {k: v.cpu() for k, v in model.module.state_dict().items()}, model.history
-
-
-def fit_and_save(adata, out: Path, *, sample_key: str, batch_key=None, labels_key=None, layer=None,
-                 max_epochs=None, batch_size=128, seed=0, quiet=False, data_path=None, shown_dir=None,
-                 checkpoint_dir=None, nproc=1):
-    """Register ``adata`` (unless it already is, with these keys), train MrVI (with a checkpoint
-    in ``checkpoint_dir``, resumed if it holds one), save it to ``out/model`` with history and
-    figures. ``shown_dir`` names ``out`` in messages.
-
-    ``nproc > 1`` trains data-parallel on that many local ranks (:func:`mrvi_pyro.distributed.launch`;
-    each reads ``data_path``), with ``batch_size`` the global minibatch, and without a checkpoint;
-    this process then writes the outputs."""
-    from . import MRVI, distributed, pl
-    from .data import REGISTRY_KEY, get_registry
-
-    keys = (sample_key, batch_key, labels_key, layer)
-    registry = get_registry(adata) if REGISTRY_KEY in adata.uns else None
-    if registry is None or (registry.sample_key, registry.batch_key, registry.labels_key, registry.layer) != keys:
-        MRVI.setup_anndata(adata, sample_key=sample_key, batch_key=batch_key, labels_key=labels_key, layer=layer)
-    model = MRVI(adata, seed=seed)
-    start = time.perf_counter()
-    if nproc > 1:
-        options = {"max_epochs": max_epochs, "batch_size": batch_size, "progress_bar": not quiet}
-        state, history = distributed.launch(_train_rank, nproc, str(data_path), dict(zip(
-            ("sample_key", "batch_key", "labels_key", "layer"), keys)), seed, options)
-        model.module.load_state_dict(state)
-        model.history, model.is_trained = history, True
-    else:
-        model.train(max_epochs=max_epochs, batch_size=batch_size, seed=seed, progress_bar=not quiet,
-                    checkpoint_dir=checkpoint_dir)
-    seconds = time.perf_counter() - start
-    out.mkdir(parents=True, exist_ok=True)
-    model.save(out / "model")
-    (out / "fit.json").write_text(json.dumps({"data": str(Path(data_path).resolve()) if data_path else None}))
-    model.history.to_csv(out / "history.csv")
-    pl.training_history(model.history).savefig(out / "training_history.png", dpi=110)
-    colors = [k for k in (labels_key, batch_key, sample_key) if k is not None][:2]
-    pl.embedding(adata, color=colors, latent=model.get_latent_representation(), title="MrVI u (PCA)").savefig(
-        out / "u_embedding.png", dpi=110)
-    last = model.history.iloc[-1]
-    val = f", validation {last['elbo_validation']:.1f}" if "elbo_validation" in last else ""
-    ranks = f" on {nproc} ranks" if nproc > 1 else ""
-    print(f"trained {len(model.history)} epochs{ranks} in {seconds:.1f} s; -ELBO/cell train {last['elbo_train']:.1f}"
-          f"{val} (model: {Path(shown_dir or out) / 'model'})")
-    return model
-
-
 def _fit(args: argparse.Namespace) -> int:
     from . import MRVI
     from ._safe_io import directory_lock, remove_stale_siblings, replace_directory, sibling
+    from .pipeline import fit_and_save, read_h5ad
 
-    adata = _read_h5ad(args.data)
+    adata = read_h5ad(args.data)
     print(f"{args.data}: {adata.n_obs} cells x {adata.n_vars} genes")
     # input errors first, then the output directory, both before the (long) training
     MRVI.setup_anndata(adata, sample_key=args.sample_key, batch_key=args.batch_key, labels_key=args.labels_key,
@@ -313,184 +196,6 @@ def _interrupted_fit(out: Path, argv: list[str]) -> int:
     return 130
 
 
-def _analysis_rank(data_path: str, model_dir: str, groupby: str, da: str | None) -> dict:
-    """One rank of ``analyze --nproc``: the sharded analyses (rank 0's results come back)."""
-    from . import MRVI
-
-    adata = _read_h5ad(data_path)
-    model = MRVI.load(model_dir, adata=adata)
-    results = {"distances": model.get_local_sample_distances(adata, groupby=groupby, keep_cell=False)}
-    if da is not None:
-        results["da"] = model.differential_abundance(adata, sample_cov_keys=[da])
-    return results
-
-
-def analyze_model(model, adata, out: Path, *, groupby: str, de: str | None = None, da: str | None = None,
-                  quiet: bool = False, mc_samples: int = 20, seed: int = 0, basis: str | None = None,
-                  data_path: str | Path | None = None, command: list[str] | None = None,
-                  precomputed: dict | None = None) -> dict:
-    """Run the analyses on a trained model and write arrays (zarr), tables (CSV), figures (PNG)
-    and ``report.html`` into ``out``. Returns the results by name. Cells are drawn on
-    ``adata.obsm[basis]`` (e.g. ``"X_umap"``), or on the first two principal components of u
-    when ``basis`` is None. ``data_path`` (named and checksummed) and ``command`` go into the
-    report's run metadata. ``precomputed`` holds results computed elsewhere (``"distances"``,
-    ``"da"``: e.g. by ranks of ``analyze --nproc``), used instead of computing them here."""
-    import matplotlib.pyplot as plt
-    import numpy as np
-    import pandas as pd
-
-    from . import pl
-    from .report import Section, run_metadata, write_html_report
-
-    _check_columns(adata, groupby, de, da, basis)
-    out = Path(out)
-    results_dir = out / "results"
-    results_dir.mkdir(parents=True, exist_ok=True)
-    results, sections = {}, []
-
-    def save_figure(fig, name, caption):
-        fig.savefig(out / name, dpi=110, bbox_inches="tight")  # nothing cut at the edges
-        plt.close(fig)
-        return out / name, caption
-
-    def step(message):
-        if not quiet:
-            print(f"[analyze] {message}", flush=True)
-
-    coords, axes_name = pl.basis_coords(adata, basis, latent=model.get_latent_representation(adata))
-    overview = Section("Model", preformatted=[repr(model)])
-    if model.history is not None:
-        overview.figures.append(save_figure(pl.training_history(model.history), "training_history.png",
-                                            "Training curves: -ELBO per cell of the training and validation cells, "
-                                            "per epoch."))
-    where = f"{basis}" if basis else "the first two principal components of u"
-    overview.figures.append(save_figure(
-        pl.embedding(coords, obs=adata.obs, color=[groupby, model.registry.sample_key], basis_name=axes_name),
-        "u_embedding.png", f"Cells on {where}, coloured by {groupby} and by sample."))
-    sections.append(overview)
-
-    step(f"local sample distances by {groupby}")
-    precomputed = precomputed or {}
-    distances = precomputed.get("distances")
-    if distances is None:
-        distances = model.get_local_sample_distances(adata, groupby=groupby, keep_cell=False)
-    _write_zarr(distances, results_dir / "local_sample_distances.zarr")
-    results["distances"] = distances
-    group_means = distances[groupby]
-    names = [str(v) for v in group_means[f"{groupby}_name"].values]
-    off_diagonal = ~np.eye(group_means.sizes["sample_x"], dtype=bool)
-    spread = pd.DataFrame({groupby: names,
-                           "mean_between_sample_distance": [float(group_means.values[i][off_diagonal].mean())
-                                                            for i in range(len(names))]})
-    spread = spread.sort_values("mean_between_sample_distance", ascending=False)
-    spread.to_csv(out / "sample_distance_spread.csv", index=False)
-    colour_by = list(dict.fromkeys(c for c in (de, da) if c is not None and c in model.sample_info)) or None
-    figures = [save_figure(pl.sample_distance_heatmap(group_means, group=name, sample_info=model.sample_info,
-                                                      color_by=colour_by, title=f"{groupby} = {name}"),
-                           f"sample_distances_{_safe(name)}.png",
-                           f"Distances between samples in the cells of {groupby} {name}, samples ordered by "
-                           "hierarchical clustering; one colour scale for all groups.")
-               for name in spread[groupby].head(6)]
-    sections.append(Section(f"Local sample distances by {groupby}",
-                            ["Average distance between the counterfactual states of each pair of samples, over the "
-                             f"cells of each {groupby} (largest spread first; up to 6 groups shown)."],
-                            figures, [(f"Mean distance between two samples, per {groupby}",
-                                       spread.rename(columns={"mean_between_sample_distance": "mean distance"}))]))
-    results["distance_spread"] = spread
-
-    if de is not None:
-        step(f"differential expression for {de}")
-        de_result = model.differential_expression(adata, sample_cov_keys=[de], store_lfc=True, mc_samples=mc_samples,
-                                                  seed=seed)
-        _write_zarr(de_result, results_dir / "differential_expression.zarr")
-        table = model.differential_expression_summary(de_result, groupby=groupby, adata=adata, n_top_genes=None)
-        table.to_csv(out / "de_summary.csv", index=False)
-        column = str(de_result["covariate"].values[0])
-        figures = [
-            save_figure(pl.effect_size_embedding(de_result, coords, covariate=column, obs=adata.obs,
-                                                 color=groupby, basis_name=axes_name), "de_effect_size.png",
-                        f"Per-cell effect size of {column} and its adjusted p-value, on the cells' embedding."),
-            save_figure(pl.top_genes_heatmap(table, covariate=column, n_genes=5), "de_top_genes.png",
-                        f"Mean log2 fold-change of the 5 top genes of each {groupby}."),
-            save_figure(pl.volcano(table, covariate=column), "de_volcano.png",
-                        f"Volcano plot per {groupby}: mean log2 fold-change against the posterior probability "
-                        "that the change is smaller than delta (shared axes)."),
-        ]
-        sections.append(Section(f"Differential expression: {column}",
-                                ["Per-cell regression of counterfactual states on the sample covariate; effect size = "
-                                 "chi-squared statistic; log fold-changes decoded with paired posterior draws. The "
-                                 "full table of every gene is de_summary.csv."],
-                                figures, [(f"Top genes of every {groupby}", _de_top_genes(table, groupby))]))
-        results["de"], results["de_table"] = de_result, table
-
-    if da is not None:
-        step(f"differential abundance for {da}")
-        da_result = precomputed.get("da")
-        if da_result is None:
-            da_result = model.differential_abundance(adata, sample_cov_keys=[da])
-        _write_zarr(da_result, results_dir / "differential_abundance.zarr")
-        summary = model.differential_abundance_summary(da, adata=adata, groupby=groupby, seed=seed)
-        per_group = summary[[v for v in summary.data_vars if v.startswith(f"{groupby}_")]].to_dataframe()
-        per_group.to_csv(out / "da_summary.csv")
-        g1, g2 = summary.attrs.get("group1"), summary.attrs.get("group2")
-        figure = save_figure(pl.log_ratio_summary(summary, coords, adata.obs, groupby=groupby, basis_name=axes_name),
-                             "da_log_ratio.png",
-                             f"Log-ratio of the {g1} and {g2} samples' densities at each cell (left) and its "
-                             f"distribution per {groupby} with the group mean and highest-density interval (right).")
-        shown = per_group.reset_index().rename(columns=lambda c: c.removeprefix(f"{groupby}_"))
-        interval = f"{100 * summary.attrs.get('hdi_prob', 0.95):.0f}% HDI"
-        shown = shown.rename(columns={"name": groupby, "log_ratio": "mean log-ratio", "log_ratio_sd": "sd",
-                                      "log_ratio_lower": f"{interval} lower", "log_ratio_upper": f"{interval} upper",
-                                      "prob_positive": "P(log-ratio > 0)", "n_cells": "cells"})
-        sections.append(Section(f"Differential abundance: {g1} vs {g2}",
-                                ["Log-ratio of the aggregated posteriors of the two sample groups at each cell, with "
-                                 "uncertainty from posterior draws and Bayesian-bootstrap weights over samples."],
-                                [figure], [(f"Mean log-ratio per {groupby}", shown)]))
-        results["da"], results["da_summary"], results["da_table"] = da_result, summary, per_group
-
-    write_html_report(out / "report.html", "mrvi_pyro analysis report", sections,
-                      metadata=run_metadata(data_path=data_path, seed=seed, command=command))
-    return results
-
-
-def _de_top_genes(table, groupby: str, n_genes: int = 5):
-    """One row per group of a DE summary: cells, mean effect size, share of significant cells
-    and the ``n_genes`` top genes with their mean log2 fold-changes (largest effect first)."""
-    import pandas as pd
-
-    rows = []
-    for group in pd.unique(table["group"]):
-        part = table[table["group"] == group]
-        first = part.iloc[0]
-        row = {groupby: str(group), "cells": int(first["n_cells"]), "mean effect size": float(first["effect_size_mean"]),
-               "share of cells with padj < 0.05": float(first["frac_significant"])}
-        if "gene" in part:
-            top = part.sort_values("rank").head(n_genes)
-            row[f"top {n_genes} genes (mean log2 FC)"] = ", ".join(
-                f"{gene} ({lfc:+.2f})" for gene, lfc in zip(top["gene"], top["lfc_mean"]))
-        rows.append(row)
-    return pd.DataFrame(rows).sort_values("mean effect size", ascending=False)
-
-
-def _check_columns(adata, groupby: str, de: str | None, da: str | None, basis: str | None = None) -> None:
-    if groupby not in adata.obs:
-        raise ValueError(f"--groupby {groupby!r} is not a column of obs (columns: {list(adata.obs.columns)})")
-    for flag, key in (("--de", de), ("--da", da)):
-        if key is not None and key not in adata.obs:
-            raise ValueError(f"{flag} {key!r} is not a column of obs (columns: {list(adata.obs.columns)})")
-    if basis is not None and basis not in adata.obsm:
-        raise ValueError(f"--basis {basis!r} is not a key of obsm (keys: {list(adata.obsm.keys())})")
-
-
-def _write_zarr(dataset, path: Path) -> None:
-    """Write a Dataset as zarr format 2 (portable: its string coordinates have a stable spec)."""
-    dataset.to_zarr(path, mode="w", zarr_format=2, consolidated=True)
-
-
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name))
-
-
 def _recorded_data(run_dir: Path) -> str:
     """The data file ``fit`` recorded in ``run_dir/fit.json`` (one-line errors if unusable)."""
     fit_info = run_dir / "fit.json"
@@ -511,6 +216,7 @@ def _recorded_data(run_dir: Path) -> str:
 def _analyze(args: argparse.Namespace) -> int:
     from . import MRVI
     from ._safe_io import directory_lock, move_into, sibling
+    from .pipeline import analysis_rank, analyze_model, check_columns, read_h5ad
 
     run_dir = Path(args.dir)
     if not (run_dir / "model").exists() and (run_dir / CHECKPOINT_DIR).is_dir():
@@ -522,9 +228,9 @@ def _analyze(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {out} is an existing file, not a directory; choose another path.")
     out.mkdir(parents=True, exist_ok=True)
     with directory_lock(out, "analyze"):
-        adata = _read_h5ad(data_path)
+        adata = read_h5ad(data_path)
         model = MRVI.load(run_dir / "model", adata=adata)
-        _check_columns(adata, args.groupby, args.de, args.da, args.basis)
+        check_columns(adata, args.groupby, args.de, args.da, args.basis)
         previous = sorted(p for p in out.iterdir() if _matches(p.name, ANALYSIS_OUTPUTS))
         if previous and not args.overwrite:
             raise ValueError(f"{out} already holds analysis outputs ({', '.join(p.name for p in previous[:4])}); "
@@ -535,7 +241,7 @@ def _analyze(args: argparse.Namespace) -> int:
         if args.nproc > 1:  # distances and DA sharded over local ranks; the rest here
             from . import distributed
 
-            precomputed = distributed.launch(_analysis_rank, args.nproc, str(data_path), str(run_dir / "model"),
+            precomputed = distributed.launch(analysis_rank, args.nproc, str(data_path), str(run_dir / "model"),
                                              args.groupby, args.da)
         staging = sibling(out / "analysis", "partial")
         staging.mkdir()
@@ -555,15 +261,6 @@ def _analyze(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(f"[analyze] report: {out / 'report.html'}")
     return 0
-
-
-def _knn_agreement(coords, labels, k: int = 15) -> float:
-    """Share of each cell's k nearest neighbours (in ``coords``) that share its label."""
-    import numpy as np
-    from scipy.spatial import cKDTree
-
-    _, neighbours = cKDTree(coords).query(coords, k=k + 1)
-    return float(np.mean(labels[neighbours[:, 1:]] == labels[:, None]))
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

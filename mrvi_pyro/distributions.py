@@ -112,7 +112,7 @@ class _NegativeBinomialLogProb(torch.autograd.Function):
         table = count_tables(theta, size, digamma=True).view(-1) if want_theta else None
         for start in range(0, x.shape[0], _NegativeBinomialLogProb.ROWS):
             rows = slice(start, start + _NegativeBinomialLogProb.ROWS)
-            xb, lmb, gb, ltm = x[rows], log_mu[rows], grad_out[rows], log_theta_mu[rows]
+            xb, gb, ltm = x[rows], grad_out[rows], log_theta_mu[rows]
             # q = (theta + x) / (theta + mu); then d/dlog_mu = x - (theta + x) mu / (theta + mu)
             # = theta (q - 1) and the per-element part of d/dtheta is psi-difference - ltm - q.
             q = torch.add(xb, theta).mul_(torch.neg(ltm).exp_())

@@ -45,7 +45,7 @@ def small_adata():
 
 def knn_accuracy(x: np.ndarray, labels: np.ndarray, k: int = 15) -> float:
     """Leave-one-out kNN majority-vote accuracy of ``labels`` in ``x``."""
-    from sklearn.neighbors import KNeighborsClassifier
     from sklearn.model_selection import cross_val_score
+    from sklearn.neighbors import KNeighborsClassifier
 
     return float(cross_val_score(KNeighborsClassifier(k), x, labels, cv=5).mean())

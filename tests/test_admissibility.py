@@ -82,8 +82,10 @@ def test_chunked_equals_in_memory(query_chunk, component_chunk):
     for s in range(n_samples - 1):
         expected[:, s] = dens[:, comp_samples == s].max(1).values.numpy()
     np.testing.assert_allclose(best.numpy(), expected, rtol=1e-5, atol=1e-4)
-    same = (comp_samples[None, :] == samples[:, None]) & (torch.as_tensor(components)[None, :] != torch.arange(n)[:, None])
-    np.testing.assert_allclose(own.numpy(), torch.where(same, dens, -np.inf).max(1).values.numpy(), rtol=1e-5, atol=1e-4)
+    same = (comp_samples[None, :] == samples[:, None]) & (torch.as_tensor(components)[None, :]
+                                                           != torch.arange(n)[:, None])
+    expected_own = torch.where(same, dens, -np.inf).max(1).values.numpy()
+    np.testing.assert_allclose(own.numpy(), expected_own, rtol=1e-5, atol=1e-4)
     assert np.isneginf(best[:, -1].numpy()).all()
 
 

@@ -61,7 +61,9 @@ def test_bad_counts(raw, fmt, bad, message):
     before = raw.X.copy()
     with pytest.raises(ValueError, match=message):
         MRVI.setup_anndata(raw, sample_key="sample")
-    dense = (lambda m: m.toarray() if sparse.issparse(m) else m)
+    def dense(m):
+        return m.toarray() if sparse.issparse(m) else m
+
     assert np.array_equal(dense(raw.X), dense(before), equal_nan=True)
 
 

@@ -10,7 +10,8 @@ from mrvi_pyro.distributions import LABEL_LOGIT_BOOST, NegativeBinomialLogMean, 
 def test_negative_binomial_matches_scipy(theta):
     mu = np.array([0.01, 0.5, 3.0, 40.0, 1000.0])
     x = np.array([0, 1, 5, 37, 1210])
-    ours = NegativeBinomialLogMean(torch.tensor(np.log(mu)), torch.tensor(theta, dtype=torch.float64)).log_prob(torch.tensor(x, dtype=torch.float64))
+    ours = NegativeBinomialLogMean(torch.tensor(np.log(mu)), torch.tensor(theta, dtype=torch.float64)).log_prob(
+        torch.tensor(x, dtype=torch.float64))
     ref = stats.nbinom(n=theta, p=theta / (theta + mu)).logpmf(x)
     np.testing.assert_allclose(ours.numpy(), ref, rtol=1e-10, atol=1e-10)
 

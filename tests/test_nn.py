@@ -5,7 +5,6 @@ import torch
 
 from mrvi_pyro.nn import AttentionBlock, SampleMapper
 
-
 # (mlp, lift) of architectures 1, 2 and 3.
 KINDS = [("simple", "single"), ("resnet", "single"), ("resnet", "product")]
 
@@ -106,7 +105,8 @@ def test_replaced_parts_fall_back_to_the_literal_form():
 
     block = _block(True).eval()
     assert block.factorisable()
-    block.post = nn.Sequential(nn.Linear(16 * block.head_proj.out_features, 8), nn.Tanh(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 16)).double()
+    block.post = nn.Sequential(nn.Linear(16 * block.head_proj.out_features, 8), nn.Tanh(), nn.Linear(8, 8), nn.ReLU(),
+                               nn.Linear(8, 16)).double()
     assert not block.factorisable()
     query, kv = torch.randn(5, 10, dtype=torch.float64), torch.randn(5, 16, dtype=torch.float64)
     torch.testing.assert_close(block(query, kv), block.forward_unfactored(query, kv))

@@ -16,7 +16,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
-from mrvi_pyro.cli import _de_top_genes  # noqa: E402
+from mrvi_pyro.pipeline import de_top_genes  # noqa: E402
 from mrvi_pyro.report import Section, run_metadata, write_html_report  # noqa: E402
 
 from ._chromium import CHROMIUM, NO_BROWSER, render  # noqa: E402
@@ -55,7 +55,7 @@ def stress_report(tmp_path):
     sections = [
         Section("Model", preformatted=["MRVI: trained\n  line two\n  " + "z" * 400]),
         Section("Differential expression", ["A paragraph."], [(wide_figure(tmp_path / "wide.png"), "A wide figure.")],
-                [("Top genes of every cell type", _de_top_genes(summary, "cell_type")), ("A wide table", wide)]),
+                [("Top genes of every cell type", de_top_genes(summary, "cell_type")), ("A wide table", wide)]),
     ]
     metadata = run_metadata(data_path=data, seed=7, command=["mrvi-pyro", "analyze", str(tmp_path / ("r" * 200))])
     return write_html_report(tmp_path / "report.html", "test report", sections, metadata=metadata), data
@@ -64,7 +64,7 @@ def stress_report(tmp_path):
 def test_report_shows_every_group_in_words_with_its_run_metadata(tmp_path):
     path, data = stress_report(tmp_path)
     text = path.read_text()
-    table = _de_top_genes(de_summary(), "cell_type")
+    table = de_top_genes(de_summary(), "cell_type")
     assert len(table) == 12 and table["cell_type"].tolist() == [f"type_{g}" for g in range(11, -1, -1)]
     assert all(f"<td class=\"text\">type_{g}</td>" in text for g in range(12))  # every group, none cut at 20 rows
     top = de_summary().query("group == 'type_3'").head(5)
@@ -77,8 +77,8 @@ def test_report_shows_every_group_in_words_with_its_run_metadata(tmp_path):
                        ("data SHA-256", hashlib.sha256(data.read_bytes()).hexdigest()),
                        ("python", f"{sys.version_info.major}.{sys.version_info.minor}"), ("torch", ""),
                        ("command line", "mrvi-pyro analyze")]:
-        assert re.search(rf'<th class="text">{re.escape(key)}</th><td class="text">[^<]*{re.escape(html.escape(value))}',
-                         text), key
+        cell = rf'<th class="text">{re.escape(key)}</th><td class="text">[^<]*{re.escape(html.escape(value))}'
+        assert re.search(cell, text), key
     assert re.search(r"date \(UTC\)</th><td class=\"text\">\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", text)
 
 

@@ -367,7 +367,8 @@ BATCH_COLUMNS = {"none": True, "text": True, "unused_categories": True, "one_lev
 
 VARIANTS = st.fixed_dictionaries({
     "n_cells": st.integers(8, 40), "n_genes": st.integers(2, 8),
-    "dtype": st.sampled_from(["int32", "int64", "float32", "float64"]), "format": st.sampled_from(["dense", "csr", "csc"]),
+    "dtype": st.sampled_from(["int32", "int64", "float32", "float64"]),
+    "format": st.sampled_from(["dense", "csr", "csc"]),
     "defects": st.one_of(st.just(frozenset()), st.frozensets(st.sampled_from(DEFECTS), min_size=1, max_size=2)),
     "zero_genes": st.integers(0, 2), "sample": st.sampled_from(sorted(SAMPLE_COLUMNS)),
     "batch": st.sampled_from(sorted(BATCH_COLUMNS)), "seed": st.integers(0, 2**16),

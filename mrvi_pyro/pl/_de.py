@@ -14,7 +14,6 @@ import pandas as pd
 from ._base import axes_or_new, cell_coords, finish
 from ._embedding import embedding
 
-
 P_VALUE_FLOOR = 1e-7
 """Smallest p-value shown: the per-cell p-values are computed to an absolute accuracy of about
 1e-7 (:mod:`mrvi_pyro.de`), so smaller ones are not resolved and are drawn at this floor."""
