@@ -372,7 +372,8 @@ def report(rows: list[dict], args) -> int:
     print("\nAll runs")
     print(format_rows(rows, ROW_KEYS))
     summary = medians([row for row in rows if not row["failed"]])
-    print(f"\nMedians over seeds {sorted({row['seed'] for row in rows})} (chance: AUROC 0.5, ARI 0, batch_knn 1/{args.n_batches}; "
+    seeds = sorted({row["seed"] for row in rows})
+    print(f"\nMedians over seeds {seeds} (chance: AUROC 0.5, ARI 0, batch_knn 1/{args.n_batches}; "
           f"null_p05 target 0.05)")
     print(format_rows(summary, MEDIAN_KEYS))
 
