@@ -18,7 +18,7 @@ from anndata import AnnData
 
 from . import de, distributed
 from ._safe_io import StagedPath, zarr_replaceable
-from ._storage import CellArrays, open_store
+from ._storage import open_store, partitioned_cell_arrays
 from .data import check_key_added, sample_covariates
 from .explore import check_positive, check_use_vmap
 
@@ -216,9 +216,11 @@ class DEMixin:
         offsets, and ``design_matrix`` (sample, design_column).
 
         Inside a distributed launch (``torchrun`` or :func:`mrvi_pyro.distributed.launch`) every
-        rank computes a contiguous share of the cells (``padj`` is adjusted over all cells;
-        ``store_lfc`` is not available there yet); rank 0 returns the whole result, identical to one
-        process, and the other ranks return None.
+        rank computes a contiguous share of the cells (``padj`` is adjusted over all cells) and,
+        with ``store_lfc``, decodes its cells' LFCs with the posterior draws and bootstrap
+        multipliers one process gives them, writing them into its own chunks of the zarr store
+        (or gathering them on rank 0 when they are kept in memory); rank 0 returns the whole
+        result, identical to one process, and the other ranks return None.
 
         Differences from scvi-tools' MRVI: the design has an intercept (a binary covariate's
         coefficient is the contrast of its two levels) and the offsets and the intercept are
@@ -257,11 +259,6 @@ class DEMixin:
         if delta is not None and (isinstance(delta, bool) or not isinstance(delta, (int, float, np.number))
                                   or not 0 <= delta < np.inf):
             raise ValueError(f"delta must be a finite number >= 0 (or None to skip pde); got {delta!r}.")
-        if store_lfc and distributed.world_size() > 1:
-            raise ValueError(
-                "store_lfc=True is not available in a distributed launch yet; run it in one process, or run "
-                "differential_expression without store_lfc (regression, effect sizes and p-values are sharded)."
-            )
         staged = None
         if zarr_path is not None and store_lfc:  # before any work: refuse a taken target now
             staged = StagedPath(zarr_path, overwrite=overwrite, what="zarr_path", replaceable=zarr_replaceable)
@@ -279,7 +276,11 @@ class DEMixin:
                 "analysis": "de", "keys": keys, "subset": sample_subset, "seed": seed, "lambd": lambd,
                 "pvalue_method": pvalue_method, "filter": filter_inadmissible_samples,
                 "offsets": add_batch_specific_offsets, "normalize": normalize_design_matrix,
-                "n_permutations": n_permutations})
+                "n_permutations": n_permutations, "store_lfc": store_lfc, "lfc_keys": lfc_keys,
+                "mc_samples": mc_samples, "baseline": store_baseline, "eps_lfc": eps_lfc, "delta": delta,
+                "credible_interval": credible_interval, "paired": paired_draws,
+                "regression_uncertainty": regression_uncertainty,
+                "zarr_path": None if zarr_path is None else str(zarr_path)})
         adata = self.adata if adata is None else adata
         covariates = self._de_covariates(adata, keys, sample_subset)
         kept = list(covariates.index)
@@ -303,16 +304,17 @@ class DEMixin:
             weights = admissible[:, codes].astype(np.float64)  # rows of this rank's cells
         coords, lfc_columns, lfc_dim = de.result_coordinates(
             design, lfc_keys, cell_names=data.obs_names, gene_names=self.registry.var_names, samples=kept)
-        if store_lfc:
-            variables, zarr_path = de.lfc_outputs(
+        if store_lfc:  # rank 0 decides (and makes a temporary store if needed)
+            variables, zarr_path = partition.broadcast(de.lfc_outputs(
                 coords, lfc_dim, delta=delta, credible_interval=credible_interval, store_baseline=store_baseline,
-                max_in_memory_gb=max_in_memory_gb, zarr_path=zarr_path)
+                max_in_memory_gb=max_in_memory_gb, zarr_path=zarr_path) if partition.is_main else None)
         level_weights = de.nuisance_level_weights(counts)
         sink = None
         try:
-            if store_lfc:
-                sink = CellArrays(variables, {k: coords[k] for k in ("cell_name", lfc_dim, "gene")},
-                                  zarr_path=zarr_path if staged is None else staged.staging, chunk_cells=batch_size)
+            if store_lfc:  # this rank's cells in memory; in zarr, its chunks of rank 0's store
+                sink = partitioned_cell_arrays(
+                    variables, {k: coords[k] for k in ("cell_name", lfc_dim, "gene")}, partition,
+                    zarr_path=zarr_path if staged is None else staged.staging, chunk_cells=batch_size)
             out = de.differential_expression(
                 self.module, data, design, codes, weights=weights, batch_size=batch_size, lambd=lambd,
                 pvalue_method=pvalue_method, n_permutations=n_permutations, store_lfc=store_lfc,
@@ -320,6 +322,9 @@ class DEMixin:
                 delta=delta, credible_interval=credible_interval, store_baseline=store_baseline, sink=sink,
                 paired=paired_draws, regression_uncertainty=regression_uncertainty, seed=seed, partition=partition,
             )
+            if sink is not None:
+                sink = sink.gathered(partition)  # in memory: all cells on rank 0
+                partition.barrier()  # in zarr: every rank's chunks are written before rank 0 completes it
         except BaseException:
             if staged is not None:
                 staged.discard()

@@ -21,7 +21,7 @@ from anndata import AnnData
 
 from . import distributed, explore
 from ._safe_io import StagedPath, zarr_replaceable
-from ._storage import CellArrays
+from ._storage import partitioned_cell_arrays
 from .data import category_levels
 
 
@@ -302,24 +302,17 @@ class ExploreMixin:
         coords = {"cell_name": cell_names, "sample_x": samples, "sample_y": samples}
         sink = None
         try:
-            if storage == "memory":  # this rank's cells
-                shard = {"cell": (variables["cell"][0], (partition.n_local, n_samples, n_samples))}
-                sink = CellArrays(shard, {**coords, "cell_name": cell_names[partition.cells]}, fill_value=None,
-                                  first=partition.cells.start)
-            elif storage == "zarr":  # rank 0 creates the store; every rank writes its own chunks
-                store_path = partition.broadcast(zarr_path if staged is None else staged.staging)
-                if partition.is_main:
-                    sink = CellArrays(variables, coords, zarr_path=store_path, chunk_cells=batch_size,
-                                      fill_value=None)
-                partition.barrier()
-                if sink is None:
-                    sink = CellArrays.attach(store_path, variables, coords)
+            if storage is not None:  # this rank's cells in memory; in zarr, its chunks of rank 0's store
+                sink = partitioned_cell_arrays(
+                    variables, coords, partition, zarr_path=None if storage == "memory" else (
+                        zarr_path if staged is None else staged.staging), chunk_cells=batch_size, fill_value=None)
             result = explore.local_sample_distances(
                 self.module, data, idx, groupings=groupings, cell_sink=sink, batch_size=batch_size,
                 use_mean=use_mean, mc_samples=mc_samples, normalize=normalize_distances, norm=norm, seed=seed,
                 partition=partition,
             )
-            cell_values = partition.gather(sink.arrays["cell"]) if storage == "memory" else None
+            if storage == "memory":
+                sink = sink.gathered(partition)  # all cells on rank 0, None on the others
             partition.barrier()
         except BaseException:
             if staged is not None:
@@ -351,7 +344,7 @@ class ExploreMixin:
         else:
             ds = groups
             if storage == "memory":
-                ds = xr.Dataset({"cell": (variables["cell"][0], cell_values)}, coords=coords).merge(groups)
+                ds = sink.to_dataset().merge(groups)
         ds.attrs.update(attrs)
         return ds
 

@@ -36,7 +36,8 @@ class CellArrays:
     variables
         Name -> ``(dims, shape)``; the first dimension of every variable is the cells.
     coords
-        Coordinates of those dimensions (written to the store; kept for :meth:`to_dataset`).
+        Coordinates of those dimensions (written to the store; kept for :meth:`to_dataset`; those
+        of all cells, also for a shard).
     zarr_path
         None: numpy arrays. A path that does not exist yet: a zarr store (format 3) created there.
     chunk_cells
@@ -107,6 +108,21 @@ class CellArrays:
             rows = slice(rows.start - self.first, rows.stop - self.first)
         self.arrays[name][rows] = values
 
+    def gathered(self, partition) -> "CellArrays | None":
+        """All rows, in memory on rank 0 of a sharded analysis (``partition``, a
+        :class:`mrvi_pyro.distributed.CellPartition`, whose ranks each held their own rows; the
+        other ranks get None). A zarr store, which every rank wrote into, or an unsharded
+        partition: the arrays themselves. A collective on every rank of a sharded partition."""
+        if self.on_disk or not partition.sharded:
+            return self
+        arrays = {name: partition.gather(values) for name, values in self.arrays.items()}
+        if not partition.is_main:
+            return None
+        whole = CellArrays({name: (dims, arrays[name].shape) for name, (dims, _) in self.variables.items()},
+                           self.coords, fill_value=None)
+        whole.arrays = arrays
+        return whole
+
     def add_variables(self, dataset) -> None:
         """Append the variables of an ``xarray.Dataset`` to the store (zarr only)."""
         if not self.on_disk:
@@ -122,6 +138,29 @@ class CellArrays:
             return open_store(self.zarr_path, dask=dask)
         return xr.Dataset({name: (self.variables[name][0], values) for name, values in self.arrays.items()},
                           coords=self.coords)
+
+
+def partitioned_cell_arrays(variables: Mapping[str, tuple[tuple, tuple]], coords: Mapping, partition, *,
+                            zarr_path=None, chunk_cells: int = 128, fill_value: float | None = np.nan) -> CellArrays:
+    """This rank's :class:`CellArrays` for the cells of ``partition`` (a
+    :class:`mrvi_pyro.distributed.CellPartition`; ``variables`` and ``coords`` are of all cells).
+
+    In memory: the rows of this rank's cells only (:meth:`CellArrays.gathered` joins them on
+    rank 0). In zarr: rank 0 creates the store at its ``zarr_path`` and every other rank attaches
+    to it after a barrier, so each writes its own cells' chunks (whole chunks of ``chunk_cells``,
+    the partition's unit, so no two ranks touch one chunk). Outside a launch: a plain
+    :class:`CellArrays`.
+    """
+    if zarr_path is None:
+        cells = partition.cells
+        shard = {name: (dims, (partition.n_local, *shape[1:])) for name, (dims, shape) in variables.items()}
+        return CellArrays(shard, coords, fill_value=fill_value, first=cells.start)
+    zarr_path = partition.broadcast(zarr_path)  # rank 0's
+    sink = None
+    if partition.is_main:
+        sink = CellArrays(variables, coords, zarr_path=zarr_path, chunk_cells=chunk_cells, fill_value=fill_value)
+    partition.barrier()
+    return sink if sink is not None else CellArrays.attach(zarr_path, variables, coords)
 
 
 def open_store(path: str | os.PathLike, *, dask: bool = True):

@@ -399,7 +399,9 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
         :func:`mrvi_pyro.distributed.launch`) the same call trains on N ranks, each reading its
         share of every minibatch; ``batch_size`` is then the global minibatch (N must divide it)
         and the run reproduces one process with that ``batch_size`` (see
-        :mod:`mrvi_pyro.distributed`).
+        :mod:`mrvi_pyro.distributed`). There rank 0 alone writes ``checkpoint_dir`` (with the
+        random states of every rank) and every rank resumes from it; a checkpoint is resumed on
+        the number of ranks that wrote it (another number is refused).
         """
         options = _plan_options(
             plan_kwargs, lr=lr, weight_decay=weight_decay, eps=eps, clip_norm=clip_norm,

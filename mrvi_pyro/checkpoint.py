@@ -13,6 +13,16 @@ every epoch:
   numpy ``Generator`` that draws the minibatch order, of numpy's global generator and of
   Python's ``random``.
 
+In data-parallel training (:mod:`mrvi_pyro.distributed`) rank 0 alone checks, reads and writes
+the directory (:class:`RankZeroCheckpoint`): after every epoch it gathers the random states of
+every rank (each rank may draw from its own stream) and stores them beside its own (``rank_*``
+entries, ranks 1 to W - 1, and ``world_size`` in the metadata); the write is followed by a
+collective, so no rank starts the next epoch before the checkpoint is complete. On resume rank 0
+broadcasts what it read and every rank restores its own random states, so a resumed run of W
+ranks ends where the uninterrupted one does. The world size is part of the identity: a
+checkpoint of W ranks is resumed by W ranks only (the per-rank slices of every minibatch and the
+per-rank random streams depend on it), anything else is refused naming both sizes.
+
 Each write builds both files in a temporary sibling directory that then replaces the old one
 (:mod:`mrvi_pyro._safe_io`), so a kill at any moment leaves the previous complete checkpoint or
 the new one. Resuming refuses a checkpoint whose identity differs from the current call and
@@ -21,11 +31,12 @@ names what differs; a non-empty directory that is not a checkpoint is refused an
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +70,24 @@ class TrainingState:
     minibatch_rng: dict
     numpy_rng: list
     python_rng: list
+    other_ranks: list = field(default_factory=list)
+    """Random states of ranks 1 to W - 1 of a data-parallel run (dicts with ``torch_rng``,
+    ``cuda_rng``, ``numpy_rng``, ``python_rng``); the fields above are rank 0's."""
+
+    @property
+    def random_states(self) -> dict:
+        """This state's own random states (what :attr:`other_ranks` holds per rank)."""
+        return {"torch_rng": self.torch_rng, "cuda_rng": self.cuda_rng, "numpy_rng": self.numpy_rng,
+                "python_rng": self.python_rng}
+
+    def for_rank(self, rank: int, world_size: int) -> "TrainingState":
+        """The state that rank ``rank`` of ``world_size`` resumes from: the shared state with
+        that rank's random states."""
+        if 1 + len(self.other_ranks) != world_size:
+            raise ValueError(f"the checkpoint holds the random states of {1 + len(self.other_ranks)} rank(s), "
+                             f"not {world_size}.")
+        own = self.random_states if rank == 0 else self.other_ranks[rank - 1]
+        return dataclasses.replace(self, **own, other_ranks=[])
 
     @classmethod
     def capture(cls, *, epoch, rows, best, since_best, stopped_early, module, optimizer, train_indices,
@@ -180,6 +209,14 @@ class TrainingCheckpoint:
                     f"checkpoint_dir {self.path} {reason}; choose a new or empty directory (nothing was changed)."
                 )
             self.metadata = self._read_metadata()
+            saved = int(self.metadata.get("world_size", 1))
+            current = int(self.identity.get("training", {}).get("world_size", 1))
+            if saved != current:
+                raise ValueError(
+                    f"checkpoint_dir {self.path} was written by a run on {saved} rank(s) and this run has "
+                    f"{current}; resume it with the same number of ranks ({_launch_hint(saved)}): each rank's "
+                    "slice of every minibatch and its random stream depend on it (the checkpoint was left as it is)."
+                )
             differences = _differences(self.metadata.get("identity"), self.identity)
             data = [d.split()[0] for d in differences if d.startswith("data.")]
             if data:  # one phrase for the data, first
@@ -220,6 +257,13 @@ class TrainingCheckpoint:
         except Exception as err:  # torch raises several types for foreign or unsafe files
             raise ValueError(f"checkpoint_dir {self.path}: {STATE_FILE} cannot be loaded safely ({err}).") from None
         meta = self.metadata
+        others = [
+            {"torch_rng": torch_rng, "cuda_rng": cuda_rng, "numpy_rng": numpy_rng, "python_rng": python_rng}
+            for torch_rng, cuda_rng, numpy_rng, python_rng in zip(
+                tensors.get("rank_torch_rng", []),
+                tensors.get("rank_cuda_rng", [None] * len(tensors.get("rank_torch_rng", []))),
+                meta.get("rank_numpy_rng", []), meta.get("rank_python_rng", []))
+        ]
         return TrainingState(
             epoch=int(meta["epoch"]), rows=meta["rows"], best=float(meta["best"]),
             since_best=int(meta["since_best"]), stopped_early=bool(meta["stopped_early"]),
@@ -227,6 +271,7 @@ class TrainingCheckpoint:
             train_indices=tensors["train_indices"].numpy(), validation_indices=tensors["validation_indices"].numpy(),
             torch_rng=tensors["torch_rng"], cuda_rng=tensors.get("cuda_rng"),
             minibatch_rng=meta["minibatch_rng"], numpy_rng=meta["numpy_rng"], python_rng=meta["python_rng"],
+            other_ranks=others,
         )
 
     def write(self, state: TrainingState) -> None:
@@ -240,16 +285,106 @@ class TrainingCheckpoint:
         }
         if state.cuda_rng is not None:
             tensors["cuda_rng"] = state.cuda_rng
+        others = state.other_ranks
+        if others:
+            tensors["rank_torch_rng"] = [r["torch_rng"] for r in others]
+            if state.cuda_rng is not None:
+                tensors["rank_cuda_rng"] = [r["cuda_rng"] for r in others]
         metadata = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "identity": self.identity, "epoch": state.epoch,
             "rows": _plain(state.rows), "best": state.best, "since_best": state.since_best,
             "stopped_early": state.stopped_early, "minibatch_rng": state.minibatch_rng,
-            "numpy_rng": state.numpy_rng, "python_rng": state.python_rng,
+            "numpy_rng": state.numpy_rng, "python_rng": state.python_rng, "world_size": 1 + len(others),
         }
+        if others:
+            metadata["rank_numpy_rng"] = [r["numpy_rng"] for r in others]
+            metadata["rank_python_rng"] = [r["python_rng"] for r in others]
         with staged_directory(self.path, overwrite=True, what="checkpoint_dir", replaceable=checkpoint_rule) as staging:
             torch.save(tensors, staging / STATE_FILE)
             (staging / METADATA_FILE).write_text(json.dumps(metadata))
         self.metadata = metadata
+
+
+def _launch_hint(world_size: int) -> str:
+    if world_size == 1:
+        return "in one process"
+    return (f"torchrun --nproc-per-node {world_size}, mrvi_pyro.distributed.launch(fn, {world_size}) or "
+            f"mrvi-pyro fit --nproc {world_size}")
+
+
+def open_checkpoint(path: str | os.PathLike, identity: dict, max_epochs: int, replicas=None
+                    ) -> tuple["TrainingCheckpoint | RankZeroCheckpoint", TrainingState | None]:
+    """The checkpoint of a training run and the state to resume from (None: start afresh).
+
+    In one process: :class:`TrainingCheckpoint` and what it holds. With ``replicas``
+    (:class:`mrvi_pyro.distributed.Replicas`), rank 0 alone opens and reads the directory and
+    broadcasts the outcome: every rank gets a :class:`RankZeroCheckpoint` and the state with its
+    own random states, or raises the same error (no hang).
+    """
+
+    def opened():
+        checkpoint = TrainingCheckpoint(path, identity)
+        if checkpoint.epoch > max_epochs:
+            raise ValueError(
+                f"checkpoint_dir {path} holds {checkpoint.epoch} completed epochs, more than "
+                f"max_epochs={max_epochs}; pass max_epochs >= {checkpoint.epoch} to resume it."
+            )
+        return checkpoint, checkpoint.read()
+
+    if replicas is None:
+        return opened()
+    checkpoint, state, failure = None, None, None
+    if replicas.is_main:
+        try:
+            checkpoint, state = opened()
+        except Exception as err:  # every rank raises it, below
+            failure = err
+    state, message = replicas.broadcast_object((state, _describe(failure)))
+    _raise_everywhere(failure, message, "open the checkpoint")
+    if state is not None:
+        state = state.for_rank(replicas.rank, replicas.world_size)
+    return RankZeroCheckpoint(checkpoint, replicas), state
+
+
+def _describe(error: BaseException | None) -> tuple[str, str] | None:
+    return None if error is None else (type(error).__name__, str(error))
+
+
+def _raise_everywhere(error: BaseException | None, message: tuple[str, str] | None, what: str) -> None:
+    """Re-raise rank 0's ``error`` there and the same message on the other ranks (a
+    ``ValueError`` stays a ``ValueError``; anything else is a ``RuntimeError``)."""
+    if error is not None:
+        raise error
+    if message is not None:
+        kind, text = message
+        if kind == "ValueError":
+            raise ValueError(text)
+        raise RuntimeError(f"rank 0 could not {what} ({kind}: {text}).")
+
+
+class RankZeroCheckpoint:
+    """The checkpoint of a data-parallel run: rank 0 writes, gathering every rank's random states.
+
+    Made by :func:`open_checkpoint`. :meth:`write` is a collective: every rank calls it after
+    every epoch with its :class:`TrainingState`; rank 0 writes the shared state with the random
+    states of all ranks (:meth:`TrainingCheckpoint.write`, atomic), then tells every rank whether
+    the write succeeded, so no rank moves on before it is complete and a failed write stops every
+    rank with the same error.
+    """
+
+    def __init__(self, checkpoint: TrainingCheckpoint | None, replicas):
+        self.checkpoint, self.replicas = checkpoint, replicas
+
+    def write(self, state: TrainingState) -> None:
+        gathered = self.replicas.gather_object(state.random_states)
+        failure = None
+        if self.replicas.is_main:
+            try:
+                self.checkpoint.write(dataclasses.replace(state, other_ranks=gathered[1:]))
+            except Exception as err:  # every rank raises it, below
+                failure = err
+        message = self.replicas.broadcast_object(_describe(failure))
+        _raise_everywhere(failure, message, "write the checkpoint")
 
 
 def _to_cpu(value):

@@ -2,9 +2,9 @@
 
 - ``mrvi-pyro fit DATA.h5ad --sample-key K [--batch-key K] [--labels-key K] [--layer L] [--nproc N] --out DIR``
   trains MrVI (data-parallel on N local processes with ``--nproc``) and saves it (``DIR/model``)
-  with its training history and figures. In one process, a checkpoint written after every epoch
-  (``DIR/checkpoint``) lets ``--resume`` continue a fit that was interrupted (Ctrl-C, a kill, a
-  crash) exactly where it stopped.
+  with its training history and figures. A checkpoint written after every epoch
+  (``DIR/checkpoint``; by rank 0 with ``--nproc``) lets ``--resume`` continue a fit that was
+  interrupted (Ctrl-C, a kill, a crash) exactly where it stopped, with the same ``--nproc``.
 - ``mrvi-pyro analyze DIR --groupby KEY [--de KEY] [--da KEY] [--nproc N]`` runs the analyses
   (local sample distances and DA sharded over N local processes with ``--nproc``) and writes
   arrays, tables, figures and a report.
@@ -106,8 +106,6 @@ def _fit(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size {args.batch_size} is the global minibatch and must be divisible by "
                          f"--nproc {args.nproc} (each rank takes batch-size / nproc cells)")
     out = Path(args.out)
-    if args.nproc > 1 and args.resume:
-        raise ValueError("--resume needs a checkpoint, which --nproc > 1 does not write; resume in one process.")
     _check_fit_target(out, overwrite=args.overwrite, resume=args.resume)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
@@ -124,7 +122,7 @@ def _fit(args: argparse.Namespace) -> int:
                              labels_key=args.labels_key, layer=args.layer, max_epochs=args.max_epochs,
                              batch_size=args.batch_size, seed=args.seed, quiet=args.quiet, data_path=args.data,
                              shown_dir=out, checkpoint_dir=checkpoint, nproc=args.nproc)
-                if checkpoint.exists():  # none with --nproc > 1
+                if checkpoint.exists():
                     shutil.copytree(checkpoint, staging / CHECKPOINT_DIR, copy_function=_link_or_copy)
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -311,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--nproc", type=int, default=1,
                      help="train data-parallel on this many local processes (torch.distributed: gloo on CPU, "
                           "NCCL with one GPU each); --batch-size is the global minibatch and must be divisible "
-                          "by it; no checkpoint is written")
+                          "by it; rank 0 writes the checkpoint, and --resume needs the same --nproc")
     fit.add_argument("--quiet", action="store_true", help="no progress bar")
     fit.add_argument("--overwrite", action="store_true",
                      help="replace an earlier run in --out (its model, checkpoint and analysis outputs)")

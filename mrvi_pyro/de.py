@@ -1173,8 +1173,10 @@ def differential_expression(
     partition
         A :class:`mrvi_pyro.distributed.CellPartition` of ``indices`` (None: all, in this
         process): each rank regresses its cells, and rank 0 assembles the per-cell arrays and
-        adjusts the p-values over all cells (the other ranks return None). Not with
-        ``store_lfc`` (its draws are not split by rank yet).
+        adjusts the p-values over all cells (the other ranks return None). With ``store_lfc``
+        each rank first skips the random numbers of the chunks before its cells (posterior draws
+        and bootstrap multipliers), so its cells get those of one process, and writes their
+        LFCs to ``sink`` (positions among all cells).
 
     Returns
     -------
@@ -1185,12 +1187,9 @@ def differential_expression(
         raise ValueError(f"pvalue_method must be 'robust', 'chi2' or 'permutation'; got {pvalue_method!r}.")
     device = module_device(module)
     indices = np.arange(len(data)) if indices is None else np.asarray(indices, dtype=np.int64)
+    first = 0  # position of this rank's first cell among all cells
     if partition is not None and partition.sharded:
-        if store_lfc:
-            raise ValueError(
-                "store_lfc=True is not available in a distributed launch yet; run it in one process "
-                "(the regression, effect sizes and p-values are sharded)."
-            )
+        first = partition.cells.start
         indices = indices[partition.cells]
     X = torch.as_tensor(design.matrix, dtype=torch.float64, device=device)
     P = X.shape[1]
@@ -1220,7 +1219,8 @@ def differential_expression(
            "n_samples": np.empty(n, dtype=np.int64)}
     position = 0
     for chunk, _batch, loc, _scale, draws in iter_posterior_u(
-        module, data, indices, batch_size=batch_size, n_draws=mc_samples if store_lfc else None, seed=seed
+        module, data, indices, batch_size=batch_size, n_draws=mc_samples if store_lfc else None, seed=seed,
+        draws_offset=first,
     ):
         m = len(chunk)
         rows = slice(position, position + m)
@@ -1244,8 +1244,12 @@ def differential_expression(
             else:
                 out["pvalue"][rows] = permutation_pvalues(Z, X, tested, permutations, w).cpu().numpy()
             if store_lfc:
+                if position == 0 and noise_gen is not None:  # the chunks of the ranks before this one
+                    _skip_regression_noise(noise_gen, first // batch_size, batch_size, mc_samples, len(lfc_columns),
+                                           sink.variables["lfc"][1][-1], Z.shape[1:], device)
                 _store_lfc_chunk(
-                    module, sink, rows, loc, _scale, draws, Z, codes, X, ww, reference_rows, lfc_columns, levels_t,
+                    module, sink, slice(first + rows.start, first + rows.stop), loc, _scale, draws, Z, codes, X, ww,
+                    reference_rows, lfc_columns, levels_t,
                     lw_t, lambd=lambd, penalty=penalty, noise_gen=noise_gen, linearized=linearized_draws,
                     eps_lfc=eps_lfc, delta=delta,
                     credible_interval=credible_interval, store_baseline=store_baseline, paired=paired,
@@ -1331,17 +1335,33 @@ def counterfactual_draws(module, loc: torch.Tensor, scale: torch.Tensor, noise: 
     return mean, module.counterfactual_z(steps[:, :, None, :], codes) - mean[:, None]
 
 
+def _lfc_block_cells(n_draws: int, n_columns: int, n_genes: int, counterfactual_shape) -> int:
+    """Cells per block of :func:`_store_lfc_chunk`, so that the per-draw counterfactuals
+    (``counterfactual_shape`` = (S, L) per cell) and LFC blocks stay bounded."""
+    S, L = counterfactual_shape
+    return max(1, LFC_MAX_ELEMENTS // max(1, n_draws * max(n_columns * n_genes, S * L)))
+
+
+def _skip_regression_noise(generator: torch.Generator, n_chunks: int, batch_size: int, n_draws: int, n_columns: int,
+                           n_genes: int, counterfactual_shape, device) -> None:
+    """Advance ``generator`` past the bootstrap multipliers of ``n_chunks`` full chunks, drawn
+    block by block as :func:`_store_lfc_chunk` draws them (:func:`regression_draws`), so a shard
+    of a distributed analysis continues the stream where one process would be."""
+    sub = _lfc_block_cells(n_draws, n_columns, n_genes, counterfactual_shape)
+    S = counterfactual_shape[0]
+    for _ in range(n_chunks):
+        for start in range(0, batch_size, sub):
+            torch.randn((n_draws, min(sub, batch_size - start), S), generator=generator, dtype=torch.float64,
+                        device=device)
+
+
 def _store_lfc_chunk(module, sink, rows, loc, scale, draws, Z_mean, codes, X, w, reference_rows, lfc_columns, levels,
                      level_weights, *, lambd, penalty, noise_gen, linearized, eps_lfc, delta, credible_interval,
                      store_baseline, paired):
     """Regress every posterior draw's counterfactuals, decode the LFCs of one cell chunk and
     write their summaries to ``sink``."""
     D, n, _ = draws.shape
-    S = len(codes)
-    L = Z_mean.shape[-1]
-    # split the cells so that the per-draw counterfactuals and LFC blocks stay bounded
-    per_cell = D * max(len(lfc_columns) * sink.variables["lfc"][1][-1], S * L)
-    sub = max(1, LFC_MAX_ELEMENTS // max(1, per_cell))
+    sub = _lfc_block_cells(D, len(lfc_columns), sink.variables["lfc"][1][-1], Z_mean.shape[1:])
     for start in range(0, n, sub):
         sl = slice(start, start + sub)
         maps = regression_maps(X, w[sl])

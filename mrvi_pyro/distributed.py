@@ -32,7 +32,12 @@ so one summed all-reduce of the gradients per step (one buffer) gives every rank
 one process computes on the whole minibatch; clipping and the Adam update then run
 identically everywhere. Training losses, the validation loss (each rank evaluates its shard of
 the validation chunks) and hence early stopping are summed across ranks, so every rank takes
-the same decisions. ``MRVI.save`` writes on rank 0 only.
+the same decisions. ``MRVI.save`` writes on rank 0 only, and so does a ``checkpoint_dir``
+(:class:`mrvi_pyro.checkpoint.RankZeroCheckpoint`): rank 0 stores the shared state with the
+random states of every rank after each epoch, and on resume reads it and broadcasts it, so every
+rank continues from the same epoch with its own random stream (an interrupted and resumed run
+of W ranks ends where an uninterrupted one does; a checkpoint of another world size is refused).
+With several nodes the checkpoint is on rank 0's file system.
 
 Random draws (the posterior draw of ``u`` in the guide and the dropout masks of the attention
 blocks) are *the same per cell as in one process*: inside a step each per-cell draw is made for
@@ -156,6 +161,20 @@ def broadcast_(tensors: list[torch.Tensor], src: int = 0) -> None:
     with torch.no_grad():
         for t, piece in zip(tensors, buffer.split([t.numel() for t in tensors])):
             t.copy_(piece.view_as(t))
+
+
+def broadcast_object(value, src: int = 0):
+    """Rank ``src``'s ``value`` (a picklable object) on every rank."""
+    box = [value]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def gather_object(value) -> list | None:
+    """Every rank's ``value`` (picklable) in rank order on rank 0; ``None`` on the other ranks."""
+    parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(value, parts, dst=0)
+    return parts
 
 
 def check_same_everywhere(description: dict, what: str) -> None:
@@ -357,6 +376,12 @@ class Replicas:
     def all_reduce_sum(self, values) -> np.ndarray:
         return all_reduce_sum(values)
 
+    def broadcast_object(self, value):
+        return broadcast_object(value)
+
+    def gather_object(self, value) -> list | None:
+        return gather_object(value)
+
 
 # ----- sharded analyses --------------------------------------------------------------------------
 def cell_range(n_cells: int, batch_size: int) -> slice:
@@ -452,11 +477,7 @@ class CellPartition:
 
     def broadcast(self, value):
         """Rank 0's ``value`` (a small picklable object) on every rank."""
-        if not self.sharded:
-            return value
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
+        return broadcast_object(value) if self.sharded else value
 
     def barrier(self) -> None:
         if self.sharded:
@@ -487,8 +508,7 @@ def gather_rows(array: np.ndarray) -> np.ndarray | None:
 
     Gathered with ``gather_object`` (pickled, so any dtype works; memory on rank 0 is the
     assembled result)."""
-    parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(np.ascontiguousarray(array), parts, dst=0)
+    parts = gather_object(np.ascontiguousarray(array))
     return np.concatenate(parts) if parts is not None else None
 
 
@@ -596,5 +616,6 @@ def launch(fn, nproc: int, *args, backend: str | None = None, threads: int | Non
 
 __all__ = [
     "CellPartition", "Replicas", "SameDraws", "all_gather_rows", "all_reduce_", "all_reduce_sum", "broadcast_",
-    "cell_range", "check_same_everywhere", "ensure_process_group", "gather_rows", "launch", "rank", "world_size",
+    "broadcast_object", "cell_range", "check_same_everywhere", "ensure_process_group", "gather_object", "gather_rows",
+    "launch", "rank", "world_size",
 ]

@@ -50,8 +50,9 @@ def read_h5ad(path: str | Path):
 
 
 def train_rank(data_path: str, keys: dict, seed: int, options: dict):
-    """One rank of ``fit --nproc``: read the data, train data-parallel, return the weights and
-    history (rank 0's are what the launching process keeps)."""
+    """One rank of ``fit --nproc``: read the data, train data-parallel (rank 0 writing the
+    checkpoint when ``options`` name one), return the weights and history (rank 0's are what the
+    launching process keeps)."""
     from . import MRVI, distributed
 
     adata = read_h5ad(data_path)
@@ -70,8 +71,8 @@ def fit_and_save(adata, out: Path, *, sample_key: str, batch_key=None, labels_ke
     figures. ``shown_dir`` names ``out`` in messages.
 
     ``nproc > 1`` trains data-parallel on that many local ranks (:func:`mrvi_pyro.distributed.launch`;
-    each reads ``data_path``), with ``batch_size`` the global minibatch, and without a checkpoint;
-    this process then writes the outputs."""
+    each reads ``data_path``), with ``batch_size`` the global minibatch; rank 0 writes the
+    checkpoint, and this process then writes the outputs."""
     from . import MRVI, distributed, pl
     from .data import REGISTRY_KEY, get_registry
 
@@ -82,7 +83,8 @@ def fit_and_save(adata, out: Path, *, sample_key: str, batch_key=None, labels_ke
     model = MRVI(adata, seed=seed)
     start = time.perf_counter()
     if nproc > 1:
-        options = {"max_epochs": max_epochs, "batch_size": batch_size, "progress_bar": not quiet}
+        options = {"max_epochs": max_epochs, "batch_size": batch_size, "progress_bar": not quiet,
+                   "checkpoint_dir": None if checkpoint_dir is None else str(checkpoint_dir)}
         state, history = distributed.launch(train_rank, nproc, str(data_path), dict(zip(
             ("sample_key", "batch_key", "labels_key", "layer"), keys)), seed, options)
         model.module.load_state_dict(state)

@@ -46,7 +46,7 @@ from pyro.infer import Trace_ELBO
 from tqdm.auto import tqdm
 
 from ._malloc import tune_malloc_if_enabled
-from .checkpoint import TrainingCheckpoint, TrainingState, data_identity
+from .checkpoint import TrainingState, data_identity, open_checkpoint
 from .data import CellData
 from .distributed import Replicas
 
@@ -249,8 +249,11 @@ def train_svi(
         the interrupted run was (parameters, optimiser, random states, minibatch order,
         history, early stopping), and continues to ``max_epochs``. A checkpoint of another
         run (training arguments other than ``max_epochs`` and ``progress_bar``, the module's
-        parameters or ``checkpoint_identity``, or the data) is refused, as is a non-empty
-        directory that is not a checkpoint. None (default): no checkpoint, no cost.
+        parameters or ``checkpoint_identity``, the data, or in data-parallel training the
+        number of ranks) is refused, as is a non-empty directory that is not a checkpoint. In
+        data-parallel training rank 0 alone reads and writes it, with the random states of every
+        rank, and every rank resumes from it (:class:`mrvi_pyro.checkpoint.RankZeroCheckpoint`).
+        None (default): no checkpoint, no cost.
     checkpoint_identity
         More JSON-able facts a checkpoint must match to be resumed (the facade passes the
         model's configuration).
@@ -301,12 +304,10 @@ def train_svi(
             "early_stopping_patience": int(early_stopping_patience),
             "early_stopping_min_delta": float(early_stopping_min_delta),
             "scale_observations": bool(scale_observations), "seed": int(seed),
+            "checkpoint": checkpoint_dir is not None, "same_draws": replicas.same_draws,
         })
         device = replicas.device(device)
         progress_bar = progress_bar and replicas.is_main
-    if replicas is not None and checkpoint_dir is not None:
-        raise ValueError("checkpoint_dir is not supported in data-parallel training yet; train in one process "
-                         "to checkpoint, or without checkpoint_dir.")
     settings = dict(  # what the loop needs besides the split; with train_size, what a resume must match
         batch_size=batch_size, lr=lr, weight_decay=weight_decay, eps=eps, clip_norm=clip_norm,
         n_epochs_kl_warmup=n_epochs_kl_warmup, early_stopping=early_stopping,
@@ -315,19 +316,14 @@ def train_svi(
     )
     checkpoint, resume = None, None
     if checkpoint_dir is not None:
+        ranks = {} if replicas is None else {"world_size": replicas.world_size, "same_draws": replicas.same_draws}
         identity = {
-            "training": {**settings, "train_size": train_size, "device": device.type},
+            "training": {**settings, "train_size": train_size, "device": device.type, **ranks},
             "parameters": {k: list(v.shape) for k, v in module.state_dict().items()},
             "data": data_identity(data),
             **(checkpoint_identity or {}),
         }
-        checkpoint = TrainingCheckpoint(checkpoint_dir, identity)
-        if checkpoint.epoch > max_epochs:
-            raise ValueError(
-                f"checkpoint_dir {checkpoint_dir} holds {checkpoint.epoch} completed epochs, more than "
-                f"max_epochs={max_epochs}; pass max_epochs >= {checkpoint.epoch} to resume it."
-            )
-        resume = checkpoint.read()
+        checkpoint, resume = open_checkpoint(checkpoint_dir, identity, max_epochs, replicas)
     rng = np.random.default_rng(seed)
     train_idx, val_idx = split_indices(len(data), train_size, rng)
     if resume is not None:

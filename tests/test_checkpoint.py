@@ -299,3 +299,112 @@ def test_fit_interrupted_by_ctrl_c_and_killed_resumes_to_the_uninterrupted_model
     # a finished run: --resume needs --overwrite to replace its outputs; more epochs continue it
     assert main(_fit_arguments(data, run, "--resume")) == 2
     assert "add --overwrite" in capsys.readouterr().err
+
+
+# ----- data-parallel training -----------------------------------------------------------------
+DATA_PARALLEL_EPOCHS = 4
+
+
+def _checkpointed_ranks(directory: str, one_process_checkpoint: str) -> dict:
+    """On each of 2 ranks, with the shared draws and with each rank's own stream: an
+    uninterrupted run, and one stopped after 2 epochs and resumed (from other initial weights)
+    to the same end; also which epochs this rank wrote, and the refusal of a one-process
+    checkpoint."""
+    from mrvi_pyro import checkpoint, distributed
+
+    written, write = [], checkpoint.TrainingCheckpoint.write
+
+    def counted_write(self, state):
+        written.append(state.epoch)
+        write(self, state)
+
+    checkpoint.TrainingCheckpoint.write = counted_write
+    adata, out = _data(), {}
+    for draws in ("1", "0"):
+        os.environ["MRVI_PYRO_SAME_DRAWS"] = draws
+        whole = _model(adata)
+        whole.train(max_epochs=DATA_PARALLEL_EPOCHS, **TRAIN)
+        path = os.path.join(directory, f"draws{draws}")
+        _model(adata).train(max_epochs=2, checkpoint_dir=path, **TRAIN)
+        resumed = _model(adata, seed=5)
+        resumed.train(max_epochs=DATA_PARALLEL_EPOCHS, checkpoint_dir=path, **TRAIN)
+        out[draws] = {name: ({k: v.clone() for k, v in model.module.state_dict().items()}, model.history)
+                      for name, model in (("whole", whole), ("resumed", resumed))}
+    del os.environ["MRVI_PYRO_SAME_DRAWS"]
+    refusal = None
+    try:  # a one-process checkpoint
+        _model(adata).train(max_epochs=3, checkpoint_dir=one_process_checkpoint, **TRAIN)
+    except ValueError as err:
+        refusal = str(err)
+    per_rank = [None] * 2
+    torch.distributed.all_gather_object(per_rank, {"written": written, "refusal": refusal,
+                                                   "runs": out, "rank": distributed.rank()})
+    return per_rank
+
+
+@pytest.fixture(scope="module")
+def two_ranks(checkpoint_dir, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("two_ranks")
+    return directory, mrvi_pyro.distributed.launch(_checkpointed_ranks, 2, str(directory), str(checkpoint_dir),
+                                                   threads=1)
+
+
+@pytest.mark.parametrize("draws", ["1", "0"], ids=["same_draws", "own_draws"])
+def test_two_ranks_resumed_equal_two_ranks_uninterrupted(two_ranks, draws):
+    """Exact on both ranks, also when each rank draws from its own stream (whose states rank 0
+    gathered into the checkpoint)."""
+    _, per_rank = two_ranks
+    for rank in per_rank:
+        runs = rank["runs"][draws]
+        (whole, whole_history), (resumed, resumed_history) = runs["whole"], runs["resumed"]
+        for key, value in whole.items():
+            assert torch.equal(resumed[key], value), (rank["rank"], key)
+        pd.testing.assert_frame_equal(resumed_history.drop(columns="seconds"), whole_history.drop(columns="seconds"))
+        assert list(resumed_history.index) == list(range(DATA_PARALLEL_EPOCHS))
+
+
+def test_only_rank_0_writes_and_it_stores_every_rank_s_random_state(two_ranks):
+    directory, per_rank = two_ranks
+    assert per_rank[0]["written"] == [1, 2, 3, 4] * 2 and per_rank[1]["written"] == []
+    for draws in ("1", "0"):
+        metadata = json.loads((directory / f"draws{draws}" / "checkpoint.json").read_text())
+        assert metadata["world_size"] == 2 and metadata["identity"]["training"]["world_size"] == 2
+        assert metadata["epoch"] == DATA_PARALLEL_EPOCHS
+        state = torch.load(directory / f"draws{draws}" / "state.pt", weights_only=True)
+        same = torch.equal(state["torch_rng"], state["rank_torch_rng"][0])
+        assert same == (draws == "1")  # the ranks' streams are one stream only with the shared draws
+    assert sorted(p.name for p in directory.iterdir()) == ["draws0", "draws1"]  # no staging left
+
+
+def test_a_checkpoint_of_another_world_size_is_refused(two_ranks, checkpoint_dir, adata):
+    directory, per_rank = two_ranks
+    for rank in per_rank:  # a one-process checkpoint on 2 ranks: the same error on both
+        assert "was written by a run on 1 rank(s) and this run has 2; resume it with the same number of ranks " \
+               "(in one process)" in rank["refusal"]
+    before = _files(directory / "draws1")
+    with pytest.raises(ValueError, match=r"was written by a run on 2 rank\(s\) and this run has 1; resume it with "
+                                         r"the same number of ranks \(torchrun --nproc-per-node 2"):
+        _model(adata).train(max_epochs=6, checkpoint_dir=directory / "draws1", **TRAIN)
+    assert _files(directory / "draws1") == before
+
+
+def test_fit_on_two_ranks_resumes_on_two_ranks_only(adata, tmp_path, capsys):
+    data = tmp_path / "data.h5ad"
+    raw = adata.copy()
+    del raw.uns["_mrvi_pyro"]
+    raw.write_h5ad(data)
+    run = tmp_path / "run"
+
+    def fit(epochs, *extra):
+        return main(["fit", str(data), "--sample-key", "sample", "--batch-key", "batch", "--out", str(run),
+                     "--max-epochs", str(epochs), "--batch-size", "32", "--quiet", *extra])
+
+    assert fit(2, "--nproc", "2") == 0
+    first = pd.read_csv(run / "history.csv", index_col="epoch")
+    assert _epochs_done(run / "checkpoint") == 2
+    assert fit(3, "--nproc", "1", "--resume", "--overwrite") == 2
+    assert "was written by a run on 2 rank(s) and this run has 1" in capsys.readouterr().err
+    assert fit(3, "--nproc", "2", "--resume", "--overwrite") == 0
+    resumed = pd.read_csv(run / "history.csv", index_col="epoch")
+    assert list(resumed.index) == [0, 1, 2] and _epochs_done(run / "checkpoint") == 3
+    pd.testing.assert_frame_equal(resumed.iloc[:2].drop(columns="seconds"), first.drop(columns="seconds"))

@@ -38,12 +38,12 @@ def _train(adata, **kwargs):
 
 
 ANALYSES = ["distances", "distances_zarr", "sampled_distances", "da", "da_capped", "de", "de_admissible",
-            "outliers", "outliers_mog"]
+            "de_lfc", "de_lfc_zarr", "outliers", "outliers_mog"]
 
 
 def _analyses(model, zarr_path) -> dict:
     """The sharded analyses (None on ranks other than 0); chunks of 100 cells, so the 600 cells
-    are 3 chunks on rank 0 and 3 on rank 1."""
+    are 3 chunks on rank 0 and 3 on rank 1 (whose LFC draws continue rank 0's random streams)."""
     return {
         "distances": model.get_local_sample_distances(groupby="cell_type", keep_cell=True, batch_size=100),
         "distances_zarr": model.get_local_sample_distances(groupby="cell_type", batch_size=100, zarr_path=zarr_path),
@@ -56,6 +56,11 @@ def _analyses(model, zarr_path) -> dict:
         "de": model.differential_expression(sample_cov_keys=["disease"], batch_size=100),
         "de_admissible": model.differential_expression(sample_cov_keys=["disease"], batch_size=100,
                                                        filter_inadmissible_samples=True, flavor="mog"),
+        "de_lfc": model.differential_expression(sample_cov_keys=["disease"], batch_size=100, store_lfc=True,
+                                                mc_samples=5, store_baseline=True, credible_interval=0.9),
+        "de_lfc_zarr": model.differential_expression(
+            sample_cov_keys=["disease"], batch_size=100, store_lfc=True, mc_samples=5,
+            zarr_path=os.path.join(os.path.dirname(zarr_path), "de.zarr")),
         "outliers": model.get_outlier_cell_sample_pairs(batch_size=100),
         "outliers_mog": model.get_outlier_cell_sample_pairs(batch_size=100, flavor="mog", subsample_size=40),
     }
