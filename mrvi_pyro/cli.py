@@ -6,7 +6,7 @@
   (``DIR/checkpoint``; by rank 0 with ``--nproc``) lets ``--resume`` continue a fit that was
   interrupted (Ctrl-C, a kill, a crash) exactly where it stopped, with the same ``--nproc``.
 - ``mrvi-pyro analyze DIR --groupby KEY [--de KEY] [--da KEY] [--nproc N]`` runs the analyses
-  (local sample distances and DA sharded over N local processes with ``--nproc``) and writes
+  (local sample distances, DE and DA sharded over N local processes with ``--nproc``) and writes
   arrays, tables, figures and a report.
 - ``mrvi-pyro demo --out DIR`` simulates a cohort with planted truth, trains MrVI on it, saves the
   model and writes figures and a summary.
@@ -236,11 +236,11 @@ def _analyze(args: argparse.Namespace) -> int:
         if args.nproc < 1:
             raise ValueError(f"--nproc must be a positive integer; got {args.nproc}")
         precomputed = None
-        if args.nproc > 1:  # distances and DA sharded over local ranks; the rest here
+        if args.nproc > 1:  # distances, DE and DA sharded over local ranks; the rest here
             from . import distributed
 
             precomputed = distributed.launch(analysis_rank, args.nproc, str(data_path), str(run_dir / "model"),
-                                             args.groupby, args.da)
+                                             args.groupby, args.da, args.de, args.mc_samples, args.seed)
         staging = sibling(out / "analysis", "partial")
         staging.mkdir()
         try:
@@ -331,8 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--mc-samples", type=int, default=20, help="posterior draws for DE log fold-changes")
     analyze.add_argument("--seed", type=int, default=0, help="seeds the posterior draws")
     analyze.add_argument("--nproc", type=int, default=1,
-                         help="compute the local sample distances and DA on this many local processes "
-                              "(torch.distributed); DE and the summaries run in this process")
+                         help="compute the local sample distances, DE and DA on this many local processes "
+                              "(torch.distributed); the summaries and figures run in this process")
     analyze.add_argument("--quiet", action="store_true", help="no progress messages")
     analyze.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier analysis")
     analyze.set_defaults(func=_analyze)

@@ -123,13 +123,17 @@ def check_columns(adata, groupby: str, de: str | None, da: str | None, basis: st
         raise ValueError(f"--basis {basis!r} is not a key of obsm (keys: {list(adata.obsm.keys())})")
 
 
-def analysis_rank(data_path: str, model_dir: str, groupby: str, da: str | None) -> dict:
-    """One rank of ``analyze --nproc``: the sharded analyses (rank 0's results come back)."""
+def analysis_rank(data_path: str, model_dir: str, groupby: str, da: str | None, de: str | None = None,
+                  mc_samples: int = 20, seed: int = 0) -> dict:
+    """One rank of ``analyze --nproc``: the sharded analyses, distances, DE (with its decoded
+    LFCs, as :func:`de_step` asks them) and DA (rank 0's results come back)."""
     from . import MRVI
 
     adata = read_h5ad(data_path)
     model = MRVI.load(model_dir, adata=adata)
     results = {"distances": model.get_local_sample_distances(adata, groupby=groupby, keep_cell=False)}
+    if de is not None:
+        results["de"] = model.differential_expression(adata, **de_arguments(de, mc_samples, seed))
     if da is not None:
         results["da"] = model.differential_abundance(adata, sample_cov_keys=[da])
     return results
@@ -245,9 +249,16 @@ def de_top_genes(table, groupby: str, n_genes: int = 5):
     return pd.DataFrame(rows).sort_values("mean effect size", ascending=False)
 
 
-def de_step(model, adata, canvas: AnalysisCanvas, covariate: str, *, mc_samples: int = 20, seed: int = 0):
-    """Differential expression for the sample covariate ``covariate`` with stored log
-    fold-changes, its per-group summary of every gene, and its figures.
+def de_arguments(covariate: str, mc_samples: int, seed: int) -> dict:
+    """The ``differential_expression`` arguments of the pipeline's DE step (one place, so the
+    ranks of ``analyze --nproc`` compute what one process computes)."""
+    return {"sample_cov_keys": [covariate], "store_lfc": True, "mc_samples": mc_samples, "seed": seed}
+
+
+def de_step(model, adata, canvas: AnalysisCanvas, covariate: str, *, mc_samples: int = 20, seed: int = 0,
+            de_result=None):
+    """Differential expression for the sample covariate ``covariate`` (computed unless given)
+    with stored log fold-changes, its per-group summary of every gene, and its figures.
 
     Returns ``({"de", "de_table"}, section)``."""
     from . import pl
@@ -255,8 +266,8 @@ def de_step(model, adata, canvas: AnalysisCanvas, covariate: str, *, mc_samples:
 
     groupby = canvas.groupby
     canvas.say(f"differential expression for {covariate}")
-    de_result = model.differential_expression(adata, sample_cov_keys=[covariate], store_lfc=True,
-                                              mc_samples=mc_samples, seed=seed)
+    if de_result is None:
+        de_result = model.differential_expression(adata, **de_arguments(covariate, mc_samples, seed))
     canvas.array(de_result, "differential_expression.zarr")
     table = model.differential_expression_summary(de_result, groupby=groupby, adata=adata, n_top_genes=None)
     table.to_csv(canvas.out / "de_summary.csv", index=False)
@@ -322,7 +333,7 @@ def analyze_model(model, adata, out: Path, *, groupby: str, de: str | None = Non
     ``adata.obsm[basis]`` (e.g. ``"X_umap"``), or on the first two principal components of u
     when ``basis`` is None. ``data_path`` (named and checksummed) and ``command`` go into the
     report's run metadata. ``precomputed`` holds results computed elsewhere (``"distances"``,
-    ``"da"``: e.g. by ranks of ``analyze --nproc``), used instead of computing them here."""
+    ``"de"``, ``"da"``: e.g. by ranks of ``analyze --nproc``), used instead of computing them here."""
     from . import pl
     from .report import run_metadata, write_html_report
 
@@ -338,7 +349,8 @@ def analyze_model(model, adata, out: Path, *, groupby: str, de: str | None = Non
                                       distances=precomputed.get("distances"))
     sections.append(section)
     if de is not None:
-        step_results, section = de_step(model, adata, canvas, de, mc_samples=mc_samples, seed=seed)
+        step_results, section = de_step(model, adata, canvas, de, mc_samples=mc_samples, seed=seed,
+                                        de_result=precomputed.get("de"))
         results.update(step_results)
         sections.append(section)
     if da is not None:

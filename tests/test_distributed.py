@@ -246,13 +246,18 @@ def test_fit_and_analyze_commands_on_two_ranks_match_one_process(tmp_path, small
     assert "must be divisible by --nproc 3" in capsys.readouterr().err
     assert not (tmp_path / "three").exists()
 
-    analyze = ["analyze", str(tmp_path / "two"), "--groupby", "cell_type", "--da", "disease", "--quiet"]
+    analyze = ["analyze", str(tmp_path / "two"), "--groupby", "cell_type", "--da", "disease", "--de", "disease",
+               "--mc-samples", "3", "--quiet"]
     assert main([*analyze, "--out", str(tmp_path / "one_process")]) == 0
     assert main([*analyze, "--nproc", "2", "--out", str(tmp_path / "two_ranks")]) == 0
-    for name in ("sample_distance_spread.csv", "da_summary.csv"):
+    for name in ("sample_distance_spread.csv", "da_summary.csv", "de_summary.csv"):
         assert (tmp_path / "one_process" / name).read_text() == (tmp_path / "two_ranks" / name).read_text(), name
     import xarray as xr
 
     da_one, da_two = (xr.open_zarr(tmp_path / run / "results" / "differential_abundance.zarr")
                       for run in ("one_process", "two_ranks"))
     np.testing.assert_array_equal(da_two["log_probs"].values, da_one["log_probs"].values)
+    de_one, de_two = (xr.open_zarr(tmp_path / run / "results" / "differential_expression.zarr")
+                      for run in ("one_process", "two_ranks"))
+    for name in ("effect_size", "pvalue", "lfc"):
+        np.testing.assert_array_equal(de_two[name].values, de_one[name].values)
