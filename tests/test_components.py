@@ -12,6 +12,8 @@ import mrvi_pyro
 from mrvi_pyro import MRVI, MrVIModule, components
 from mrvi_pyro.components import CONTRACT_KINDS, check_contract
 
+from ._guides import student_t_guide
+
 REGISTERED = [(kind, name) for kind, registry in CONTRACT_KINDS.items() for name in registry.names()]
 
 
@@ -201,38 +203,24 @@ def test_tensors_outside_the_state_dict_are_refused_on_load(small_adata, tmp_pat
         MRVI.load(tmp_path / "m", adata=small_adata)
 
 
-def _t_guide(module, x, sample_index, batch_index, label_index=None, *, n_obs=None, subsample=None,
-             kl_weight=1.0, cell_scale=None):
-    """The MrVI guide with a Student-t posterior on u (same sites)."""
-    import pyro
-    from pyro import distributions as dist
-
-    from mrvi_pyro.model import cells_plate, kl_scale
-
-    with cells_plate(x, n_obs, subsample, cell_scale), kl_scale(kl_weight):
-        loc, scale = module.encode_u(x, sample_index)
-        u = pyro.sample("u", dist.StudentT(5.0, loc, scale).to_event(1))
-        pyro.sample("z", dist.Delta(module.counterfactual_z(u, sample_index), event_dim=1))
-
-
 def test_registered_guide_is_found_again_without_passing_it(small_adata, tmp_path, scratch_registries):
-    mrvi_pyro.register_guide("student_t", _t_guide)
+    mrvi_pyro.register_guide("student_t", student_t_guide)
     check_contract("guide", "student_t")
-    for given in ("student_t", _t_guide):  # by name or by function: the file names it either way
+    for given in ("student_t", student_t_guide):  # by name or by function: the file names it either way
         model = MRVI(small_adata, n_latent=8, n_latent_u=4, guide=given)
         model.save(tmp_path / "m", overwrite=True)
         assert json.loads((tmp_path / "m" / "model.json").read_text())["guide"] == "student_t"
-        assert MRVI.load(tmp_path / "m", adata=small_adata).module.guide_program is _t_guide
+        assert MRVI.load(tmp_path / "m", adata=small_adata).module.guide_program is student_t_guide
     del components.GUIDES._entries["student_t"]
     with pytest.raises(ValueError, match=r"saved with the guide 'student_t', which is not registered.*register_guide"):
         MRVI.load(tmp_path / "m", adata=small_adata)
-    assert MRVI.load(tmp_path / "m", adata=small_adata, guide=_t_guide).module.guide_program is _t_guide
+    assert MRVI.load(tmp_path / "m", adata=small_adata, guide=student_t_guide).module.guide_program is student_t_guide
 
 
 def test_unregistered_guide_warns_on_save_and_is_required_on_load(small_adata, tmp_path):
-    model = MRVI(small_adata, n_latent=8, n_latent_u=4, guide=_t_guide)
-    with pytest.warns(UserWarning, match="The guide '_t_guide' is not registered"):
+    model = MRVI(small_adata, n_latent=8, n_latent_u=4, guide=student_t_guide)
+    with pytest.warns(UserWarning, match="The guide 'student_t_guide' is not registered"):
         model.save(tmp_path / "m")
-    with pytest.raises(ValueError, match=r"saved with the unregistered guide '_t_guide'; pass it with"):
+    with pytest.raises(ValueError, match=r"saved with the unregistered guide 'student_t_guide'; pass it with"):
         MRVI.load(tmp_path / "m", adata=small_adata)
-    assert MRVI.load(tmp_path / "m", adata=small_adata, guide=_t_guide).module.guide_program is _t_guide
+    assert MRVI.load(tmp_path / "m", adata=small_adata, guide=student_t_guide).module.guide_program is student_t_guide

@@ -4,7 +4,6 @@ registered from outside the package taken through every analysis."""
 import json
 
 import numpy as np
-import pyro
 import pytest
 import torch
 import xarray as xr
@@ -13,7 +12,8 @@ from torch import nn
 
 import mrvi_pyro
 from mrvi_pyro import MRVI, MrVIModule, components
-from mrvi_pyro.model import cells_plate, kl_scale
+
+from ._guides import student_t_guide
 
 
 @pytest.mark.parametrize("mapper", ["attention", "mlp", "linear"])
@@ -40,17 +40,8 @@ def test_variant_arguments_are_checked():
         MrVIModule(30, 4, 2, sample_mapper="mlp", qz_kwargs={"use_map": False})
 
 
-def scaled_guide(module, x, sample_index, batch_index, label_index=None, *, n_obs=None, subsample=None,
-                 kl_weight=1.0, cell_scale=None):
-    """A user-written guide: the MrVI guide with a Student-t posterior on u (same sites)."""
-    with cells_plate(x, n_obs, subsample, cell_scale), kl_scale(kl_weight):
-        loc, scale = module.encode_u(x, sample_index)
-        u = pyro.sample("u", dist.StudentT(5.0, loc, scale).to_event(1))
-        pyro.sample("z", dist.Delta(module.counterfactual_z(u, sample_index), event_dim=1))
-
-
 @pytest.mark.parametrize("options", [
-    {"sample_mapper": "mlp"}, {"sample_mapper": "linear"}, {"likelihood": "poisson"}, {"guide": scaled_guide},
+    {"sample_mapper": "mlp"}, {"sample_mapper": "linear"}, {"likelihood": "poisson"}, {"guide": student_t_guide},
 ])
 def test_variants_train_and_save(small_adata, tmp_path, options):
     model = MRVI(small_adata, n_latent=8, n_latent_u=4, **options)
