@@ -163,6 +163,16 @@ def kib_to_gb(kib: float | None) -> float | None:
     return None if kib is None else kib * 1024 / 1e9
 
 
+def add_cohort_arguments(parser, *, n_cells: int, n_genes: int = 1_000, n_samples: int = 24,
+                         n_batches: int = 3) -> None:
+    """The simulated cohort's size options every benchmark takes: ``--n-cells``, ``--n-genes``,
+    ``--n-samples`` and ``--n-batches``, with these defaults."""
+    parser.add_argument("--n-cells", type=int, default=n_cells)
+    parser.add_argument("--n-genes", type=int, default=n_genes)
+    parser.add_argument("--n-samples", type=int, default=n_samples)
+    parser.add_argument("--n-batches", type=int, default=n_batches)
+
+
 def run_command(
     cmd: Sequence[str],
     *,

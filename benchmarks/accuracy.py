@@ -284,10 +284,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[256], help="training batch sizes (e.g. 128 256)")
     parser.add_argument("--epochs", type=int, default=100)
-    parser.add_argument("--n-cells", type=int, default=12_000)
-    parser.add_argument("--n-genes", type=int, default=1_000)
-    parser.add_argument("--n-samples", type=int, default=24)
-    parser.add_argument("--n-batches", type=int, default=3)
+    _harness.add_cohort_arguments(parser, n_cells=12_000)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of every child (default 1)")
     parser.add_argument("--sides", nargs="+", default=["ours", "reference", "pseudobulk"],
                         choices=["ours", "reference", "pseudobulk"],

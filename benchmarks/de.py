@@ -56,10 +56,7 @@ def child(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n-cells", type=int, default=20_000)
-    parser.add_argument("--n-genes", type=int, default=1_000)
-    parser.add_argument("--n-samples", type=int, default=24)
-    parser.add_argument("--n-batches", type=int, default=3)
+    _harness.add_cohort_arguments(parser, n_cells=20_000)
     parser.add_argument("--mc-samples", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=128, help="DE cell batch size on both sides")
     parser.add_argument("--epochs", type=int, default=1, help="untimed training epochs on each side")

@@ -141,10 +141,7 @@ def project(row: dict, n_cells: int, n_samples: int, to_cells: int, to_samples: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n-cells", type=int, default=1_000_000)
-    parser.add_argument("--n-genes", type=int, default=2_000)
-    parser.add_argument("--n-samples", type=int, default=300)
-    parser.add_argument("--n-batches", type=int, default=3)
+    _harness.add_cohort_arguments(parser, n_cells=1_000_000, n_genes=2_000, n_samples=300)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=128, help="training minibatch")
     parser.add_argument("--analysis-batch", type=int, default=128, help="cells per analysis chunk")

@@ -47,10 +47,7 @@ def child(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n-cells", type=int, default=20_000)
-    parser.add_argument("--n-genes", type=int, default=1_000)
-    parser.add_argument("--n-samples", type=int, default=24)
-    parser.add_argument("--n-batches", type=int, default=3)
+    _harness.add_cohort_arguments(parser, n_cells=20_000)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 1024])
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads on both sides (default 1)")
