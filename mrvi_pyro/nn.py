@@ -407,16 +407,15 @@ class AttentionBlock(nn.Module):
         and backward, which outweighs what it saves per row on a training minibatch.
         """
         n_heads, head_dim = self.n_heads, self.n_channels // self.n_heads
-        (w_q, b_q), (w_k, _), (w_v, b_v) = self.lifts()
-        w_k = w_k.view(n_heads, head_dim)
-        slope = (w_q.view(n_heads, head_dim) * w_k).sum(-1, keepdim=True) / math.sqrt(head_dim)  # (H, 1)
-        intercept = (b_q.view(n_heads, head_dim) * w_k).sum(-1, keepdim=True) / math.sqrt(head_dim)
+        lifts = self.lifts()
+        slope, intercept = self._score_factors(lifts)
+        _, _, (w_v, b_v) = lifts
         attn_query = query.detach() if self.stop_gradients_mlp else query
         x = self.query_tokens(attn_query)  # (..., T)
-        y = self.kv_tokens(kv)  # (..., T)
+        y = self.kv_tokens(kv).unsqueeze(-2).unsqueeze(-2)  # (..., 1, 1, T)
         a = x.unsqueeze(-2) * slope + intercept  # (..., H, T)
-        weights = self.dropout(torch.softmax(a.unsqueeze(-1) * y.unsqueeze(-2).unsqueeze(-2), dim=-1))
-        m = (weights * y.unsqueeze(-2).unsqueeze(-2)).sum(-1)  # (..., H, T)
+        weights = self.dropout(torch.softmax(a.unsqueeze(-1) * y, dim=-1))
+        m = (weights * y).sum(-1)  # (..., H, T)
         # Head h's output for token i is m_hi w_vh + r_hi b_vh with r_hi = sum_j p_hij (1 unless dropout).
         mixed = m.unsqueeze(-1) * w_v.view(n_heads, 1, head_dim)  # (..., H, T, d)
         if self.training and self.dropout.p > 0:
@@ -428,11 +427,21 @@ class AttentionBlock(nn.Module):
         shape = summary.shape[:-1]
         return self._output(self.residual(torch.cat([query.expand(*shape, query.shape[-1]), summary], dim=-1)))
 
+    def _score_factors(self, lifts) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head ``(slope, intercept)``, each (H, 1): head h's score of query token ``x_i``
+        against key token ``y_j`` is ``(slope_h x_i + intercept_h) y_j`` up to terms constant in j."""
+        n_heads, head_dim = self.n_heads, self.n_channels // self.n_heads
+        (w_q, b_q), (w_k, _), _ = lifts
+        w_q, b_q, w_k = w_q.view(n_heads, head_dim), b_q.view(n_heads, head_dim), w_k.view(n_heads, head_dim)
+        return (((w_q * w_k).sum(-1) / math.sqrt(head_dim)).unsqueeze(-1),
+                ((b_q * w_k).sum(-1) / math.sqrt(head_dim)).unsqueeze(-1))
+
     def _folded(self) -> dict:
         """Parameters of :meth:`_forward` folded from the block's weights (see its docstring)."""
         n_heads, head_dim, n_tokens = self.n_heads, self.n_channels // self.n_heads, self.n_tokens
-        (w_q, b_q), (w_k, _), (w_v, b_v) = self.lifts()
-        w_q, b_q, w_k = w_q.view(n_heads, head_dim), b_q.view(n_heads, head_dim), w_k.view(n_heads, head_dim)
+        lifts = self.lifts()
+        slope, intercept = self._score_factors(lifts)
+        _, _, (w_v, b_v) = lifts
         # Fold v-lift -> head_proj -> the first linear maps of post into weights on m (and on r
         # under dropout).
         first_weight, first_bias = _mlp_first_linear(self.post)
@@ -443,8 +452,8 @@ class AttentionBlock(nn.Module):
         k_m, k_r = torch.einsum("kio,rho->rhik", w_first, via).reshape(2, n_heads * n_tokens, -1)
         bias = torch.addmv(first_bias, first_weight, self.head_proj.bias.repeat(n_tokens))  # of the proj bias
         return {
-            "slope": ((w_q * w_k).sum(-1) / math.sqrt(head_dim)).unsqueeze(-1),  # (H, 1)
-            "intercept": ((b_q * w_k).sum(-1) / math.sqrt(head_dim)).unsqueeze(-1),
+            "slope": slope,  # (H, 1)
+            "intercept": intercept,
             "k_m": k_m,
             "k_r": k_r,
             "bias": bias,
