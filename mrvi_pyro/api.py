@@ -30,7 +30,7 @@ from .explore import check_positive
 from .io import history_from_json, history_to_json, read_model, write_model
 from .module import MrVIModule, default_max_epochs, prior_name
 from .posterior import latent_representation, make_generator, normalized_expression
-from .train import TrainingDivergedError, TrainingResult, resolve_device, train_svi
+from .train import TrainingDivergedError, TrainingResult, resolve_device, spread_still_growing, train_svi
 
 FACADE_ARGUMENTS = ("scale_observations",)
 """Saved ``init_params`` that belong to the facade; every other one is a module constructor argument."""
@@ -379,6 +379,13 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
         ``max_epochs=None`` uses ``min(round(20000 / n_cells * 400), 400)``. Training continues
         from the current parameters; the history of this run is in :attr:`history`.
 
+        ``history["sample_spread"]`` is, after each epoch, the root mean square distance between
+        the counterfactual ``z`` of one cell under two samples (256 validation cells, posterior
+        mean ``u``): the size of the sample effects learned so far. Weak sample effects are
+        learned late (``benchmarks/dynamics.py``); when the spread still rose by more than 10% over
+        the last tenth of the epochs (at least 5), ``train`` warns that the sample-level results
+        have not settled and that more epochs are needed.
+
         As in scvi-tools, ``validation_size`` (None: ``1 - train_size``) is the held-out share;
         mrvi_pyro holds out no test set, so ``train_size + validation_size`` must be 1.
         ``plan_kwargs`` takes scvi-tools' training-plan names: ``lr``, ``weight_decay``,
@@ -425,6 +432,18 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
             self.diverged = str(err).split(";")[0]  # analyses now refuse these weights
             raise
         self.training_result, self.history, self.is_trained = result, result.history, True
+        growth = spread_still_growing(result.history)
+        if growth is not None:
+            window = max(5, int(round(0.1 * len(result.history))))
+            warnings.warn(
+                f"The sample effects were still growing when training stopped: model.history['sample_spread'] "
+                f"(the distance between one cell's z under two samples) rose by {growth:.0%} over the last "
+                f"{window} epochs. Sample distances, stratification, DE and DA may not have settled, and a weak "
+                f"effect (a hidden grouping of samples) can still be missing. Train longer: a larger max_epochs "
+                f"(default for {len(data)} cells: {default_max_epochs(len(data))}); with checkpoint_dir, calling "
+                "train() again with a larger max_epochs continues the same run.",
+                UserWarning, stacklevel=2,
+            )
         return result
 
     def to_device(self, device: str = "auto") -> None:

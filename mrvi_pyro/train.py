@@ -121,6 +121,58 @@ def _call_args(batch: dict) -> tuple:
     return batch["x"], batch["sample_index"], batch["batch_index"], batch["label_index"]
 
 
+SPREAD_PROBE_CELLS = 256
+
+
+def sample_spread(module, batch: dict) -> float | None:
+    """Root mean square distance between the counterfactual ``z`` of one cell under two samples,
+    averaged over the cells of ``batch`` (posterior mean ``u``, evaluation mode, no gradients).
+
+    It is the size of the sample effects the model has learned: near 0 when ``z`` ignores the
+    sample, growing while the model learns them. Weak effects are learned late (they can take
+    100+ epochs on 12,000 cells, ``benchmarks/dynamics.py``), so a spread still growing at the
+    last epoch says that the sample-level results (distances, DE, stratification) have not
+    settled. None for a module without ``encode_u``/``counterfactual_z``.
+    """
+    if not (hasattr(module, "encode_u") and hasattr(module, "counterfactual_z")):
+        return None
+    x, sample_index = batch["x"], batch["sample_index"]
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            loc = module.encode_u(x, sample_index)[0]
+            z = module.counterfactual_z(loc)  # (n, S, L)
+            if z.ndim != 3 or z.shape[-2] < 2:
+                return None
+            n_samples = z.shape[-2]
+            # mean over ordered pairs s != s' of |z_s - z_s'|^2 = 2 S / (S - 1) x mean_s |z_s - mean z|^2
+            squared = (z - z.mean(-2, keepdim=True)).pow(2).sum(-1).mean(-1) * (2 * n_samples / (n_samples - 1))
+            return float(squared.sqrt().mean())
+    finally:
+        module.train(was_training)
+
+
+def spread_still_growing(history: pd.DataFrame, *, share: float = 0.1, min_epochs: int = 5,
+                         growth: float = 0.1) -> float | None:
+    """Relative growth of ``sample_spread`` in the last ``share`` of the epochs (at least
+    ``min_epochs``): the mean over that window against the mean over the window before it.
+    Returned when it exceeds ``growth``; None otherwise, or when the history is shorter than two
+    windows or has no spread. The spread moves by a few percent from epoch to epoch around a
+    settled value, so the two windows' means are compared rather than two single epochs."""
+    if "sample_spread" not in history:
+        return None
+    spread = history["sample_spread"].to_numpy(dtype=float)
+    window = max(min_epochs, int(round(share * len(spread))))
+    if len(spread) < 2 * window:
+        return None
+    before, last = spread[-2 * window:-window].mean(), spread[-window:].mean()
+    if not (np.isfinite(before) and np.isfinite(last)) or before <= 0:
+        return None
+    relative = float(last / before - 1.0)
+    return relative if relative > growth else None
+
+
 def check_parameters_owned(module, data: CellData, cells: np.ndarray, n_obs: int, device) -> None:
     """``ValueError`` when the model or guide uses Pyro parameters that ``module`` does not own.
 
@@ -380,6 +432,10 @@ def _train_loop(module, data, params, train_idx, val_idx, rng, *, max_epochs, ba
     )
     optimizer = make_adam(params, lr=lr, eps=eps, weight_decay=weight_decay)
     elbo = Trace_ELBO()
+    # A fixed set of cells (validation cells when there are any; the split is random) on which
+    # the size of the learned sample effects is measured after every epoch (``sample_spread``).
+    probe_cells = np.sort((val_idx if len(val_idx) else train_idx)[:SPREAD_PROBE_CELLS])
+    (probe,) = list(data.read_ahead([probe_cells], device)) if len(probe_cells) else (None,)
     rows, best, since_best, stopped, first = [], np.inf, 0, False, 0
     fork_devices = [device.index or 0] if device.type == "cuda" else []
     with (torch.random.fork_rng(devices=fork_devices), _global_random_states(resume),
@@ -445,6 +501,10 @@ def _train_loop(module, data, params, train_idx, val_idx, rng, *, max_epochs, ba
                     module, data, val_idx, batch_size=max(batch_size, 512), device=device, cell_weights=weights,
                     replicas=replicas,
                 )
+            if probe is not None:
+                spread = sample_spread(module, probe)
+                if spread is not None:
+                    row["sample_spread"] = spread
             row["seconds"] = time.perf_counter() - start
             rows.append(row)
             monitored = row.get("elbo_validation", row["elbo_train"])

@@ -292,6 +292,11 @@ def test_training_history_reads_a_model_or_its_history():
     ax = pl.training_history(model).axes[0]
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["train", "validation"]
     np.testing.assert_array_equal(ax.lines[1].get_ydata(), [3.1, 2.2, 1.9])
+    assert len(ax.figure.axes) == 1  # no spread column, no second axis
+    model.history = history.assign(sample_spread=[0.1, 0.2, 0.25])
+    figure = pl.training_history(model)
+    np.testing.assert_array_equal(figure.axes[1].lines[0].get_ydata(), [0.1, 0.2, 0.25])
+    assert figure.axes[1].get_ylabel() == "sample spread (dashed)"
     model.history = None
     with pytest.raises(ValueError, match="an untrained model has no history"):
         pl.training_history(model)

@@ -14,7 +14,8 @@ from .conftest import knn_accuracy
 
 def test_history_and_validation_elbo_decreases(trained_model):
     history = trained_model.history
-    assert list(history.columns) == ["kl_weight", "elbo_train", "clipped_share", "elbo_validation", "seconds"]
+    assert list(history.columns) == ["kl_weight", "elbo_train", "clipped_share", "elbo_validation", "sample_spread",
+                                     "seconds"]
     assert len(history) == 60
     # The optimiser sees the per-cell mean loss (the reference's scale): clip_norm=40 is a guard
     # that fires on a minority of steps, not a clip on every step (the full-data scale).
@@ -268,3 +269,85 @@ def test_ownership_check_leaves_training_unchanged(small_adata, monkeypatch):
         runs.append(_params(model))
     for key, value in runs[0].items():
         torch.testing.assert_close(runs[1][key], value, rtol=0, atol=0)
+
+
+def test_sample_spread_is_the_rms_distance_between_two_samples(small_adata):
+    from mrvi_pyro.train import sample_spread
+
+    model = MRVI(small_adata, n_latent=8, n_latent_u=4)
+    model.train(max_epochs=2, progress_bar=False)
+    data = model._cell_data(purpose="training")
+    cells = np.arange(40)
+    (batch,) = list(data.read_ahead([cells]))
+    module = model.module
+    module.eval()
+    with torch.no_grad():
+        u = module.encode_u(batch["x"], batch["sample_index"])[0]
+        n_samples = small_adata.obs["sample"].nunique()
+        # literal: every ordered pair of distinct samples, one cell at a time
+        per_cell = []
+        for c in range(len(cells)):
+            zs = [module.counterfactual_z(u[c : c + 1], torch.tensor([s]))[0] for s in range(n_samples)]
+            pairs = [(a, b) for a in range(n_samples) for b in range(n_samples) if a != b]
+            squared = [float(((zs[a] - zs[b]) ** 2).sum()) for a, b in pairs]
+            per_cell.append(np.sqrt(np.mean(squared)))
+    module.train()
+    assert sample_spread(module, batch) == pytest.approx(np.mean(per_cell), rel=1e-5)
+    assert module.training  # the mode is restored
+    assert model.history["sample_spread"].gt(0).all() and model.history["sample_spread"].notna().all()
+
+
+def test_spread_measurement_leaves_training_unchanged(small_adata, monkeypatch):
+    from mrvi_pyro import train as train_module
+
+    runs = []
+    for measure in (True, False):
+        if not measure:
+            monkeypatch.setattr(train_module, "sample_spread", lambda *args: None)
+        model = MRVI(small_adata, n_latent=8, n_latent_u=4)
+        model.train(max_epochs=3, progress_bar=False)
+        runs.append((_params(model), model.history))
+    for key, value in runs[0][0].items():
+        torch.testing.assert_close(runs[1][0][key], value, rtol=0, atol=0)
+    np.testing.assert_array_equal(runs[0][1]["elbo_validation"], runs[1][1]["elbo_validation"])
+    assert "sample_spread" in runs[0][1] and "sample_spread" not in runs[1][1]
+
+
+def test_spread_still_growing_compares_the_last_two_windows():
+    import pandas as pd
+
+    from mrvi_pyro.train import spread_still_growing
+
+    def history(values):
+        return pd.DataFrame({"sample_spread": values})
+
+    rng = np.random.default_rng(0)
+    flat = 0.4 * (1 + 0.05 * rng.standard_normal(100))  # settled, 5% noise from epoch to epoch
+    assert spread_still_growing(history(flat)) is None
+    rising = np.concatenate([np.full(80, 0.1), np.linspace(0.1, 0.4, 20)])  # a late escape
+    growth = spread_still_growing(history(rising))
+    assert growth == pytest.approx(np.linspace(0.1, 0.4, 20)[10:].mean() / np.linspace(0.1, 0.4, 20)[:10].mean() - 1)
+    assert spread_still_growing(history(rising[:9])) is None  # shorter than two windows of 5
+    assert spread_still_growing(history(rising[::-1])) is None  # shrinking is not growing
+    assert spread_still_growing(pd.DataFrame({"elbo_train": rising})) is None
+
+
+def test_train_warns_while_sample_effects_still_grow(small_adata, monkeypatch):
+    from mrvi_pyro import train as train_module
+
+    calls = []
+
+    def growing(module, batch):
+        calls.append(1)
+        return 0.1 * 1.1 ** len(calls)
+
+    monkeypatch.setattr(train_module, "sample_spread", growing)
+    model = MRVI(small_adata, n_latent=8, n_latent_u=4)
+    with pytest.warns(UserWarning, match=r"still growing.*over the last 5 epochs.*larger max_epochs"):
+        model.train(max_epochs=10, progress_bar=False)
+    monkeypatch.setattr(train_module, "sample_spread", lambda module, batch: 0.3)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MRVI(small_adata, n_latent=8, n_latent_u=4).train(max_epochs=10, progress_bar=False)

@@ -117,7 +117,12 @@ def _scatter_column(fig, ax, coords: np.ndarray, values: pd.Series, order: np.nd
 
 
 def training_history(history, *, ax=None, show: bool | None = None):
-    """ELBO curves (train and validation) per epoch.
+    """ELBO curves (train and validation) per epoch, and the sample spread.
+
+    With a ``sample_spread`` column (the size of the learned sample effects, see
+    :meth:`mrvi_pyro.MRVI.train`) it is drawn dashed on a second y axis at the right: weak sample
+    effects are learned late, so a spread still rising at the last epoch means more epochs are
+    needed before the sample-level results settle.
 
     Parameters
     ----------
@@ -141,5 +146,9 @@ def training_history(history, *, ax=None, show: bool | None = None):
     ax.set_xlabel("epoch")
     ax.set_ylabel("-ELBO per cell")
     ax.legend(frameon=False)
+    if "sample_spread" in history and history["sample_spread"].notna().any():
+        right = ax.twinx()
+        right.plot(history.index, history["sample_spread"], color="0.35", ls="--", lw=1)
+        right.set_ylabel("sample spread (dashed)")
     fig.tight_layout()
     return finish(fig, show)
