@@ -257,18 +257,25 @@ def test_module_parameters_used_by_the_guide_are_owned_and_trained(small_adata):
     assert module.u_extra_log_scale.abs().max() > 0  # optimised
 
 
-def test_ownership_check_leaves_training_unchanged(small_adata, monkeypatch):
+def _trained_with_and_without(small_adata, monkeypatch, name: str, max_epochs: int):
+    """Two models trained alike, the second with ``mrvi_pyro.train.<name>`` replaced by a no-op;
+    asserts their parameters are bit-equal and returns both."""
     from mrvi_pyro import train as train_module
 
-    runs = []
-    for check in (True, False):
-        if not check:
-            monkeypatch.setattr(train_module, "check_parameters_owned", lambda *args: None)
+    models = []
+    for replaced in (False, True):
+        if replaced:
+            monkeypatch.setattr(train_module, name, lambda *args: None)
         model = MRVI(small_adata, n_latent=8, n_latent_u=4)
-        model.train(max_epochs=2, progress_bar=False)
-        runs.append(_params(model))
-    for key, value in runs[0].items():
-        torch.testing.assert_close(runs[1][key], value, rtol=0, atol=0)
+        model.train(max_epochs=max_epochs, progress_bar=False)
+        models.append(model)
+    for key, value in _params(models[0]).items():
+        torch.testing.assert_close(_params(models[1])[key], value, rtol=0, atol=0)
+    return models
+
+
+def test_ownership_check_leaves_training_unchanged(small_adata, monkeypatch):
+    _trained_with_and_without(small_adata, monkeypatch, "check_parameters_owned", max_epochs=2)
 
 
 def test_sample_spread_is_the_rms_distance_between_two_samples(small_adata):
@@ -298,19 +305,9 @@ def test_sample_spread_is_the_rms_distance_between_two_samples(small_adata):
 
 
 def test_spread_measurement_leaves_training_unchanged(small_adata, monkeypatch):
-    from mrvi_pyro import train as train_module
-
-    runs = []
-    for measure in (True, False):
-        if not measure:
-            monkeypatch.setattr(train_module, "sample_spread", lambda *args: None)
-        model = MRVI(small_adata, n_latent=8, n_latent_u=4)
-        model.train(max_epochs=3, progress_bar=False)
-        runs.append((_params(model), model.history))
-    for key, value in runs[0][0].items():
-        torch.testing.assert_close(runs[1][0][key], value, rtol=0, atol=0)
-    np.testing.assert_array_equal(runs[0][1]["elbo_validation"], runs[1][1]["elbo_validation"])
-    assert "sample_spread" in runs[0][1] and "sample_spread" not in runs[1][1]
+    measured, unmeasured = _trained_with_and_without(small_adata, monkeypatch, "sample_spread", max_epochs=3)
+    np.testing.assert_array_equal(measured.history["elbo_validation"], unmeasured.history["elbo_validation"])
+    assert "sample_spread" in measured.history and "sample_spread" not in unmeasured.history
 
 
 def test_spread_still_growing_compares_the_last_two_windows():
