@@ -64,7 +64,8 @@ class TrainingResult:
     history
         One row per epoch: ``epoch``, ``kl_weight``, ``elbo_train`` and ``elbo_validation`` (the
         negative ELBO per cell, lower is better; validation at full KL weight),
-        ``clipped_share`` (share of steps whose gradient norm exceeded ``clip_norm``), ``seconds``.
+        ``clipped_share`` (share of steps whose gradient norm exceeded ``clip_norm``),
+        ``sample_spread`` (size of the learned sample effects, :func:`sample_spread`), ``seconds``.
     train_indices, validation_indices
         The split of the cells.
     stopped_early
