@@ -432,9 +432,9 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
             self.diverged = str(err).split(";")[0]  # analyses now refuse these weights
             raise
         self.training_result, self.history, self.is_trained = result, result.history, True
-        growth = spread_still_growing(result.history)
-        if growth is not None:
-            window = max(5, int(round(0.1 * len(result.history))))
+        still_growing = spread_still_growing(result.history)
+        if still_growing is not None:
+            growth, window = still_growing
             warnings.warn(
                 f"The sample effects were still growing when training stopped: model.history['sample_spread'] "
                 f"(the distance between one cell's z under two samples) rose by {growth:.0%} over the last "

@@ -155,12 +155,13 @@ def sample_spread(module, batch: dict) -> float | None:
 
 
 def spread_still_growing(history: pd.DataFrame, *, share: float = 0.1, min_epochs: int = 5,
-                         growth: float = 0.1) -> float | None:
-    """Relative growth of ``sample_spread`` in the last ``share`` of the epochs (at least
-    ``min_epochs``): the mean over that window against the mean over the window before it.
-    Returned when it exceeds ``growth``; None otherwise, or when the history is shorter than two
-    windows or has no spread. The spread moves by a few percent from epoch to epoch around a
-    settled value, so the two windows' means are compared rather than two single epochs."""
+                         growth: float = 0.1) -> tuple[float, int] | None:
+    """``(relative growth, window)`` of ``sample_spread`` over the last ``share`` of the epochs
+    (a window of at least ``min_epochs``): the mean over that window against the mean over the
+    window before it. Returned when the growth exceeds ``growth``; None otherwise, or when the
+    history is shorter than two windows or has no spread. The spread moves by a few percent from
+    epoch to epoch around a settled value, so the two windows' means are compared rather than two
+    single epochs."""
     if "sample_spread" not in history:
         return None
     spread = history["sample_spread"].to_numpy(dtype=float)
@@ -171,7 +172,7 @@ def spread_still_growing(history: pd.DataFrame, *, share: float = 0.1, min_epoch
     if not (np.isfinite(before) and np.isfinite(last)) or before <= 0:
         return None
     relative = float(last / before - 1.0)
-    return relative if relative > growth else None
+    return (relative, window) if relative > growth else None
 
 
 def check_parameters_owned(module, data: CellData, cells: np.ndarray, n_obs: int, device) -> None:

@@ -322,7 +322,8 @@ def test_spread_still_growing_compares_the_last_two_windows():
     flat = 0.4 * (1 + 0.05 * rng.standard_normal(100))  # settled, 5% noise from epoch to epoch
     assert spread_still_growing(history(flat)) is None
     rising = np.concatenate([np.full(80, 0.1), np.linspace(0.1, 0.4, 20)])  # a late escape
-    growth = spread_still_growing(history(rising))
+    growth, window = spread_still_growing(history(rising))
+    assert window == 10  # a tenth of 100 epochs
     assert growth == pytest.approx(np.linspace(0.1, 0.4, 20)[10:].mean() / np.linspace(0.1, 0.4, 20)[:10].mean() - 1)
     assert spread_still_growing(history(rising[:9])) is None  # shorter than two windows of 5
     assert spread_still_growing(history(rising[::-1])) is None  # shrinking is not growing
