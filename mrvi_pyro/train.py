@@ -434,9 +434,12 @@ def _train_loop(module, data, params, train_idx, val_idx, rng, *, max_epochs, ba
     )
     optimizer = make_adam(params, lr=lr, eps=eps, weight_decay=weight_decay)
     elbo = Trace_ELBO()
-    # A fixed set of cells (validation cells when there are any; the split is random) on which
-    # the size of the learned sample effects is measured after every epoch (``sample_spread``).
-    probe_cells = np.sort((val_idx if len(val_idx) else train_idx)[:SPREAD_PROBE_CELLS])
+    # A fixed set of cells on which the size of the learned sample effects is measured after
+    # every epoch (``sample_spread``): validation cells when there are any, evenly spaced over
+    # them (the indices are sorted, so their first ones would all come from the start of the
+    # data, often a few samples only); no random draw, so training is unchanged.
+    pool = val_idx if len(val_idx) else train_idx
+    probe_cells = pool[np.unique(np.linspace(0, len(pool) - 1, min(SPREAD_PROBE_CELLS, len(pool))).astype(np.int64))]
     (probe,) = list(data.read_ahead([probe_cells], device)) if len(probe_cells) else (None,)
     rows, best, since_best, stopped, first = [], np.inf, 0, False, 0
     fork_devices = [device.index or 0] if device.type == "cuda" else []

@@ -349,3 +349,23 @@ def test_train_warns_while_sample_effects_still_grow(small_adata, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         MRVI(small_adata, n_latent=8, n_latent_u=4).train(max_epochs=10, progress_bar=False)
+
+
+def test_spread_probe_spans_the_validation_cells(monkeypatch):
+    """The probe cells are spread over the whole validation set: on data ordered by sample, the
+    first 256 validation cells would come from the first samples only."""
+    import mrvi_pyro
+    from mrvi_pyro import train as train_module
+
+    adata = mrvi_pyro.datasets.simulate(n_cells=1200, n_genes=60, n_samples=6, seed=2, n_de_genes=10, n_group_genes=10)
+    adata = adata[adata.obs.sort_values("sample", kind="stable").index].copy()
+    MRVI.setup_anndata(adata, sample_key="sample", batch_key="batch")
+    seen = []
+    monkeypatch.setattr(train_module, "sample_spread", lambda module, batch: seen.append(batch["sample_index"]))
+    model = MRVI(adata, n_latent=8, n_latent_u=4)
+    model.train(max_epochs=1, train_size=0.5, progress_bar=False)
+    (probe,) = seen
+    assert len(probe) == 256
+    codes = np.bincount(probe.numpy(), minlength=6)
+    assert (codes > 0).all(), codes  # every sample of the validation set, each about 256 / 6 cells
+    assert codes.min() >= 25, codes
