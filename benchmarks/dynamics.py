@@ -161,7 +161,8 @@ def main(argv=None) -> int:
     parser.add_argument("--reference-python", default=DEFAULT_REFERENCE)
     parser.add_argument("--timeout", type=float, default=6 * 3600.0)
     parser.add_argument("--workdir", default=None)
-    parser.add_argument("--out", default=None, help=".json of the arguments and every row")
+    parser.add_argument("--out", default=None, help=".json of the arguments and every row (not over an existing file)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--child", choices=["ours", "reference"], help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
@@ -170,6 +171,8 @@ def main(argv=None) -> int:
         parser.error("--epochs must be positive")
     if args.child:
         return child(args)
+    if args.out and os.path.exists(args.out) and not args.overwrite:  # checked before hours of training
+        parser.error(f"--out {args.out} exists; pass --overwrite to replace it, or choose another path")
     if "reference" in args.sides and not os.path.exists(args.reference_python):
         parser.error(f"--reference-python {args.reference_python} does not exist; install scvi-tools in a separate "
                      "virtual environment (benchmarks/README.md) or pass --sides ours")
