@@ -163,6 +163,31 @@ def kib_to_gb(kib: float | None) -> float | None:
     return None if kib is None else kib * 1024 / 1e9
 
 
+def add_output_arguments(parser, *, what: str) -> None:
+    """``--out`` (``what``) and ``--overwrite``; :func:`refuse_existing` checks them."""
+    parser.add_argument("--out", required=True, help=f"{what} (not over an existing file unless --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+
+
+def refuse_existing(parser, paths: Iterable[Any], overwrite: bool) -> None:
+    """Stop with a usage error, before any work, when one of ``paths`` exists and not ``overwrite``."""
+    existing = [str(p) for p in paths if os.path.exists(p)]
+    if existing and not overwrite:
+        verb = "exists" if len(existing) == 1 else "exist"
+        parser.error(f"{', '.join(existing)} {verb}; pass --overwrite to replace it, or choose another --out")
+
+
+def write_text_atomic(path, text: str) -> None:
+    """Write ``text`` to a temporary sibling, then rename it over ``path`` (never half a file)."""
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
 def add_cohort_arguments(parser, *, n_cells: int, n_genes: int = 1_000, n_samples: int = 24,
                          n_batches: int = 3) -> None:
     """The simulated cohort's size options every benchmark takes: ``--n-cells``, ``--n-genes``,

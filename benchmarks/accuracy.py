@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import os
 import statistics
@@ -302,10 +303,11 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout", type=float, default=4 * 3600.0, help="seconds per child")
     parser.add_argument("--workdir", default=None, help="where the .h5ad/.npz files go (default: a temp dir)")
     parser.add_argument("--keep-data", action="store_true")
-    parser.add_argument("--out", required=True, help="results .json (a .csv is written next to it)")
+    _harness.add_output_arguments(parser, what="results .json (a .csv is written next to it)")
     parser.add_argument("--rescore", action="store_true",
                         help="train nothing: score the .npz files a --keep-data run left in --workdir")
     args = parser.parse_args(argv)
+    _harness.refuse_existing(parser, [args.out, Path(args.out).with_suffix(".csv")], args.overwrite)
     if args.rescore:
         return rescore(args)
     if "reference" in args.sides and not os.path.exists(args.reference_python):
@@ -375,12 +377,13 @@ def report(rows: list[dict], args) -> int:
     print(format_rows(summary, MEDIAN_KEYS))
 
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"arguments": vars(args), "runs": rows, "medians": summary}, indent=1, default=str))
-    with open(out.with_suffix(".csv"), "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=[*ROW_KEYS, "peak_rss_gb", "failed"], extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    _harness.write_text_atomic(out, json.dumps({"arguments": vars(args), "runs": rows, "medians": summary},
+                                               indent=1, default=str))
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=[*ROW_KEYS, "peak_rss_gb", "failed"], extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    _harness.write_text_atomic(out.with_suffix(".csv"), table.getvalue())
     print(f"\nwrote {out} and {out.with_suffix('.csv')}")
     return 0
 

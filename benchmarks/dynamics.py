@@ -161,8 +161,7 @@ def main(argv=None) -> int:
     parser.add_argument("--reference-python", default=DEFAULT_REFERENCE)
     parser.add_argument("--timeout", type=float, default=6 * 3600.0)
     parser.add_argument("--workdir", default=None)
-    parser.add_argument("--out", default=None, help=".json of the arguments and every row (not over an existing file)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    _harness.add_output_arguments(parser, what=".json of the arguments and every row")
     parser.add_argument("--child", choices=["ours", "reference"], help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
@@ -171,8 +170,7 @@ def main(argv=None) -> int:
         parser.error("--epochs must be positive")
     if args.child:
         return child(args)
-    if args.out and os.path.exists(args.out) and not args.overwrite:  # checked before hours of training
-        parser.error(f"--out {args.out} exists; pass --overwrite to replace it, or choose another path")
+    _harness.refuse_existing(parser, [args.out], args.overwrite)  # before hours of training
     if "reference" in args.sides and not os.path.exists(args.reference_python):
         parser.error(f"--reference-python {args.reference_python} does not exist; install scvi-tools in a separate "
                      "virtual environment (benchmarks/README.md) or pass --sides ours")
@@ -193,12 +191,7 @@ def main(argv=None) -> int:
                 if row["seed"] == seed:
                     print(json.dumps(row), flush=True)
     print("\n".join(summary(rows)))
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        temporary = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # atomic: a sibling, then rename
-        temporary.write_text(json.dumps({"arguments": vars(args), "rows": rows}, indent=1, default=str))
-        os.replace(temporary, out)
+    _harness.write_text_atomic(args.out, json.dumps({"arguments": vars(args), "rows": rows}, indent=1, default=str))
     return 0
 
 
