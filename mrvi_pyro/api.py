@@ -42,7 +42,7 @@ PLAN_KWARGS = {
 }
 """scvi-tools training-plan (and trainer) names accepted in ``plan_kwargs`` -> ``train_svi`` arguments."""
 
-_TRAIN_DEFAULTS = {"lr": 2e-3, "weight_decay": 1e-8, "eps": 1e-8, "clip_norm": 40.0, "n_epochs_kl_warmup": 20}
+_TRAIN_DEFAULTS = {"lr": None, "weight_decay": 1e-8, "eps": 1e-8, "clip_norm": 40.0, "n_epochs_kl_warmup": 20}
 
 
 def _plan_options(plan_kwargs: dict | None, **explicit) -> dict:
@@ -360,7 +360,7 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
         batch_size: int = 128,
         train_size: float = 0.9,
         early_stopping: bool = False,
-        lr: float = 2e-3,
+        lr: float | None = None,
         weight_decay: float = 1e-8,
         eps: float = 1e-8,
         clip_norm: float = 40.0,
@@ -385,6 +385,11 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
         learned late (``benchmarks/dynamics.py``); when the spread still rose by more than 10% over
         the last tenth of the epochs (at least 5), ``train`` warns that the sample-level results
         have not settled and that more epochs are needed.
+
+        ``lr=None`` (default) is :func:`mrvi_pyro.train.default_lr`: the reference's 2e-3 up to
+        batch 128, scaled by ``sqrt(batch_size / 128)`` up to batch 256 (2.83e-3), so that
+        training at batch 256 follows the course per epoch of batch 128 (the reference keeps
+        2e-3; pass ``lr=2e-3`` for its setting).
 
         As in scvi-tools, ``validation_size`` (None: ``1 - train_size``) is the held-out share;
         mrvi_pyro holds out no test set, so ``train_size + validation_size`` must be 1.

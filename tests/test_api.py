@@ -165,7 +165,7 @@ def test_train_accepts_reference_plan_kwargs_and_validation_size(small_adata):
     after = model.module.state_dict()
     for k in before:  # lr=1e-30 reached the optimiser: nothing moved
         torch.testing.assert_close(after[k], before[k], rtol=1e-6, atol=1e-20)
-    with pytest.raises(ValueError, match="lr must be a positive"):  # checked like the argument itself
+    with pytest.raises(ValueError, match="lr must be None or a positive"):  # checked like the argument itself
         model.train(max_epochs=1, progress_bar=False, plan_kwargs={"lr": 0.0})
 
 
@@ -188,7 +188,7 @@ def test_plan_kwargs_map_to_train_svi_arguments(small_adata, monkeypatch):
     with pytest.raises(RuntimeError, match="stop"):  # without plan_kwargs the keyword defaults are the reference's
         model.train(max_epochs=1)
     assert (seen["lr"], seen["weight_decay"], seen["eps"], seen["clip_norm"], seen["n_epochs_kl_warmup"]) == (
-        2e-3, 1e-8, 1e-8, 40.0, 20)
+        None, 1e-8, 1e-8, 40.0, 20)  # lr None: train_svi takes default_lr(batch_size), 2e-3 at batch 128
 
 
 @pytest.mark.parametrize(

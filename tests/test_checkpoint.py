@@ -200,7 +200,7 @@ def checkpoint_dir(adata, tmp_path_factory):
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(train={"lr": 1e-3}), r"training.lr \(checkpoint 0.002, now 0.001\)"),
+    (dict(train={"lr": 1e-3}), r"training.lr \(checkpoint 0.002, now 0.001\)"),  # default_lr(32) = 2e-3
     (dict(train={"batch_size": 16}), r"training.batch_size \(checkpoint 32, now 16\)"),
     (dict(train={"seed": 1}), r"training.seed \(checkpoint 0, now 1\)"),
     (dict(train={"train_size": 0.8}), r"training.train_size \(checkpoint 0.9, now 0.8\)"),

@@ -1,5 +1,7 @@
 """Training: learning planted structure, reproducibility, early stopping, divergence, devices."""
 
+import importlib
+
 import numpy as np
 import pyro
 import pytest
@@ -7,15 +9,15 @@ import torch
 
 from mrvi_pyro import MRVI, TrainingDivergedError
 from mrvi_pyro.module import default_max_epochs
-from mrvi_pyro.train import resolve_device, sample_balance_weights
+from mrvi_pyro.train import default_lr, resolve_device, sample_balance_weights
 
 from .conftest import knn_accuracy
 
 
 def test_history_and_validation_elbo_decreases(trained_model):
     history = trained_model.history
-    assert list(history.columns) == ["kl_weight", "elbo_train", "clipped_share", "elbo_validation", "sample_spread",
-                                     "seconds"]
+    assert list(history.columns) == ["kl_weight", "lr", "elbo_train", "clipped_share", "elbo_validation",
+                                     "sample_spread", "seconds"]
     assert len(history) == 60
     # The optimiser sees the per-cell mean loss (the reference's scale): clip_norm=40 is a guard
     # that fires on a minority of steps, not a clip on every step (the full-data scale).
@@ -57,6 +59,36 @@ def test_same_seed_same_result(small_adata):
     np.testing.assert_array_equal(h1["elbo_train"], h2["elbo_train"])
     np.testing.assert_array_equal(u1, u2)
     assert not np.array_equal(h1["elbo_train"], h3["elbo_train"])
+
+
+def test_default_lr_follows_the_square_root_of_the_batch_size(small_adata, monkeypatch):
+    assert default_lr(128) == default_lr(32) == 2e-3  # the reference's rate at the default batch size and below
+    assert default_lr(256) == pytest.approx(2e-3 * np.sqrt(2)) == default_lr(4096)  # measured up to 256
+    assert default_lr(192) == pytest.approx(2e-3 * np.sqrt(1.5))
+    train_module = importlib.import_module("mrvi_pyro.train")
+    rates = []
+    make_adam = train_module.make_adam
+
+    def spy(params, **kwargs):
+        rates.append(kwargs["lr"])
+        return make_adam(params, **kwargs)
+
+    monkeypatch.setattr(train_module, "make_adam", spy)
+    runs = {}
+    for name, kwargs in (("default", {}), ("explicit", {"lr": default_lr(256)}), ("reference", {"lr": 2e-3}),
+                         ("plan", {"plan_kwargs": {"lr": 2e-3}})):
+        model = MRVI(small_adata, n_latent=8, n_latent_u=4, seed=0)
+        model.train(max_epochs=2, batch_size=256, seed=0, progress_bar=False, **kwargs)
+        runs[name] = (_params(model), model.history)
+    assert rates == [default_lr(256), default_lr(256), 2e-3, 2e-3]
+    assert (runs["default"][1]["lr"] == default_lr(256)).all() and (runs["plan"][1]["lr"] == 2e-3).all()
+    for key, value in runs["default"][0].items():
+        torch.testing.assert_close(value, runs["explicit"][0][key], rtol=0, atol=0)
+        torch.testing.assert_close(runs["reference"][0][key], runs["plan"][0][key], rtol=0, atol=0)
+    assert any(not torch.equal(value, runs["reference"][0][key]) for key, value in runs["default"][0].items())
+    model = MRVI(small_adata, n_latent=8, n_latent_u=4, seed=0)
+    model.train(max_epochs=1, progress_bar=False)  # batch 128: the reference's 2e-3
+    assert (model.history["lr"] == 2e-3).all()
 
 
 def test_training_leaves_global_rng_alone(small_adata):
