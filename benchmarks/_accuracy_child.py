@@ -76,6 +76,7 @@ def main(argv=None) -> int:
     parser.add_argument("--mc-samples", type=int, default=50)
     parser.add_argument("--null-draws", type=int, default=0,
                         help="DE on this many permutations of the null covariate over samples")
+    parser.add_argument("--train-kwargs", default="{}", help="JSON of extra train(...) arguments (ours)")
     parser.add_argument("--model-kwargs", default="{}",
                         help="JSON of extra MRVI(...) arguments for ours (ablations), e.g. '{\"architecture\": 2}'")
     args = parser.parse_args(argv)
@@ -105,7 +106,7 @@ def main(argv=None) -> int:
         model_kwargs = json.loads(args.model_kwargs)  # "architecture" included: a module argument
         model = MRVI(adata, seed=args.seed, **model_kwargs)
         model.train(max_epochs=args.epochs, batch_size=args.batch_size, train_size=0.9,
-                    early_stopping=False, seed=args.seed, progress_bar=False)
+                    early_stopping=False, seed=args.seed, progress_bar=False, **json.loads(args.train_kwargs))
     else:
         import logging
 

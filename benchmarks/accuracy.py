@@ -230,6 +230,8 @@ def run_side(side: str, data: Path, workdir: Path, seed: int, batch_size: int, a
                "--de-cells", args.de_cells, "--mc-samples", args.mc_samples, "--null-draws", args.null_draws]
     if side == "ours" and args.ours_kwargs != "{}":
         command += ["--model-kwargs", args.ours_kwargs]
+    if side == "ours" and args.ours_train_kwargs != "{}":
+        command += ["--train-kwargs", args.ours_train_kwargs]
     env = {"OMP_NUM_THREADS": args.threads, "MKL_NUM_THREADS": args.threads}
     if side == "ours":
         env["PYTHONPATH"] = os.pathsep.join([str(REPOSITORY), os.environ.get("PYTHONPATH", "")])
@@ -299,6 +301,8 @@ def main(argv=None) -> int:
                         help="DE on this many permutations of the null covariate over samples (null_perm_p05)")
     parser.add_argument("--ours-kwargs", default="{}",
                         help="JSON of extra MRVI(...) arguments for our side (ablations), e.g. '{\"architecture\": 2}'")
+    parser.add_argument("--ours-train-kwargs", default="{}",
+                        help="JSON of extra train(...) arguments for our side, e.g. '{\"lr\": 0.002}'")
     parser.add_argument("--knn-cells", type=int, default=3_000, help="cells of the batch kNN subsample")
     parser.add_argument("--timeout", type=float, default=4 * 3600.0, help="seconds per child")
     parser.add_argument("--workdir", default=None, help="where the .h5ad/.npz files go (default: a temp dir)")

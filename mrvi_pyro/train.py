@@ -76,7 +76,8 @@ def default_lr(batch_size: int) -> float:
     than at batch 128. On the weak-effect benchmark (``benchmarks/README.md``, stop 20: 10 seeds,
     batch 256, 100 epochs) the rule separated the disease-driven sample pairs in 5 of 10 seeds
     against 2 of 10 with 2e-3, and the hidden grouping in 4 of 10 against 5 of 10 (as often, within
-    the seed-to-seed spread), with a validation loss within 0.3 nats per cell of 2e-3's. Above
+    the seed-to-seed spread), with a validation loss within 0.3 nats per cell of 2e-3's; on a
+    second simulator (3 seeds of 6,000 cells) it was not better than 2e-3. Above
     256 the rate stays at 256's (2.83e-3): at batch 1024 the scaled rate (5.7e-3) ended 7 nats per
     cell worse on validation than 2e-3 after 100 epochs on the one run measured. Pass ``lr`` to choose
     the rate yourself (``lr=2e-3`` is the reference's setting at every batch size).
