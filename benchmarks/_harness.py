@@ -169,12 +169,12 @@ def add_output_arguments(parser, *, what: str) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
 
-def refuse_existing(parser, paths: Iterable[Any], overwrite: bool) -> None:
+def refuse_existing(parser, paths: Iterable[Any], overwrite: bool, option: str = "--out") -> None:
     """Stop with a usage error, before any work, when one of ``paths`` exists and not ``overwrite``."""
     existing = [str(p) for p in paths if os.path.exists(p)]
     if existing and not overwrite:
         verb = "exists" if len(existing) == 1 else "exist"
-        parser.error(f"{', '.join(existing)} {verb}; pass --overwrite to replace it, or choose another --out")
+        parser.error(f"{', '.join(existing)} {verb}; pass --overwrite to replace it, or choose another {option}")
 
 
 def write_text_atomic(path, text: str) -> None:

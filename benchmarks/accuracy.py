@@ -305,7 +305,9 @@ def main(argv=None) -> int:
                         help="JSON of extra train(...) arguments for our side, e.g. '{\"lr\": 0.002}'")
     parser.add_argument("--knn-cells", type=int, default=3_000, help="cells of the batch kNN subsample")
     parser.add_argument("--timeout", type=float, default=4 * 3600.0, help="seconds per child")
-    parser.add_argument("--workdir", default=None, help="where the .h5ad/.npz files go (default: a temp dir)")
+    parser.add_argument("--workdir", default=None,
+                        help="where the .h5ad/.npz files go (default: a temp dir); files of the same names "
+                             "already there are refused before any work unless --overwrite")
     parser.add_argument("--keep-data", action="store_true")
     _harness.add_output_arguments(parser, what="results .json (a .csv is written next to it)")
     parser.add_argument("--rescore", action="store_true",
@@ -317,6 +319,8 @@ def main(argv=None) -> int:
     if "reference" in args.sides and not os.path.exists(args.reference_python):
         parser.error(f"--reference-python {args.reference_python} does not exist; pass it or --sides ours")
 
+    if args.workdir is not None:  # a folder of the user's: replace none of its files unless told to
+        _harness.refuse_existing(parser, planned_files(args, Path(args.workdir)), args.overwrite, "--workdir")
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="mrvi_accuracy_"))
     workdir.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
@@ -345,6 +349,19 @@ def main(argv=None) -> int:
                     data.unlink()
 
     return report(rows, args)
+
+
+def planned_files(args, workdir: Path) -> list[Path]:
+    """The files a run writes in ``workdir``: one .h5ad per cohort, one .npz per model side and batch size."""
+    files = []
+    for simulator in args.simulators:
+        for preset in args.presets:
+            for seed in args.seeds:
+                data = workdir / f"{simulator}_{preset}_seed{seed}.h5ad"
+                files.append(data)
+                files += [workdir / f"{data.stem}_{side}_b{batch_size}.npz"
+                          for batch_size in args.batch_sizes for side in args.sides if side != "pseudobulk"]
+    return files
 
 
 def rescore(args) -> int:

@@ -160,7 +160,9 @@ def main(argv=None) -> int:
     parser.add_argument("--sides", nargs="+", default=["ours", "reference"], choices=["ours", "reference"])
     parser.add_argument("--reference-python", default=DEFAULT_REFERENCE)
     parser.add_argument("--timeout", type=float, default=6 * 3600.0)
-    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--workdir", default=None,
+                        help="where the cohorts' .h5ad files go (default: a temp dir); one already there under "
+                             "the same name is reused as that cohort, never rewritten")
     _harness.add_output_arguments(parser, what=".json of the arguments and every row")
     parser.add_argument("--child", choices=["ours", "reference"], help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)

@@ -4,6 +4,7 @@ The benchmark itself (training both implementations) is not run here; these test
 the measuring code recovers planted structure and is at chance without it.
 """
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -114,3 +115,34 @@ def test_hidden_in_u_sees_a_grouping_kept_in_u_and_not_otherwise(programs):
     absent = accuracy.score({**arrays, "u": noise}, programs, knn_cells)["hidden_in_u"]
     assert kept > 0.95
     assert 0.35 < absent < 0.65
+
+
+def test_accuracy_refuses_existing_files_before_any_work(tmp_path, capsys, monkeypatch):
+    """--out/.csv and the .h5ad/.npz names a run writes in a user's --workdir are refused before
+    anything is simulated or trained, unless --overwrite; nothing there is changed."""
+    monkeypatch.setattr(accuracy, "simulate", lambda *a, **k: pytest.fail("simulated despite a refusal"))
+    workdir = tmp_path / "mine"
+    workdir.mkdir()
+    base = ["--simulators", "datasets", "--presets", "weak", "--seeds", "3", "--batch-sizes", "128",
+            "--sides", "ours", "pseudobulk", "--workdir", str(workdir), "--out", str(tmp_path / "r.json")]
+    for name in ("datasets_weak_seed3.h5ad", "datasets_weak_seed3_ours_b128.npz"):
+        precious = workdir / name
+        precious.write_bytes(b"precious")
+        with pytest.raises(SystemExit) as stop:
+            accuracy.main(base)
+        assert stop.value.code == 2
+        err = capsys.readouterr().err
+        assert str(precious) in err and "pass --overwrite" in err and "another --workdir" in err
+        assert precious.read_bytes() == b"precious"
+        precious.unlink()
+    (workdir / "datasets_weak_seed3_pseudobulk_b128.npz").write_bytes(b"x")  # pseudobulk writes no file
+    (workdir / "datasets_weak_seed4.h5ad").write_bytes(b"x")  # another seed's
+    args = argparse.Namespace(simulators=["datasets"], presets=["weak"], seeds=[3], batch_sizes=[128],
+                              sides=["ours", "pseudobulk"])
+    planned = accuracy.planned_files(args, workdir)
+    assert sorted(p.name for p in planned) == ["datasets_weak_seed3.h5ad", "datasets_weak_seed3_ours_b128.npz"]
+    (tmp_path / "r.csv").write_text("mine")
+    with pytest.raises(SystemExit):
+        accuracy.main(base)
+    assert "r.csv" in capsys.readouterr().err and (tmp_path / "r.csv").read_text() == "mine"
+
