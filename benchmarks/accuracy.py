@@ -213,6 +213,16 @@ def pseudobulk_arrays(adata, n_components: int = 10, n_neighbours: int = 30, chu
     return arrays
 
 
+def cohort_file(workdir: Path, simulator: str, preset: str, seed: int) -> Path:
+    """Where a cohort's counts go in ``workdir``."""
+    return workdir / f"{simulator}_{preset}_seed{seed}.h5ad"
+
+
+def arrays_file(workdir: Path, data: Path, side: str, batch_size: int) -> Path:
+    """Where one model side's arrays for the cohort ``data`` at ``batch_size`` go in ``workdir``."""
+    return workdir / f"{data.stem}_{side}_b{batch_size}.npz"
+
+
 def run_side(side: str, data: Path, workdir: Path, seed: int, batch_size: int, args) -> tuple[dict, dict | None]:
     """Train and analyse one side in a fresh process; return its harness record and arrays."""
     if side == "pseudobulk":
@@ -223,7 +233,7 @@ def run_side(side: str, data: Path, workdir: Path, seed: int, batch_size: int, a
         start = time.perf_counter()
         arrays = pseudobulk_arrays(anndata.read_h5ad(data))
         return {"wall_seconds": time.perf_counter() - start, "peak_rss_gb": None, "result": None}, arrays
-    out = workdir / f"{data.stem}_{side}_b{batch_size}.npz"
+    out = arrays_file(workdir, data, side, batch_size)
     python = sys.executable if side == "ours" else args.reference_python
     command = [python, str(HERE / "_accuracy_child.py"), "--side", side, "--data", str(data), "--out", str(out),
                "--seed", seed, "--epochs", args.epochs, "--batch-size", batch_size, "--threads", args.threads,
@@ -328,7 +338,7 @@ def main(argv=None) -> int:
         for preset in args.presets:
             for seed in args.seeds:
                 adata = simulate(simulator, preset, seed, args)
-                data = workdir / f"{simulator}_{preset}_seed{seed}.h5ad"
+                data = cohort_file(workdir, simulator, preset, seed)
                 adata.write_h5ad(data)
                 knn_cells = np.sort(np.random.default_rng(seed).choice(
                     adata.n_obs, min(args.knn_cells, adata.n_obs), replace=False))
@@ -357,9 +367,9 @@ def planned_files(args, workdir: Path) -> list[Path]:
     for simulator in args.simulators:
         for preset in args.presets:
             for seed in args.seeds:
-                data = workdir / f"{simulator}_{preset}_seed{seed}.h5ad"
+                data = cohort_file(workdir, simulator, preset, seed)
                 files.append(data)
-                files += [workdir / f"{data.stem}_{side}_b{batch_size}.npz"
+                files += [arrays_file(workdir, data, side, batch_size)
                           for batch_size in args.batch_sizes for side in args.sides if side != "pseudobulk"]
     return files
 

@@ -38,7 +38,14 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 import _harness  # noqa: E402
-from accuracy import DEFAULT_REFERENCE, knn_batch_accuracy, pair_auroc, simulate, two_cluster_ari  # noqa: E402
+from accuracy import (  # noqa: E402
+    DEFAULT_REFERENCE,
+    cohort_file,
+    knn_batch_accuracy,
+    pair_auroc,
+    simulate,
+    two_cluster_ari,
+)
 
 RECOVERED_ARI = 0.8
 
@@ -181,7 +188,7 @@ def main(argv=None) -> int:
         workdir = Path(args.workdir or scratch)
         workdir.mkdir(parents=True, exist_ok=True)
         for seed in args.seeds:
-            data = workdir / f"{args.simulator}_{args.preset}_seed{seed}.h5ad"
+            data = cohort_file(workdir, args.simulator, args.preset, seed)
             if not data.exists():
                 simulate(args.simulator, args.preset, seed, args).write_h5ad(data)
             if "ours" in args.sides:

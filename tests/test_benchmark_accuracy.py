@@ -145,4 +145,3 @@ def test_accuracy_refuses_existing_files_before_any_work(tmp_path, capsys, monke
     with pytest.raises(SystemExit):
         accuracy.main(base)
     assert "r.csv" in capsys.readouterr().err and (tmp_path / "r.csv").read_text() == "mine"
-
