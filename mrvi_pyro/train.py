@@ -15,9 +15,11 @@ scale of the loss, but gradient-norm clipping (``clip_norm=40``) is not: on the 
 scale the gradient norm is N times larger and every step was clipped. The history records the
 share of clipped steps per epoch (``clipped_share``).
 
-The optimiser is ``torch.optim.Adam`` (the fused kernel where available) with
-``clip_grad_norm_(foreach=True)``: a hand-written flat-buffer Adam was measured against it and
-not kept (``benchmarks/results/optimizer_and_malloc.md``). A parameter without a gradient in a
+The optimiser is torch's fused Adam kernel (:class:`mrvi_pyro.optim.Adam`, the update of
+``torch.optim.Adam(fused=True)`` without torch.optim's one-time ``torch._dynamo`` import;
+``torch.optim.Adam`` where the kernel is missing) with ``clip_grad_norm_(foreach=True)``: a
+hand-written flat-buffer Adam was measured against it and not kept
+(``benchmarks/results/optimizer_and_malloc.md``). A parameter without a gradient in a
 step (the prior's in the first KL warm-up epoch, where the KL weight is 0) is skipped by Adam: no
 weight decay, no moment update. With ``mrvi_pyro.settings.tune_malloc`` the allocator keeps freed
 minibatch memory for reuse (:func:`mrvi_pyro._malloc.tune_malloc`; off by default in the library).
@@ -54,6 +56,7 @@ from ._malloc import tune_malloc_if_enabled
 from .checkpoint import TrainingState, data_identity, open_checkpoint
 from .data import CellData
 from .distributed import Replicas
+from .optim import Adam, fused_kernel_available
 
 BASE_LR = 2e-3
 """The reference's learning rate, which :func:`default_lr` gives up to :data:`BASE_BATCH_SIZE`."""
@@ -127,8 +130,15 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(device)
 
 
-def make_adam(params, **kwargs) -> torch.optim.Adam:
-    """Adam with the fused kernel where this torch build has it (same maths, fewer kernels)."""
+def make_adam(params, **kwargs):
+    """Adam with the fused kernel where this torch build has it (same maths, fewer kernels).
+
+    That is :class:`mrvi_pyro.optim.Adam` (the kernel of ``torch.optim.Adam(fused=True)``,
+    called without torch.optim and so without its one-time ``torch._dynamo`` import: ~1 s and
+    ~70 MB per process); otherwise ``torch.optim.Adam``, fused where it can be."""
+    params = list(params)
+    if fused_kernel_available(params):
+        return Adam(params, **kwargs)
     try:
         return torch.optim.Adam(params, fused=True, **kwargs)
     except (RuntimeError, TypeError):
