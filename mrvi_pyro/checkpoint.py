@@ -4,7 +4,7 @@ A checkpoint directory (``train(..., checkpoint_dir=PATH)``) holds two files, re
 every epoch:
 
 - ``state.pt`` -- tensors only, read back with ``torch.load(..., weights_only=True)``: the
-  module's ``state_dict``, the state of the optimiser (``torch.optim.Adam``, one state per
+  module's ``state_dict``, the state of the optimiser (``torch.optim.Adam``'s layout, one state per
   parameter tensor), torch's random state (and CUDA's on a GPU), and the train/validation split;
 - ``checkpoint.json`` -- a format tag, the identity of the run (module configuration, training
   arguments that change the result, a fingerprint of the data: the counts fingerprint taken by
