@@ -160,7 +160,12 @@ from .posterior import iter_posterior_u, make_generator, module_device
 
 LN2 = math.log(2.0)
 DECODE_MAX_ELEMENTS = 2**22
-"""Largest decoded tensor (draws x arms x cells x levels x genes) built at once."""
+"""Largest decoded tensor (draws x arms x cells x levels x genes) built at once on an accelerator."""
+CPU_DECODE_MAX_ELEMENTS = 2**18
+"""The same on the CPU (at least one draw at a time): small slices stay in cache and reuse freed
+memory; measured on 2 cores, DE with LFCs took ~15% less CPU time than with 2**22."""
+SUMMARY_BLOCK_ELEMENTS = 2**18
+"""Entries (draws x values) per block of :func:`summarize_lfc_draws`' temporaries."""
 LFC_MAX_ELEMENTS = 2**25
 """Largest block of per-draw LFCs (draws x covariates x cells x genes) kept at once."""
 IMHOF_GRID = np.linspace(-24.0, 24.0, 161)
@@ -808,14 +813,17 @@ def decoded_lfc_draws(
     Returns
     -------
     ``lfc`` (D, C, n, G) float32 and the baseline sum (or None). The decoded tensors are built
-    in slices of draws of at most ``DECODE_MAX_ELEMENTS`` entries.
+    in slices of draws of at most ``CPU_DECODE_MAX_ELEMENTS`` (CPU) or ``DECODE_MAX_ELEMENTS`` entries.
     """
     D, n, B, L = reference.shape
     C = effects.shape[2]
     base0 = reference if paired else reference.roll(1, dims=0)
     weights = level_weights.to(torch.float32)
-    log_eps = torch.tensor(math.log(eps_lfc), dtype=reference.dtype, device=reference.device)
+    # The level average of log2(h + eps): one multiply-add per level on strided slices, which
+    # (unlike an einsum over the level axis) copies nothing.
+    scaled = (level_weights.to(torch.float64) / LN2).tolist()
     lfc, baseline = None, None
+    limit = CPU_DECODE_MAX_ELEMENTS if reference.device.type == "cpu" else DECODE_MAX_ELEMENTS
     step = 1
     start = 0
     while start < D:
@@ -825,16 +833,25 @@ def decoded_lfc_draws(
         z[:, 0] = base0[sl]
         z[:, 1:] = reference[sl, None] + effects[sl].transpose(1, 2)[:, :, :, None, :]
         log_h = module.decode(z, levels)  # (d, 1 + C, n, B, G)
+        del z
         if lfc is None:
             G = log_h.shape[-1]
-            lfc = torch.empty((D, C, n, G), dtype=torch.float32, device=z.device)
-            baseline = torch.zeros((n, G), dtype=torch.float64, device=z.device) if with_baseline else None
+            lfc = torch.empty((D, C, n, G), dtype=torch.float32, device=log_h.device)
+            baseline = torch.zeros((n, G), dtype=torch.float64, device=log_h.device) if with_baseline else None
+        # In place when the decoder handed over a tensor of its own (fresh memory for another
+        # copy of this size is page-faulted in on every slice).
+        h = log_h.exp_() if log_h._base is None and log_h.is_contiguous() else log_h.exp()
+        del log_h
         if with_baseline:
-            baseline += torch.einsum("dnbg,b->ng", log_h[:, 0].exp(), weights).double()
-        logs = torch.logaddexp(log_h, log_eps)  # log(h + eps_lfc)
-        lfc[sl] = torch.einsum("dcnbg,b->dcng", logs[:, 1:] - logs[:, :1], weights / LN2)
+            baseline += torch.einsum("dnbg,b->ng", h[:, 0], weights).double()
+        logs = h.add_(eps_lfc).log_()  # log(h + eps_lfc), in place
+        mean = logs[:, :, :, 0] * scaled[0]  # (d, 1 + C, n, G)
+        for level in range(1, B):
+            mean.add_(logs[:, :, :, level], alpha=scaled[level])
+        del logs
+        torch.sub(mean[:, 1:], mean[:, :1], out=lfc[sl])
         start += d
-        step = max(1, DECODE_MAX_ELEMENTS // max(1, log_h[0].numel()))
+        step = max(1, limit // max(1, mean[0].numel() * B))
     return lfc, baseline
 
 
@@ -896,14 +913,28 @@ def regression_draws(
 
 
 def summarize_lfc_draws(lfc: torch.Tensor, delta: float | None, credible_interval: float | None) -> dict:
-    """Mean, sd, P(|lfc| >= delta) and HDI bounds over the draws (first axis) of ``lfc``."""
-    mean = lfc.mean(0)
-    centered = lfc - mean
-    spread = (centered * centered).sum(0) / max(lfc.shape[0] - 1, 1)
-    del centered
-    out = {"lfc": mean, "lfc_std": spread.sqrt_()}
-    if delta is not None:
-        out["pde"] = (lfc.abs() >= delta).float().mean(0)
+    """Mean, sd, P(|lfc| >= delta) and HDI bounds over the draws (first axis) of ``lfc``.
+
+    The sd and the probability are formed in blocks of ``SUMMARY_BLOCK_ELEMENTS`` entries:
+    temporaries the size of all draws (tens of MB per chunk of cells) are fresh memory that the
+    allocator maps and page-faults in on every chunk, which cost more than the arithmetic."""
+    D = lfc.shape[0]
+    flat = lfc.reshape(D, -1)
+    mean = flat.mean(0)
+    spread = torch.empty_like(mean)
+    pde = torch.empty_like(mean) if delta is not None else None
+    width = max(1, SUMMARY_BLOCK_ELEMENTS // max(D, 1))
+    for start in range(0, flat.shape[1], width):
+        cols = slice(start, start + width)
+        block = flat[:, cols]
+        torch.sum((block - mean[cols]).square_(), 0, out=spread[cols])
+        if pde is not None:
+            torch.div(torch.count_nonzero(block.abs() >= delta, dim=0), D, out=pde[cols])
+    spread.div_(max(D - 1, 1)).sqrt_()
+    shape = lfc.shape[1:]
+    out = {"lfc": mean.view(shape), "lfc_std": spread.view(shape)}
+    if pde is not None:
+        out["pde"] = pde.view(shape)
     if credible_interval is not None:
         from ._arviz import hdi
 

@@ -670,3 +670,32 @@ def test_key_added_never_writes_a_registered_column(small_adata):
     with pytest.raises(ValueError, match="would write 'batch', a column the model was set up with"):
         check_key_added("b", small_adata.obs, ["batch"], where="adata.obs", overwrite=True, registry=registry)
     check_key_added("b", small_adata.obs, ["batch_new"], where="adata.obs", overwrite=False, registry=registry)
+
+
+@pytest.mark.parametrize("paired", [True, False])
+def test_decoded_lfc_draws_equal_the_literal_formula_in_any_slicing(de_model, monkeypatch, paired):
+    """lfc[d, c, n, g] = sum_b w_b (log2(h(z0_b + beta_c) + eps) - log2(h(z0'_b) + eps)), with
+    z0' = z0 of the same draw (paired) or of the previous one; the baseline is the weighted
+    sum of h(z0'_b) over draws. Computed here from ``module.decode`` in float64, one draw at a
+    time, against de.py's sliced, in-place version with slices of 1, 2 and all draws."""
+    module = de_model.module
+    generator = torch.Generator().manual_seed(3)
+    D, n, B, C, L = 5, 7, 2, 2, module.decoder.linear.in_features
+    reference = torch.randn(D, n, B, L, generator=generator)
+    effects = 0.3 * torch.randn(D, n, C, L, generator=generator)
+    levels, weights, eps = torch.tensor([1, 0]), torch.tensor([0.25, 0.75]), 1e-3
+    with torch.no_grad():
+        h0 = module.decode(reference.roll(0 if paired else 1, dims=0), levels).double().exp()  # (D, n, B, G)
+        h1 = torch.stack([module.decode(reference + effects[:, :, c, None], levels) for c in range(C)], 1)
+        h1 = h1.double().exp()
+        w = weights.double()
+        expected = ((torch.log2(h1 + eps) - torch.log2(h0[:, None] + eps)) * w[:, None]).sum(-2)  # (D, C, n, G)
+        expected_baseline = (h0 * w[:, None]).sum(-2).sum(0)
+        G = h0.shape[-1]
+        for elements in (1, 2 * (1 + C) * n * B * G, 10**9):
+            monkeypatch.setattr(de, "CPU_DECODE_MAX_ELEMENTS", elements)
+            lfc, baseline = de.decoded_lfc_draws(module, reference, effects, levels, weights, eps_lfc=eps,
+                                                 paired=paired, with_baseline=True)
+            assert lfc.shape == (D, C, n, G) and lfc.dtype == torch.float32
+            np.testing.assert_allclose(lfc.double().numpy(), expected.numpy(), atol=2e-5)
+            np.testing.assert_allclose(baseline.numpy(), expected_baseline.numpy(), rtol=1e-5, atol=1e-9)
