@@ -51,7 +51,6 @@ def child(args: argparse.Namespace) -> None:
 
     if args.mode == "backed, anndata rows":
         mrvi_pyro.data.BackedCSRRows.supported = staticmethod(lambda matrix: False)
-    torch.optim.Adam([torch.zeros(1, requires_grad=True)])  # one-time torch._dynamo import, not training
     threads = args.threads if args.threads > 0 else torch.get_num_threads()
     adata = _ours.read_counts(args.data, threads=threads, backed=args.mode != "memory")
     model, _ = _ours.train_model(adata, epochs=0, batch_size=args.batch_size)

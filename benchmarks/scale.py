@@ -61,7 +61,6 @@ def child(args: argparse.Namespace) -> None:
 
     from mrvi_pyro import MRVI, datasets
 
-    torch.optim.Adam([torch.zeros(1, requires_grad=True)])  # one-time torch._dynamo import, not a step
     baseline_kib = _rss_kib()  # a process with everything imported and no data
     result = {"step": args.step, "baseline_rss_gb": baseline_kib * 1024 / 1e9, "read_seconds": 0.0}
     if args.step == "simulate":

@@ -29,10 +29,6 @@ DEFAULT_REFERENCE = "/work/bench-venv/bin/python"
 
 def child(args: argparse.Namespace) -> None:
     """Train ours on ``args.data`` and emit a RESULT line."""
-
-    import torch
-
-    torch.optim.Adam([torch.zeros(1, requires_grad=True)])  # one-time torch._dynamo import, not training
     adata = _ours.read_counts(args.data, threads=args.threads)
     model, seconds = _ours.train_model(adata, epochs=args.epochs, batch_size=args.batch_size, device=args.device)
     per_epoch = model.history["seconds"].tolist()
