@@ -795,7 +795,9 @@ def decoded_lfc_draws(
     Parameters
     ----------
     module
-        Implements ``decode(z, batch_index)``.
+        Implements ``decode(z, batch_index)``. Its result is used as scratch space (turned into
+        ``log(h + eps)`` in place) unless it is a view or not contiguous, so a ``decode`` that
+        returns a tensor it keeps must return a copy.
     reference
         (D, n, B, L) the baseline arm ``z_0`` of D posterior draws for n cells at each of the B
         decoded nuisance levels.
