@@ -21,7 +21,8 @@ DE cell subset; ``null_perm_pvalue`` (K, n): the same for ``--null-draws`` K cov
 permuting the null covariate's values over samples (a fresh random sample-level covariate per
 draw, so the share of p < 0.05 averaged over draws estimates the test's expected false-positive
 rate; one draw alone says little, since every cell shares the same design); ``de_cells`` (n,)
-the indices of that subset.
+the indices of that subset; ``local_z`` (m, S, L) ``get_local_sample_representation()`` of
+``local_cells`` (m,) random cells (``--local-cells``), samples in the order ``local_samples``.
 """
 
 from __future__ import annotations
@@ -74,6 +75,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--de-cells", type=int, default=0, help="DE on this many random cells (0: all)")
     parser.add_argument("--mc-samples", type=int, default=50)
+    parser.add_argument("--local-cells", type=int, default=2000,
+                        help="cells whose counterfactual z under every sample is saved (local_z)")
     parser.add_argument("--null-draws", type=int, default=0,
                         help="DE on this many permutations of the null covariate over samples")
     parser.add_argument("--train-kwargs", default="{}", help="JSON of extra train(...) arguments (ours)")
@@ -133,6 +136,15 @@ def main(argv=None) -> int:
     }
     seconds["distances"] = time.perf_counter() - start
 
+    # The counterfactual z of a random subset of cells under every sample (the raw material of
+    # the distances), for the batch share of the sample effects (``batch_in_z`` in accuracy.py).
+    start = time.perf_counter()
+    local_cells = np.sort(np.random.default_rng(args.seed + 1).choice(
+        adata.n_obs, min(args.local_cells, adata.n_obs), replace=False))
+    local = model.get_local_sample_representation(indices=local_cells)
+    local_z = np.asarray(local.transpose("cell_name", "sample", "latent_dim").values, dtype=np.float32)
+    local_samples = np.asarray(local["sample"].values).astype(str)
+    seconds["local"] = time.perf_counter() - start
     start = time.perf_counter()
     u = model.get_latent_representation()
     seconds["latent"] = time.perf_counter() - start
@@ -173,7 +185,8 @@ def main(argv=None) -> int:
 
     np.savez(args.out, samples=samples, genes=genes, mean_abs_lfc=mean_abs_lfc, da_log_ratio=da_log_ratio,
              u=np.asarray(u), null_pvalue=np.asarray(null_pvalue), null_perm_pvalue=null_perm_pvalue,
-             de_cells=de_cells, **distances)
+             de_cells=de_cells, local_z=local_z, local_samples=local_samples, local_cells=local_cells,
+             **distances)
     emit_result({"side": args.side, "seconds": seconds, "torch_threads": torch.get_num_threads(),
                  "argv": json.dumps(vars(args))})
     return 0

@@ -20,6 +20,12 @@ scores both sides with the same code (:mod:`mrvi_pyro._metrics`, scipy):
     Planted-gene AUROC: ``differential_expression(sample_cov_keys=["disease"],
     store_lfc=True)``; mean |LFC| over the DE cell type's cells per gene; AUROC of the planted DE
     genes against all other genes.
+``gene_auroc_matched``
+    The same AUROC counted only over (planted, other) gene pairs of the same expression decile
+    (:func:`stratified_auroc`; deciles of the mean library-normalised count in the DE cell type,
+    from the counts). The ``programs`` simulator draws its DE genes among expressed genes, so
+    there a score that merely grows with expression already reaches ~0.75 on ``gene_auroc``;
+    this figure is ~0.5 for such a score and measures what the LFCs know beyond expression.
 ``da_auroc``
     Cell-level AUROC of the disease log-ratio of ``differential_abundance(sample_cov_keys=
     ["disease"])`` (``log p(disease) - log p(healthy)`` of the ``disease_log_probs``) separating
@@ -34,6 +40,14 @@ scores both sides with the same code (:mod:`mrvi_pyro._metrics`, scipy):
     of the hidden group in u among the hidden-grouping cell type's cells (at most
     ``--knn-cells`` of them); chance 0.5. Well above chance means the encoder kept the grouping
     in u, where counterfactual distances cannot see it (it belongs in ``f(u, s)``).
+``batch_in_z``
+    Where the batch effect went: the share of the sample effects explained by the samples'
+    batch. For each of ``--local-cells`` random cells, its counterfactual ``z`` under every
+    sample (``get_local_sample_representation()``) is centred over samples; the between-batch
+    sum of squares over the total, pooled over the cells (:func:`label_share`). Batch belongs
+    in the decoder's nuisance path, not in the sample effects, so a calibrated model sits near
+    the share of unstructured effects, ``(n_batches - 1) / (n_samples - 1)``
+    (``batch_in_z_chance``); well above it means batch effects leak into the sample distances.
 ``null_p05``
     Calibration: share of cells with p < 0.05 from ``differential_expression`` on the null
     covariate (``age`` / ``null_group``, no effect); 0.05 is calibrated, more is anticonservative.
@@ -75,8 +89,8 @@ sys.path[:0] = [str(HERE), str(REPOSITORY)]
 import _harness  # noqa: E402
 
 DEFAULT_REFERENCE = "/work/refenv/bin/python"
-METRICS = ("cov_auroc", "hidden_auroc", "hidden_ari", "gene_auroc", "da_auroc", "batch_knn", "hidden_in_u",
-           "null_p05", "null_perm_p05")
+METRICS = ("cov_auroc", "hidden_auroc", "hidden_ari", "gene_auroc", "gene_auroc_matched", "da_auroc", "batch_knn",
+           "hidden_in_u", "batch_in_z", "null_p05", "null_perm_p05")
 KNN_NEIGHBOURS = 15
 
 
@@ -128,6 +142,61 @@ def knn_batch_accuracy(u: np.ndarray, batches: np.ndarray, k: int = KNN_NEIGHBOU
     return float(np.mean(votes.argmax(axis=1) == batch_codes))
 
 
+EXPRESSION_STRATA = 10
+
+
+def stratified_auroc(labels, scores, strata) -> float:
+    """AUROC over the (positive, negative) pairs that share a stratum (pooled Mann-Whitney U).
+
+    With genes stratified by expression, a score that only follows expression is near 0.5 however
+    the positives were chosen, so the figure measures what the score knows beyond expression.
+    """
+    from scipy import stats
+
+    labels, scores, strata = np.asarray(labels, bool), np.asarray(scores, float), np.asarray(strata)
+    u = pairs = 0.0
+    for level in np.unique(strata):
+        inside = strata == level
+        n_pos, n_neg = int((labels & inside).sum()), int((~labels & inside).sum())
+        if n_pos and n_neg:
+            ranks = stats.rankdata(scores[inside])
+            u += ranks[labels[inside]].sum() - n_pos * (n_pos + 1) / 2
+            pairs += n_pos * n_neg
+    return float(u / pairs) if pairs else float("nan")
+
+
+def expression_strata(adata, cell_type: str, n_strata: int = EXPRESSION_STRATA) -> np.ndarray:
+    """Per gene, its expression quantile bin (0 .. n_strata - 1): mean library-normalised count
+    over the cells of ``cell_type``, from the counts alone (no model, no truth but the type)."""
+    from scipy import sparse
+
+    cells = np.flatnonzero((adata.obs["cell_type"] == cell_type).to_numpy())
+    counts = adata.X[cells]
+    counts = counts.tocsr() if sparse.issparse(counts) else np.asarray(counts)
+    totals = np.asarray(counts.sum(axis=1)).ravel()
+    scaled = (sparse.diags(1.0 / np.maximum(totals, 1.0)) @ counts) if sparse.issparse(counts) \
+        else counts / np.maximum(totals, 1.0)[:, None]
+    mean = np.asarray(scaled.mean(axis=0)).ravel()
+    order = np.argsort(np.argsort(mean, kind="stable"), kind="stable")
+    return order * n_strata // len(mean)
+
+
+def label_share(local_z: np.ndarray, labels: np.ndarray) -> float:
+    """Share of the sample effects in ``local_z`` (cells, S, L) explained by per-sample ``labels`` (S,).
+
+    Each cell's ``z`` is centred over the samples; the between-label sum of squares (each label's
+    mean effect, weighted by its number of samples) over the total sum of squares, both pooled
+    over cells and latent dimensions. Effects unrelated to the labels give
+    ``(n_labels - 1) / (S - 1)`` in expectation; effects that follow the labels give 1.
+    """
+    z = np.asarray(local_z, dtype=np.float64)
+    z = z - z.mean(axis=1, keepdims=True)
+    total = float(np.sum(z**2))
+    between = sum(float(np.sum(mask.sum() * z[:, mask].mean(axis=1) ** 2))
+                  for mask in (labels == level for level in np.unique(labels)))
+    return between / total if total > 0 else float("nan")
+
+
 def score(arrays, adata, knn_cells: np.ndarray) -> dict:
     """All metrics of one side from its saved arrays and the simulated truth."""
     from mrvi_pyro._metrics import auroc
@@ -143,15 +212,24 @@ def score(arrays, adata, knn_cells: np.ndarray) -> dict:
     u = np.asarray(arrays["u"], dtype=np.float64)
     grouping = np.flatnonzero((obs["cell_type"] == truth["grouping_cell_type"]).to_numpy())
     grouping = np.sort(np.random.default_rng(0).choice(grouping, min(len(knn_cells), len(grouping)), replace=False))
+    gene_strata = expression_strata(adata, truth["de_cell_type"])
+    gene_strata = gene_strata[adata.var_names.get_indexer(np.asarray(arrays["genes"]).astype(str))]
+    batch_in_z = None
+    if "local_z" in arrays:
+        sample_batch = obs.groupby("sample", observed=True)["batch"].agg(lambda b: b.astype(str).mode().iloc[0])
+        batch_in_z = label_share(arrays["local_z"], sample_batch.reindex(arrays["local_samples"]).to_numpy())
     return {
         "cov_auroc": pair_auroc(arrays["distances_de"], disease),
         "hidden_auroc": pair_auroc(arrays["distances_grouping"], hidden),
         "hidden_ari": two_cluster_ari(arrays["distances_grouping"], hidden),
         "gene_auroc": auroc(planted, arrays["mean_abs_lfc"]),
+        "gene_auroc_matched": stratified_auroc(planted, arrays["mean_abs_lfc"], gene_strata),
         "da_auroc": auroc(in_da_type, arrays["da_log_ratio"]),
         "batch_knn": knn_batch_accuracy(u[knn_cells], batches[knn_cells]),
         "hidden_in_u": knn_batch_accuracy(u[grouping], obs["hidden_group"].astype(str).to_numpy()[grouping]),
         "batch_chance": 1.0 / obs["batch"].nunique(),
+        "batch_in_z": batch_in_z,
+        "batch_in_z_chance": (obs["batch"].nunique() - 1) / (len(arrays["samples"]) - 1),
         "null_p05": float(np.mean(np.asarray(arrays["null_pvalue"]) < 0.05)) if "null_pvalue" in arrays else None,
         "null_perm_p05": (float(np.mean(np.asarray(arrays["null_perm_pvalue"]) < 0.05))
                           if np.size(arrays.get("null_perm_pvalue", [])) else None),
@@ -237,7 +315,8 @@ def run_side(side: str, data: Path, workdir: Path, seed: int, batch_size: int, a
     python = sys.executable if side == "ours" else args.reference_python
     command = [python, str(HERE / "_accuracy_child.py"), "--side", side, "--data", str(data), "--out", str(out),
                "--seed", seed, "--epochs", args.epochs, "--batch-size", batch_size, "--threads", args.threads,
-               "--de-cells", args.de_cells, "--mc-samples", args.mc_samples, "--null-draws", args.null_draws]
+               "--de-cells", args.de_cells, "--mc-samples", args.mc_samples, "--null-draws", args.null_draws,
+               "--local-cells", args.local_cells]
     if side == "ours" and args.ours_kwargs != "{}":
         command += ["--model-kwargs", args.ours_kwargs]
     if side == "ours" and args.ours_train_kwargs != "{}":
@@ -286,7 +365,8 @@ def medians(rows: list[dict]) -> list[dict]:
     return out
 
 
-ROW_KEYS = ["simulator", "preset", "seed", "batch_size", "side", *METRICS, "batch_chance", "train_s", "total_s"]
+ROW_KEYS = ["simulator", "preset", "seed", "batch_size", "side", *METRICS, "batch_chance", "batch_in_z_chance",
+            "train_s", "total_s"]
 MEDIAN_KEYS = ["simulator", "preset", "batch_size", "side", "n_seeds", *METRICS, "train_s", "total_s"]
 
 
@@ -314,6 +394,8 @@ def main(argv=None) -> int:
     parser.add_argument("--ours-train-kwargs", default="{}",
                         help="JSON of extra train(...) arguments for our side, e.g. '{\"lr\": 0.002}'")
     parser.add_argument("--knn-cells", type=int, default=3_000, help="cells of the batch kNN subsample")
+    parser.add_argument("--local-cells", type=int, default=2_000,
+                        help="cells whose counterfactual z under every sample is saved for batch_in_z")
     parser.add_argument("--timeout", type=float, default=4 * 3600.0, help="seconds per child")
     parser.add_argument("--workdir", default=None,
                         help="where the .h5ad/.npz files go (default: a temp dir); files of the same names "

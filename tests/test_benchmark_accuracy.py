@@ -145,3 +145,58 @@ def test_accuracy_refuses_existing_files_before_any_work(tmp_path, capsys, monke
     with pytest.raises(SystemExit):
         accuracy.main(base)
     assert "r.csv" in capsys.readouterr().err and (tmp_path / "r.csv").read_text() == "mine"
+
+
+def test_label_share_is_one_for_label_effects_and_at_chance_for_unstructured_ones():
+    rng = np.random.default_rng(0)
+    n_cells, n_samples, n_latent = 400, 24, 10
+    labels = np.repeat(np.array(["b0", "b1", "b2"]), 8)[rng.permutation(n_samples)]
+    per_label = {level: rng.normal(size=(n_cells, n_latent)) for level in np.unique(labels)}
+    following = np.stack([per_label[level] for level in labels], axis=1)  # (cells, S, L)
+    assert accuracy.label_share(following + 5.0, labels) == pytest.approx(1.0)
+    chance = (3 - 1) / (n_samples - 1)
+    noise = [accuracy.label_share(rng.normal(size=(n_cells, n_samples, n_latent)), labels) for _ in range(20)]
+    assert abs(np.mean(noise) - chance) < 0.01
+    # About two thirds of the effect variance following the labels (label means vary by ~2/3
+    # per dimension across samples, the added noise by ~0.35): the share sits between.
+    mixed = following + 0.6 * rng.normal(size=following.shape)
+    share = accuracy.label_share(mixed, labels)
+    assert 0.55 < share < 0.8
+    # Effects unrelated to the labels but large in one cell do not count as label effects.
+    single = np.zeros((n_cells, n_samples, n_latent))
+    single[0, 0] = 100.0
+    assert accuracy.label_share(single, labels) < 0.1
+
+
+def test_stratified_auroc_counts_only_pairs_within_a_stratum():
+    from mrvi_pyro._metrics import auroc
+
+    rng = np.random.default_rng(1)
+    n = 1000
+    strata = np.repeat(np.arange(10), 100)
+    # Positives only in the top strata (as when DE genes are drawn among expressed genes), and a
+    # score that is the stratum plus noise, blind to the labels: high plain AUROC, ~0.5 matched.
+    labels = np.zeros(n, bool)
+    labels[rng.choice(np.flatnonzero(strata >= 6), 40, replace=False)] = True
+    blind = strata + rng.uniform(size=n)
+    assert auroc(labels, blind) > 0.75
+    assert abs(accuracy.stratified_auroc(labels, blind, strata) - 0.5) < 0.1
+    # A score that ranks the positives first inside every stratum gets 1.
+    assert accuracy.stratified_auroc(labels, -strata + 100.0 * labels, strata) == 1.0
+    # One stratum: the plain AUROC; strata with no positives or no negatives count no pairs.
+    score = rng.normal(size=n) + labels
+    assert accuracy.stratified_auroc(labels, score, np.zeros(n)) == pytest.approx(auroc(labels, score))
+    lonely = strata.copy()
+    lonely[labels] = 99  # every positive alone in a stratum without negatives: no pairs
+    assert np.isnan(accuracy.stratified_auroc(labels, score, lonely))
+
+
+def test_expression_strata_are_deciles_of_normalised_expression_in_the_cell_type(programs):
+    truth = programs.uns["simulation"]
+    strata = accuracy.expression_strata(programs, truth["de_cell_type"])
+    assert strata.shape == (programs.n_vars,)
+    assert np.bincount(strata).tolist() == [programs.n_vars // 10] * 10
+    cells = (programs.obs["cell_type"] == truth["de_cell_type"]).to_numpy()
+    counts = programs.X[cells].toarray().astype(float)
+    mean = (counts / counts.sum(1, keepdims=True)).mean(0)
+    assert np.all(np.diff(strata[np.argsort(mean, kind="stable")]) >= 0)  # monotone in expression
