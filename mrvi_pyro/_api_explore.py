@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 import xarray as xr
 from anndata import AnnData
 
@@ -159,6 +160,118 @@ class ExploreMixin:
         if not use_mean:
             coords["mc_sample"] = np.arange(mc_samples)
         return xr.DataArray(values, dims=dims, coords=coords, name="sample_representations")
+
+    def get_sample_effect_shares(
+        self,
+        sample_covariates: str | Sequence[str] | None = None,
+        adata: AnnData | None = None,
+        *,
+        groupby: str | None = None,
+        indices: Sequence[int] | None = None,
+        batch_size: int = 256,
+    ) -> pd.DataFrame:
+        """How much of the sample effects each sample-level covariate explains, and the batch.
+
+        A check of what the sample distances are made of. For every cell, its counterfactual
+        ``z`` under every sample (:meth:`get_local_sample_representation`, posterior mean of
+        ``u``) is centred over the samples: these are the cell's sample effects, the raw
+        material of :meth:`get_local_sample_distances`. For each covariate, the share of their
+        sum of squares that a regression on it (with an intercept) explains is pooled over the
+        cells of each group.
+
+        The nuisance key (batch) is always included when it has two or more levels, as each
+        sample's share of cells per level. Batch effects belong in the decoder's nuisance path,
+        not in the sample effects. A batch share well above ``chance`` means the sample
+        distances follow batch: samples of one batch look alike whatever their biology. Train
+        longer, or read the distances within batches.
+
+        Parameters
+        ----------
+        sample_covariates
+            obs key(s) constant within every sample (columns of :attr:`sample_info`).
+        adata
+            AnnData with the model's genes (default: the model's AnnData). Not modified.
+        groupby
+            Optional obs key of cell-level categories (e.g. cell type): one row per group and
+            covariate, plus the group ``"all"``.
+        indices
+            Cells to use (default: all).
+        batch_size
+            Cells per chunk.
+
+        Returns
+        -------
+        pandas.DataFrame with columns ``group``, ``covariate``, ``share`` (explained over total
+        sum of squares), ``chance`` (``p / (S - 1)`` for a covariate with ``p`` design columns:
+        the expected share when the effects have nothing to do with it), ``n_cells``.
+        """
+        keys = [sample_covariates] if isinstance(sample_covariates, str) else list(sample_covariates or [])
+        data = self._cell_data(adata)
+        idx = self._indices(data, indices)
+        explore.check_positive("batch_size", batch_size)
+        info = self.sample_info
+        n_samples = len(info)
+        if n_samples < 3:
+            raise ValueError(f"Sample effect shares need at least 3 samples; the model has {n_samples}.")
+        from .de import design_matrix
+
+        names, projections, n_columns = [], [], []
+        registry = self.registry
+        if registry.batch_key is not None and len(registry.batch_categories) >= 2:
+            # Each sample's share of cells per nuisance level (the model's AnnData): an indicator
+            # when every sample sits in one level.
+            counts = np.zeros((n_samples, len(registry.batch_categories)))
+            model_data = self._cell_data(None)
+            np.add.at(counts, (np.asarray(model_data.sample_index), np.asarray(model_data.batch_index)), 1.0)
+            shares = counts / np.maximum(counts.sum(1, keepdims=True), 1.0)
+            names.append(registry.batch_key)
+            projections.append(explore.centred_projection(shares))
+            n_columns.append(int(np.linalg.matrix_rank(shares - shares.mean(0))))
+        for key in keys:
+            if key == registry.batch_key:
+                continue
+            if key not in info.columns or key in (registry.sample_key, "n_cells"):
+                candidates = [c for c in info.columns if c not in (registry.sample_key, "n_cells")]
+                raise ValueError(
+                    f"{key!r} is not a sample-level covariate (an obs column constant within every sample); "
+                    f"the sample-level columns are {candidates}."
+                )
+            design = design_matrix(info[[key]], [key])
+            columns = design.matrix[:, design.covariate_columns]
+            names.append(key)
+            projections.append(explore.centred_projection(columns))
+            n_columns.append(int(np.linalg.matrix_rank(columns - columns.mean(0))))
+        if not names:
+            raise ValueError("No covariate to assess: pass sample_covariates (the model has no nuisance key).")
+        if groupby is not None:
+            codes, groups = _group_codes(self.adata if adata is None else adata, groupby)
+        else:
+            codes, groups = np.zeros(len(data), dtype=np.int64), []
+        n_groups = len(groups) + 1  # the last one is "all"
+        total = np.zeros(n_groups)
+        explained = np.zeros((n_groups, len(names)))
+        cells = np.zeros(n_groups, dtype=np.int64)
+        stacked = torch.as_tensor(np.stack(projections), dtype=torch.float32)
+        for chunk, z in explore.iter_local_sample_representations(self.module, data, idx, batch_size=batch_size):
+            t, e = explore.effect_sums(z.float(), stacked.to(z.device))
+            t, e = t.double().cpu().numpy(), e.double().cpu().numpy()
+            chunk_codes = codes[chunk] if groups else np.zeros(len(chunk), dtype=np.int64)
+            for target in ([chunk_codes] if groups else []) + [np.full(len(chunk), n_groups - 1)]:
+                np.add.at(total, target, t)
+                np.add.at(explained, target, e)
+                np.add.at(cells, target, 1)
+        rows = []
+        labels = [str(g) for g in groups] + ["all"]
+        for g, label in enumerate(labels):
+            if cells[g] == 0:
+                continue
+            for k, name in enumerate(names):
+                rows.append({
+                    "group": label, "covariate": name,
+                    "share": explained[g, k] / total[g] if total[g] > 0 else float("nan"),
+                    "chance": n_columns[k] / (n_samples - 1), "n_cells": int(cells[g]),
+                })
+        return pd.DataFrame(rows)
 
     def get_local_sample_distances(
         self,

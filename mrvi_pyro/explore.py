@@ -495,10 +495,37 @@ def stratify_samples(group_means: np.ndarray, n_sample_clusters: int = 2, method
     return linkages, groups, orders
 
 
+def centred_projection(columns: np.ndarray) -> np.ndarray:
+    """(S, S) orthogonal projection onto the span of ``columns`` (S, p) centred over the samples.
+
+    Applied to a cell's sample effects centred over samples, it keeps the part that a regression
+    on these columns (with an intercept) explains; an empty ``columns`` gives zero.
+    """
+    columns = np.asarray(columns, dtype=np.float64)
+    if columns.ndim != 2 or columns.shape[1] == 0:
+        return np.zeros((columns.shape[0], columns.shape[0]))
+    centred = columns - columns.mean(axis=0, keepdims=True)
+    return centred @ np.linalg.pinv(centred)
+
+
+def effect_sums(z: torch.Tensor, projections: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per cell, the total and the explained sums of squares of its sample effects.
+
+    ``z`` (n, S, L) holds a cell's counterfactual ``z`` under every sample; its sample effects are
+    ``z`` centred over the samples. Returns ``total`` (n,) = sum of their squares and
+    ``explained`` (n, K) = sum of squares of ``P_k`` applied to them for each of the K (S, S)
+    ``projections`` (:func:`centred_projection`).
+    """
+    effects = z - z.mean(dim=-2, keepdim=True)
+    total = effects.square().sum(dim=(-2, -1))
+    projected = torch.einsum("kst,ntl->nksl", projections.to(effects.dtype), effects)
+    return total, projected.square().sum(dim=(-2, -1))
+
+
 __all__ = [
     "GroupedMean", "LINKAGE_METHODS", "LocalDistances", "NORMS",
-    "cell_distance_summary", "check_norm", "check_positive", "chunk_bytes", "cluster_cells",
-    "condensed_upper_triangle", "distance_features", "iter_cell_blocks", "iter_local_sample_distances",
+    "cell_distance_summary", "centred_projection", "check_norm", "check_positive", "chunk_bytes", "cluster_cells",
+    "condensed_upper_triangle", "distance_features", "effect_sums", "iter_cell_blocks", "iter_local_sample_distances",
     "iter_local_sample_representations", "leaf_order", "local_sample_distances", "open_distance_store",
     "own_sample_baseline", "plan_cell_storage", "random_projection", "sample_distances", "sample_groups",
     "sample_linkage", "stratify_samples",

@@ -315,3 +315,60 @@ def test_plots(trained_model, sim_adata):
     )
     with pytest.raises(ValueError, match="coords has 3 cells"):
         local_distance_embedding(coords[:3], dists)
+
+
+# ----- sample effect shares -------------------------------------------------------------------
+def _share_by_hand(reps: np.ndarray, labels: np.ndarray) -> float:
+    """Between-label over total sum of squares of the sample effects (reps centred over samples)."""
+    effects = reps - reps.mean(axis=1, keepdims=True)
+    masks = [labels == value for value in np.unique(labels)]
+    between = sum(mask.sum() * np.sum(effects[:, mask].mean(axis=1) ** 2) for mask in masks)
+    return between / np.sum(effects**2)
+
+
+def test_sample_effect_shares_follow_their_definition(trained_model, sim_adata):
+    shares = trained_model.get_sample_effect_shares(["disease"], groupby="cell_type", indices=CELLS, batch_size=16)
+    reps = trained_model.get_local_sample_representation(indices=CELLS).values.astype(np.float64)
+    info = trained_model.sample_info
+    types = sim_adata.obs["cell_type"].to_numpy()[CELLS]
+    for covariate in ("batch", "disease"):
+        labels = info[covariate].astype(str).to_numpy()
+        rows = shares[shares.covariate == covariate].set_index("group")
+        assert rows.loc["all", "share"] == pytest.approx(_share_by_hand(reps, labels), rel=1e-4)
+        assert rows.loc["all", "chance"] == pytest.approx((len(np.unique(labels)) - 1) / (len(labels) - 1))
+        assert rows.loc["all", "n_cells"] == len(CELLS)
+        for group in np.unique(types):
+            inside = types == group
+            assert rows.loc[group, "n_cells"] == inside.sum()
+            assert rows.loc[group, "share"] == pytest.approx(_share_by_hand(reps[inside], labels), rel=1e-4)
+
+
+def test_sample_effect_shares_find_planted_effects(trained_model, monkeypatch):
+    module = trained_model.module
+    info = trained_model.sample_info
+    batch_of_sample = torch.as_tensor(info["batch"].cat.codes.to_numpy().astype(np.int64))
+    disease_of_sample = torch.as_tensor((info["disease"].astype(str) == "disease").to_numpy(), dtype=torch.float32)
+    generator = torch.Generator().manual_seed(0)
+    per_batch = torch.randn(3, 30, generator=generator)
+    direction = torch.randn(30, generator=generator)
+
+    def planted(which):
+        def counterfactual_z(u, sample_index=None):
+            base = module.z_base(u).unsqueeze(-2)
+            if which == "batch":
+                return base + per_batch[batch_of_sample]
+            return base + disease_of_sample[:, None] * direction
+        return counterfactual_z
+
+    monkeypatch.setattr(module, "counterfactual_z", planted("batch"))
+    shares = trained_model.get_sample_effect_shares("disease", indices=CELLS).set_index("covariate")
+    assert shares.loc["batch", "share"] == pytest.approx(1.0, abs=1e-5)
+    monkeypatch.setattr(module, "counterfactual_z", planted("disease"))
+    shares = trained_model.get_sample_effect_shares("disease", indices=CELLS).set_index("covariate")
+    assert shares.loc["disease", "share"] == pytest.approx(1.0, abs=1e-5)
+    assert shares.loc["batch", "share"] < 0.5
+
+
+def test_sample_effect_shares_refuse_cell_level_covariates(trained_model):
+    with pytest.raises(ValueError, match="not a sample-level covariate"):
+        trained_model.get_sample_effect_shares("cell_type", indices=CELLS)
