@@ -260,7 +260,8 @@ def main(argv=None) -> int:
 
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    data = workdir / f"{args.simulator}_{args.preset}_seed{args.seed}_{args.n_cells}.h5ad"
+    size = f"{args.n_cells}x{args.n_genes}x{args.n_samples}s{args.n_batches}b"
+    data = workdir / f"{args.simulator}_{args.preset}_seed{args.seed}_{size}.h5ad"
     if not data.exists():  # written once, never replaced
         cohort = accuracy.simulate(args.simulator, args.preset, args.seed, args)
         tmp = data.with_name(data.name + ".tmp")
