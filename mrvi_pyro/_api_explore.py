@@ -218,10 +218,10 @@ class ExploreMixin:
         names, projections, n_columns = [], [], []
         registry = self.registry
         if registry.batch_key is not None and len(registry.batch_categories) >= 2:
-            # Each sample's share of cells per nuisance level (the model's AnnData): an indicator
-            # when every sample sits in one level.
+            # Each sample's share of cells per nuisance level (the model's AnnData, else the one
+            # passed): an indicator when every sample sits in one level.
             counts = np.zeros((n_samples, len(registry.batch_categories)))
-            model_data = self._cell_data(None)
+            model_data = self._cell_data(None) if self.adata is not None else data
             np.add.at(counts, (np.asarray(model_data.sample_index), np.asarray(model_data.batch_index)), 1.0)
             shares = counts / np.maximum(counts.sum(1, keepdims=True), 1.0)
             names.append(registry.batch_key)
