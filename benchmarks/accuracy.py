@@ -189,11 +189,15 @@ def label_share(local_z: np.ndarray, labels: np.ndarray) -> float:
     over cells and latent dimensions. Effects unrelated to the labels give
     ``(n_labels - 1) / (S - 1)`` in expectation; effects that follow the labels give 1.
     """
-    z = np.asarray(local_z, dtype=np.float64)
-    z = z - z.mean(axis=1, keepdims=True)
-    total = float(np.sum(z**2))
-    between = sum(float(np.sum(mask.sum() * z[:, mask].mean(axis=1) ** 2))
-                  for mask in (labels == level for level in np.unique(labels)))
+    import torch
+
+    from mrvi_pyro import explore
+
+    labels = np.asarray(labels)
+    indicators = (labels[:, None] == np.unique(labels)[None, :]).astype(np.float64)
+    projection = torch.as_tensor(explore.centred_projection(indicators))[None]
+    total, between = explore.effect_sums(torch.as_tensor(np.asarray(local_z, dtype=np.float64)), projection)
+    total, between = float(total.sum()), float(between.sum())
     return between / total if total > 0 else float("nan")
 
 

@@ -243,10 +243,7 @@ class ExploreMixin:
             n_columns.append(int(np.linalg.matrix_rank(columns - columns.mean(0))))
         if not names:
             raise ValueError("No covariate to assess: pass sample_covariates (the model has no nuisance key).")
-        if groupby is not None:
-            codes, groups = _group_codes(self.adata if adata is None else adata, groupby)
-        else:
-            codes, groups = np.zeros(len(data), dtype=np.int64), []
+        codes, groups = _group_codes(self.adata if adata is None else adata, groupby) if groupby else (None, [])
         n_groups = len(groups) + 1  # the last one is "all"
         total = np.zeros(n_groups)
         explained = np.zeros((n_groups, len(names)))
@@ -255,8 +252,7 @@ class ExploreMixin:
         for chunk, z in explore.iter_local_sample_representations(self.module, data, idx, batch_size=batch_size):
             t, e = explore.effect_sums(z.float(), stacked.to(z.device))
             t, e = t.double().cpu().numpy(), e.double().cpu().numpy()
-            chunk_codes = codes[chunk] if groups else np.zeros(len(chunk), dtype=np.int64)
-            for target in ([chunk_codes] if groups else []) + [np.full(len(chunk), n_groups - 1)]:
+            for target in ([codes[chunk]] if groups else []) + [np.full(len(chunk), n_groups - 1)]:
                 np.add.at(total, target, t)
                 np.add.at(explained, target, e)
                 np.add.at(cells, target, 1)
