@@ -372,3 +372,19 @@ def test_sample_effect_shares_find_planted_effects(trained_model, monkeypatch):
 def test_sample_effect_shares_refuse_cell_level_covariates(trained_model):
     with pytest.raises(ValueError, match="not a sample-level covariate"):
         trained_model.get_sample_effect_shares("cell_type", indices=CELLS)
+
+
+@pytest.mark.filterwarnings("ignore:This model has not been trained")
+def test_sample_effect_shares_need_three_samples_and_a_covariate(small_adata):
+    two = small_adata[small_adata.obs["sample"].isin(["sample_00", "sample_01"])].copy()
+    two.obs["sample"] = two.obs["sample"].cat.remove_unused_categories()
+    MRVI.setup_anndata(two, sample_key="sample", batch_key="batch")
+    with pytest.raises(ValueError, match="at least 3 samples; the model has 2"):
+        MRVI(two, seed=0).get_sample_effect_shares("disease")
+    no_batch = small_adata.copy()
+    MRVI.setup_anndata(no_batch, sample_key="sample")
+    model = MRVI(no_batch, seed=0)
+    with pytest.raises(ValueError, match="No covariate to assess"):
+        model.get_sample_effect_shares()
+    shares = model.get_sample_effect_shares("disease")
+    assert list(shares["covariate"]) == ["disease"]  # no batch row without a nuisance key
