@@ -30,7 +30,14 @@ from .explore import check_positive
 from .io import history_from_json, history_to_json, read_model, write_model
 from .module import MrVIModule, default_max_epochs, prior_name
 from .posterior import latent_representation, make_generator, normalized_expression
-from .train import TrainingDivergedError, TrainingResult, resolve_device, spread_still_growing, train_svi
+from .train import (
+    TrainingDivergedError,
+    TrainingResult,
+    batch_share_still_falling,
+    resolve_device,
+    spread_still_growing,
+    train_svi,
+)
 
 FACADE_ARGUMENTS = ("scale_observations",)
 """Saved ``init_params`` that belong to the facade; every other one is a module constructor argument."""
@@ -386,6 +393,15 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
         the last tenth of the epochs (at least 5), ``train`` warns that the sample-level results
         have not settled and that more epochs are needed.
 
+        ``history["batch_share"]`` is, after each epoch and on the same cells, the share of those
+        sample effects that the samples' batch explains (``batch_share_chance``: its level when
+        they have nothing to do with batch; with a nuisance key of two or more levels). Early in
+        training the batch often goes through the sample effects before the decoder's nuisance
+        path takes it over. When the share was still more than twice its chance level and falling
+        by more than 10% over the last tenth of the epochs, ``train`` warns that the sample
+        distances still group samples by batch. A share that stays high without falling (a design
+        whose covariates are confounded with batch) is not flagged.
+
         ``lr=None`` (default) is :func:`mrvi_pyro.train.default_lr`: the reference's 2e-3 up to
         batch 128, scaled by ``sqrt(batch_size / 128)`` up to batch 256 (2.83e-3), so that
         training at batch 256 follows the course per epoch of batch 128 (the reference keeps
@@ -447,6 +463,19 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
                 f"effect (a hidden grouping of samples) can still be missing. Train longer: a larger max_epochs "
                 f"(default for {len(data)} cells: {default_max_epochs(len(data))}); with checkpoint_dir, calling "
                 "train() again with a larger max_epochs continues the same run.",
+                UserWarning, stacklevel=2,
+            )
+        falling = batch_share_still_falling(result.history)
+        if falling is not None:
+            last, before, chance, window = falling
+            warnings.warn(
+                f"The sample effects still follow batch: model.history['batch_share'] (the share of the sample "
+                f"effects that the samples' batch explains) averaged {last:.0%} over the last {window} epochs, down "
+                f"from {before:.0%} over the {window} before (chance: {chance:.0%}). The batch is still moving from "
+                "the sample effects to the decoder's nuisance path, so sample distances and stratification still "
+                "group samples by batch, and a weak effect can be hidden behind it. Train longer: a larger "
+                f"max_epochs (default for {len(data)} cells: {default_max_epochs(len(data))}); with checkpoint_dir, "
+                "calling train() again with a larger max_epochs continues the same run.",
                 UserWarning, stacklevel=2,
             )
         return result

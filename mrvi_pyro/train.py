@@ -104,7 +104,10 @@ class TrainingResult:
         ``elbo_train`` and ``elbo_validation`` (the
         negative ELBO per cell, lower is better; validation at full KL weight),
         ``clipped_share`` (share of steps whose gradient norm exceeded ``clip_norm``),
-        ``sample_spread`` (size of the learned sample effects, :func:`sample_spread`), ``seconds``.
+        ``sample_spread`` (size of the learned sample effects, :func:`sample_spread`),
+        ``batch_share`` and ``batch_share_chance`` (the share of those effects that follows the
+        samples' batch, :func:`sample_batch_share`, and its chance level; with a nuisance key of
+        two or more levels and three or more samples), ``seconds``.
     train_indices, validation_indices
         The split of the cells.
     stopped_early
@@ -200,6 +203,64 @@ def sample_spread(module, batch: dict) -> float | None:
         module.train(was_training)
 
 
+def sample_batch_composition(data: CellData) -> np.ndarray | None:
+    """(S, B) share of each sample's cells in each nuisance level (batch); None with fewer than
+    two levels or three samples, where the batch share of the sample effects is not defined."""
+    n_samples, n_batches = data.registry.n_samples, data.registry.n_batches
+    if n_batches < 2 or n_samples < 3:
+        return None
+    counts = np.zeros((n_samples, n_batches))
+    np.add.at(counts, (np.asarray(data.sample_index), np.asarray(data.batch_index)), 1.0)
+    return counts / np.maximum(counts.sum(1, keepdims=True), 1.0)
+
+
+def sample_batch_share(module, batch: dict, projection: torch.Tensor) -> float | None:
+    """Share of the sample effects of the cells of ``batch`` that follows the samples' batch.
+
+    Each cell's counterfactual ``z`` under every sample (posterior mean ``u``, evaluation mode,
+    no gradients) is centred over the samples; the sum of squares that ``projection`` (the
+    :func:`mrvi_pyro.explore.centred_projection` of :func:`sample_batch_composition`) keeps is
+    divided by the total, pooled over the cells: what
+    :meth:`mrvi_pyro.MRVI.get_sample_effect_shares` reports for the batch. Batch belongs in the
+    decoder's nuisance path; early in training it often passes through the sample effects first,
+    and the sample distances then group samples by batch. Its chance level (effects unrelated to
+    batch) is ``rank / (S - 1)``. None for a module without ``encode_u``/``counterfactual_z``.
+    """
+    if not (hasattr(module, "encode_u") and hasattr(module, "counterfactual_z")):
+        return None
+    from .explore import effect_sums
+
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            z = module.counterfactual_z(module.encode_u(batch["x"], batch["sample_index"])[0])
+            if z.ndim != 3 or z.shape[-2] != projection.shape[-1]:
+                return None
+            total, explained = effect_sums(z.double(), projection.unsqueeze(0))
+            total = float(total.sum())
+            return float(explained.sum()) / total if total > 0 else None
+    finally:
+        module.train(was_training)
+
+
+def _last_two_windows(history: pd.DataFrame, column: str, share: float,
+                      min_epochs: int) -> tuple[float, float, int] | None:
+    """``(before, last, window)``: the means of ``column`` over the last ``share`` of the epochs
+    (a window of at least ``min_epochs``) and over the window before it. None without the
+    column, with fewer than two windows of epochs, or with a non-finite mean."""
+    if column not in history:
+        return None
+    values = history[column].to_numpy(dtype=float)
+    window = max(min_epochs, int(round(share * len(values))))
+    if len(values) < 2 * window:
+        return None
+    before, last = values[-2 * window:-window].mean(), values[-window:].mean()
+    if not (np.isfinite(before) and np.isfinite(last)):
+        return None
+    return float(before), float(last), window
+
+
 def spread_still_growing(history: pd.DataFrame, *, share: float = 0.1, min_epochs: int = 5,
                          growth: float = 0.1) -> tuple[float, int] | None:
     """``(relative growth, window)`` of ``sample_spread`` over the last ``share`` of the epochs
@@ -208,17 +269,42 @@ def spread_still_growing(history: pd.DataFrame, *, share: float = 0.1, min_epoch
     history is shorter than two windows or has no spread. The spread moves by a few percent from
     epoch to epoch around a settled value, so the two windows' means are compared rather than two
     single epochs."""
-    if "sample_spread" not in history:
+    windows = _last_two_windows(history, "sample_spread", share, min_epochs)
+    if windows is None:
         return None
-    spread = history["sample_spread"].to_numpy(dtype=float)
-    window = max(min_epochs, int(round(share * len(spread))))
-    if len(spread) < 2 * window:
-        return None
-    before, last = spread[-2 * window:-window].mean(), spread[-window:].mean()
-    if not (np.isfinite(before) and np.isfinite(last)) or before <= 0:
+    before, last, window = windows
+    if before <= 0:
         return None
     relative = float(last / before - 1.0)
     return (relative, window) if relative > growth else None
+
+
+def batch_share_still_falling(history: pd.DataFrame, *, share: float = 0.1, min_epochs: int = 5,
+                              drop: float = 0.1, above: float = 2.0) -> tuple[float, float, float, int] | None:
+    """``(last, before, chance, window)`` when the batch share of the sample effects
+    (``batch_share``, :func:`sample_batch_share`) was still falling at the end of training.
+
+    ``last`` and ``before`` are its means over the last ``share`` of the epochs (a window of at
+    least ``min_epochs``) and the window before; returned when ``last`` is more than ``drop``
+    below ``before`` and more than ``above`` times ``chance`` (``batch_share_chance``). None
+    otherwise, or when the history is shorter than two windows or has no batch share.
+
+    Early in training the batch often passes through the sample effects before the decoder's
+    nuisance path takes it over; a share that is high and still falling says that move has not
+    finished (the sample distances then still group samples by batch, and a weak effect can be
+    hidden behind it). A share that stays high without falling is not flagged: that is what a
+    design whose sample covariates are confounded with batch gives.
+    """
+    windows = _last_two_windows(history, "batch_share", share, min_epochs)
+    if windows is None or "batch_share_chance" not in history:
+        return None
+    before, last, window = windows
+    chance = float(history["batch_share_chance"].to_numpy(dtype=float)[-1])
+    if not np.isfinite(chance):
+        return None
+    if last < (1.0 - drop) * before and last > above * chance:
+        return float(last), float(before), chance, window
+    return None
 
 
 def check_parameters_owned(module, data: CellData, cells: np.ndarray, n_obs: int, device) -> None:
@@ -491,6 +577,14 @@ def _train_loop(module, data, params, train_idx, val_idx, rng, *, max_epochs, ba
     pool = val_idx if len(val_idx) else train_idx
     probe_cells = pool[np.unique(np.linspace(0, len(pool) - 1, min(SPREAD_PROBE_CELLS, len(pool))).astype(np.int64))]
     (probe,) = list(data.read_ahead([probe_cells], device)) if len(probe_cells) else (None,)
+    composition = sample_batch_composition(data)
+    batch_projection, batch_chance = None, None
+    if composition is not None:
+        from .explore import centred_projection
+
+        batch_projection = torch.as_tensor(centred_projection(composition), dtype=torch.float64, device=device)
+        centred = composition - composition.mean(0)
+        batch_chance = np.linalg.matrix_rank(centred) / (len(composition) - 1)
     rows, best, since_best, stopped, first = [], np.inf, 0, False, 0
     fork_devices = [device.index or 0] if device.type == "cuda" else []
     with (torch.random.fork_rng(devices=fork_devices), _global_random_states(resume),
@@ -560,6 +654,10 @@ def _train_loop(module, data, params, train_idx, val_idx, rng, *, max_epochs, ba
                 spread = sample_spread(module, probe)
                 if spread is not None:
                     row["sample_spread"] = spread
+                if batch_projection is not None:
+                    share = sample_batch_share(module, probe, batch_projection)
+                    if share is not None:
+                        row["batch_share"], row["batch_share_chance"] = share, float(batch_chance)
             row["seconds"] = time.perf_counter() - start
             rows.append(row)
             monitored = row.get("elbo_validation", row["elbo_train"])

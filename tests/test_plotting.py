@@ -297,6 +297,12 @@ def test_training_history_reads_a_model_or_its_history():
     figure = pl.training_history(model)
     np.testing.assert_array_equal(figure.axes[1].lines[0].get_ydata(), [0.1, 0.2, 0.25])
     assert figure.axes[1].get_ylabel() == "sample spread (dashed)"
+    model.history = history.assign(sample_spread=[0.1, 0.2, 0.25], batch_share=[0.9, 0.5, 0.2],
+                                   batch_share_chance=[0.1, 0.1, 0.1])
+    figure = pl.training_history(model)
+    assert len(figure.axes) == 3
+    np.testing.assert_array_equal(figure.axes[2].lines[0].get_ydata(), [0.9, 0.5, 0.2])
+    assert figure.axes[2].get_ylim() == (0, 1) and figure.axes[2].lines[1].get_ydata()[0] == 0.1
     model.history = None
     with pytest.raises(ValueError, match="an untrained model has no history"):
         pl.training_history(model)

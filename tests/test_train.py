@@ -17,7 +17,7 @@ from .conftest import knn_accuracy
 def test_history_and_validation_elbo_decreases(trained_model):
     history = trained_model.history
     assert list(history.columns) == ["kl_weight", "lr", "elbo_train", "clipped_share", "elbo_validation",
-                                     "sample_spread", "seconds"]
+                                     "sample_spread", "batch_share", "batch_share_chance", "seconds"]
     assert len(history) == 60
     # The optimiser sees the per-cell mean loss (the reference's scale): clip_norm=40 is a guard
     # that fires on a minority of steps, not a clip on every step (the full-data scale).
@@ -342,6 +342,37 @@ def test_spread_measurement_leaves_training_unchanged(small_adata, monkeypatch):
     assert "sample_spread" in measured.history and "sample_spread" not in unmeasured.history
 
 
+def test_batch_share_is_what_get_sample_effect_shares_reports(small_adata):
+    from mrvi_pyro.explore import centred_projection
+    from mrvi_pyro.train import sample_batch_composition, sample_batch_share
+
+    model = MRVI(small_adata, n_latent=8, n_latent_u=4, seed=0)
+    model.train(max_epochs=3, progress_bar=False)
+    history = model.history
+    assert history["batch_share"].between(0, 1).all() and history["batch_share"].notna().all()
+    n_batches, n_samples = small_adata.obs["batch"].nunique(), small_adata.obs["sample"].nunique()
+    assert (history["batch_share_chance"] == (n_batches - 1) / (n_samples - 1)).all()  # each sample in one batch
+    data = model._cell_data(purpose="training")
+    cells = np.arange(0, small_adata.n_obs, 3)
+    (batch,) = list(data.read_ahead([cells]))
+    composition = sample_batch_composition(data)
+    np.testing.assert_allclose(composition.sum(1), 1.0)
+    share = sample_batch_share(model.module, batch, torch.as_tensor(centred_projection(composition)))
+    expected = model.get_sample_effect_shares(indices=cells).set_index("covariate").loc["batch", "share"]
+    assert share == pytest.approx(expected, rel=1e-4)
+    no_batch = small_adata.copy()
+    MRVI.setup_anndata(no_batch, sample_key="sample")
+    unbatched = MRVI(no_batch, n_latent=8, n_latent_u=4, seed=0)
+    unbatched.train(max_epochs=1, progress_bar=False)
+    assert "batch_share" not in unbatched.history and "sample_spread" in unbatched.history
+
+
+def test_batch_share_measurement_leaves_training_unchanged(small_adata, monkeypatch):
+    measured, unmeasured = _trained_with_and_without(small_adata, monkeypatch, "sample_batch_share", max_epochs=3)
+    np.testing.assert_array_equal(measured.history["elbo_validation"], unmeasured.history["elbo_validation"])
+    assert "batch_share" in measured.history and "batch_share" not in unmeasured.history
+
+
 def test_spread_still_growing_compares_the_last_two_windows():
     import pandas as pd
 
@@ -372,9 +403,52 @@ def test_train_warns_while_sample_effects_still_grow(small_adata, monkeypatch):
         return 0.1 * 1.1 ** len(calls)
 
     monkeypatch.setattr(train_module, "sample_spread", growing)
+    monkeypatch.setattr(train_module, "sample_batch_share", lambda module, batch, projection: 0.2)  # flat
     model = MRVI(small_adata, n_latent=8, n_latent_u=4)
     with pytest.warns(UserWarning, match=r"still growing.*over the last 5 epochs.*larger max_epochs"):
         model.train(max_epochs=10, progress_bar=False)
+    monkeypatch.setattr(train_module, "sample_spread", lambda module, batch: 0.3)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MRVI(small_adata, n_latent=8, n_latent_u=4).train(max_epochs=10, progress_bar=False)
+
+
+def test_batch_share_still_falling_needs_a_high_falling_share():
+    import pandas as pd
+
+    from mrvi_pyro.train import batch_share_still_falling
+
+    def history(values, chance=0.1):
+        return pd.DataFrame({"batch_share": values, "batch_share_chance": chance})
+
+    detour = np.concatenate([np.full(40, 1.0), np.linspace(1.0, 0.2, 60)])  # leaving late (weak seed 4 at 12k cells)
+    last, before, chance, window = batch_share_still_falling(history(detour))
+    assert window == 10 and chance == 0.1
+    assert last == pytest.approx(detour[-10:].mean()) and before == pytest.approx(detour[-20:-10].mean())
+    assert batch_share_still_falling(history(np.concatenate([detour, np.full(100, 0.1)]))) is None  # settled at chance
+    assert batch_share_still_falling(history(np.full(100, 0.8))) is None  # high and flat: confounded design
+    assert batch_share_still_falling(history(np.linspace(0.3, 0.15, 100))) is None  # falling but < 2x chance
+    assert batch_share_still_falling(history(detour[::-1])) is None  # rising is not falling
+    assert batch_share_still_falling(history(detour[:9])) is None  # shorter than two windows of 5
+    assert batch_share_still_falling(pd.DataFrame({"batch_share": detour})) is None  # no chance column
+
+
+def test_train_warns_while_batch_still_leaves_the_sample_effects(small_adata, monkeypatch):
+    from mrvi_pyro import train as train_module
+
+    calls = []
+
+    def leaving(module, batch, projection):
+        calls.append(1)
+        return 0.95 ** len(calls)
+
+    monkeypatch.setattr(train_module, "sample_batch_share", leaving)
+    model = MRVI(small_adata, n_latent=8, n_latent_u=4)
+    with pytest.warns(UserWarning, match=r"still follow batch.*last 5 epochs.*larger max_epochs"):
+        model.train(max_epochs=10, progress_bar=False)
+    monkeypatch.setattr(train_module, "sample_batch_share", lambda module, batch, projection: 0.9)  # high, flat
     monkeypatch.setattr(train_module, "sample_spread", lambda module, batch: 0.3)
     import warnings
 

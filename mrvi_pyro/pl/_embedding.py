@@ -122,7 +122,10 @@ def training_history(history, *, ax=None, show: bool | None = None):
     With a ``sample_spread`` column (the size of the learned sample effects, see
     :meth:`mrvi_pyro.MRVI.train`) it is drawn dashed on a second y axis at the right: weak sample
     effects are learned late, so a spread still rising at the last epoch means more epochs are
-    needed before the sample-level results settle.
+    needed before the sample-level results settle. With a ``batch_share`` column (the share of
+    those effects that follows the samples' batch) it is drawn dotted on a third axis (0 to 1),
+    with its chance level as a thin line: early in training the batch often passes through the
+    sample effects, and until it falls to near chance the sample distances group samples by batch.
 
     Parameters
     ----------
@@ -150,5 +153,14 @@ def training_history(history, *, ax=None, show: bool | None = None):
         right = ax.twinx()
         right.plot(history.index, history["sample_spread"], color="0.35", ls="--", lw=1)
         right.set_ylabel("sample spread (dashed)")
+    if "batch_share" in history and history["batch_share"].notna().any():
+        share = ax.twinx()
+        if len(fig.axes) > 2:  # beside the spread's axis
+            share.spines["right"].set_position(("axes", 1.18))
+        share.plot(history.index, history["batch_share"], color="tab:red", ls=":", lw=1.2)
+        if "batch_share_chance" in history:
+            share.axhline(float(history["batch_share_chance"].iloc[-1]), color="tab:red", lw=0.6, alpha=0.5)
+        share.set_ylim(0, 1)
+        share.set_ylabel("batch share of sample effects (dotted)", color="tab:red")
     fig.tight_layout()
     return finish(fig, show)
