@@ -402,10 +402,12 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
         distances still group samples by batch. A share that stays high without falling (a design
         whose covariates are confounded with batch) is not flagged.
 
-        ``lr=None`` (default) is :func:`mrvi_pyro.train.default_lr`: the reference's 2e-3 up to
+        ``lr=None`` (default): the reference's 2e-3 during the KL warm-up
+        (``n_epochs_kl_warmup`` epochs), then :func:`mrvi_pyro.train.default_lr`: 2e-3 up to
         batch 128, scaled by ``sqrt(batch_size / 128)`` up to batch 256 (2.83e-3), so that
-        training at batch 256 follows the course per epoch of batch 128 (the reference keeps
-        2e-3; pass ``lr=2e-3`` for its setting).
+        training at batch 256 follows the course per epoch of batch 128. The warm-up at 2e-3 lets
+        the batch leave the sample effects early (see ``batch_share``). The reference keeps 2e-3
+        throughout; pass ``lr=2e-3`` for its setting.
 
         As in scvi-tools, ``validation_size`` (None: ``1 - train_size``) is the held-out share;
         mrvi_pyro holds out no test set, so ``train_size + validation_size`` must be 1.

@@ -92,6 +92,21 @@ def test_resume_in_process_equals_the_uninterrupted_run(adata, uninterrupted, tm
     _assert_same_run(first, reference)
 
 
+def test_resume_across_the_learning_rate_switch(tmp_path):
+    """At batch 256, lr=None trains at 2e-3 during the KL warm-up and at the scaled rate after:
+    a run resumed before the switch follows the uninterrupted one through it."""
+    adata = _data(n_cells=700)
+    settings = dict(TRAIN, batch_size=256, n_epochs_kl_warmup=2)
+    reference = _model(adata)
+    reference.train(max_epochs=4, **settings)
+    assert reference.history["lr"].tolist() == [2e-3, 2e-3, 2e-3 * 2**0.5, 2e-3 * 2**0.5]
+    first = _model(adata)
+    first.train(max_epochs=1, checkpoint_dir=tmp_path / "ck", **settings)
+    resumed = _model(adata, seed=5)
+    resumed.train(max_epochs=4, checkpoint_dir=tmp_path / "ck", **settings)
+    _assert_same_run(resumed, reference)
+
+
 def test_a_checkpointed_run_equals_one_without_checkpoints(adata, uninterrupted, tmp_path):
     model = _model(adata)
     model.train(max_epochs=6, checkpoint_dir=tmp_path / "ck", **TRAIN)

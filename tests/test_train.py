@@ -61,34 +61,39 @@ def test_same_seed_same_result(small_adata):
     assert not np.array_equal(h1["elbo_train"], h3["elbo_train"])
 
 
-def test_default_lr_follows_the_square_root_of_the_batch_size(small_adata, monkeypatch):
+def test_default_lr_follows_the_square_root_of_the_batch_size(small_adata):
     assert default_lr(128) == default_lr(32) == 2e-3  # the reference's rate at the default batch size and below
     assert default_lr(256) == pytest.approx(2e-3 * np.sqrt(2)) == default_lr(4096)  # measured up to 256
     assert default_lr(192) == pytest.approx(2e-3 * np.sqrt(1.5))
-    train_module = importlib.import_module("mrvi_pyro.train")
-    rates = []
-    make_adam = train_module.make_adam
-
-    def spy(params, **kwargs):
-        rates.append(kwargs["lr"])
-        return make_adam(params, **kwargs)
-
-    monkeypatch.setattr(train_module, "make_adam", spy)
     runs = {}
     for name, kwargs in (("default", {}), ("explicit", {"lr": default_lr(256)}), ("reference", {"lr": 2e-3}),
                          ("plan", {"plan_kwargs": {"lr": 2e-3}})):
         model = MRVI(small_adata, n_latent=8, n_latent_u=4, seed=0)
-        model.train(max_epochs=2, batch_size=256, seed=0, progress_bar=False, **kwargs)
+        model.train(max_epochs=3, batch_size=256, n_epochs_kl_warmup=2, seed=0, progress_bar=False, **kwargs)
         runs[name] = (_params(model), model.history)
-    assert rates == [default_lr(256), default_lr(256), 2e-3, 2e-3]
-    assert (runs["default"][1]["lr"] == default_lr(256)).all() and (runs["plan"][1]["lr"] == 2e-3).all()
-    for key, value in runs["default"][0].items():
-        torch.testing.assert_close(value, runs["explicit"][0][key], rtol=0, atol=0)
-        torch.testing.assert_close(runs["reference"][0][key], runs["plan"][0][key], rtol=0, atol=0)
-    assert any(not torch.equal(value, runs["reference"][0][key]) for key, value in runs["default"][0].items())
+    # lr=None: the reference's 2e-3 while the KL weight warms up, then the scaled rate
+    assert runs["default"][1]["lr"].tolist() == [2e-3, 2e-3, default_lr(256)]
+    assert (runs["explicit"][1]["lr"] == default_lr(256)).all() and (runs["plan"][1]["lr"] == 2e-3).all()
+    for key, value in runs["reference"][0].items():
+        torch.testing.assert_close(runs["plan"][0][key], value, rtol=0, atol=0)
+    for other in ("explicit", "reference"):  # the default is neither constant rate
+        assert any(not torch.equal(value, runs[other][0][key]) for key, value in runs["default"][0].items())
+    model = MRVI(small_adata, n_latent=8, n_latent_u=4, seed=0)
+    model.train(max_epochs=2, batch_size=256, n_epochs_kl_warmup=2, seed=0, progress_bar=False)
+    for key, value in _params(model).items():  # two warm-up epochs: exactly lr=2e-3's run
+        torch.testing.assert_close(value, _params_after(small_adata, 2e-3)[key], rtol=0, atol=0)
+    model = MRVI(small_adata, n_latent=8, n_latent_u=4, seed=0)
+    model.train(max_epochs=2, batch_size=256, n_epochs_kl_warmup=0, progress_bar=False)  # no warm-up, no switch
+    assert (model.history["lr"] == default_lr(256)).all()
     model = MRVI(small_adata, n_latent=8, n_latent_u=4, seed=0)
     model.train(max_epochs=1, progress_bar=False)  # batch 128: the reference's 2e-3
     assert (model.history["lr"] == 2e-3).all()
+
+
+def _params_after(adata, lr):
+    model = MRVI(adata, n_latent=8, n_latent_u=4, seed=0)
+    model.train(max_epochs=2, batch_size=256, n_epochs_kl_warmup=2, seed=0, progress_bar=False, lr=lr)
+    return _params(model)
 
 
 def test_training_leaves_global_rng_alone(small_adata):
