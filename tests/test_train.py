@@ -1,6 +1,5 @@
 """Training: learning planted structure, reproducibility, early stopping, divergence, devices."""
 
-import importlib
 
 import numpy as np
 import pyro
