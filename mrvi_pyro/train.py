@@ -183,7 +183,25 @@ def _call_args(batch: dict) -> tuple:
 SPREAD_PROBE_CELLS = 256
 
 
-def sample_spread(module, batch: dict) -> float | None:
+def probe_counterfactuals(module, batch: dict) -> torch.Tensor | None:
+    """(n, S, L) counterfactual ``z`` of the cells of ``batch`` under every sample (posterior
+    mean ``u``, evaluation mode, no gradients; the module's mode is restored). None for a module
+    without ``encode_u``/``counterfactual_z`` or with fewer than two samples. What
+    :func:`sample_spread` and :func:`sample_batch_share` summarise after every epoch (computed
+    once for both)."""
+    if not (hasattr(module, "encode_u") and hasattr(module, "counterfactual_z")):
+        return None
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            z = module.counterfactual_z(module.encode_u(batch["x"], batch["sample_index"])[0])
+    finally:
+        module.train(was_training)
+    return z if z.ndim == 3 and z.shape[-2] >= 2 else None
+
+
+def sample_spread(module, batch: dict, z: torch.Tensor | None = None) -> float | None:
     """Root mean square distance between the counterfactual ``z`` of one cell under two samples,
     averaged over the cells of ``batch`` (posterior mean ``u``, evaluation mode, no gradients).
 
@@ -191,25 +209,16 @@ def sample_spread(module, batch: dict) -> float | None:
     sample, growing while the model learns them. Weak effects are learned late (they can take
     100+ epochs on 12,000 cells, ``benchmarks/dynamics.py``), so a spread still growing at the
     last epoch says that the sample-level results (distances, DE, stratification) have not
-    settled. None for a module without ``encode_u``/``counterfactual_z``.
+    settled. ``z``: :func:`probe_counterfactuals` of ``batch`` when already computed. None for a
+    module without ``encode_u``/``counterfactual_z``.
     """
-    if not (hasattr(module, "encode_u") and hasattr(module, "counterfactual_z")):
+    z = probe_counterfactuals(module, batch) if z is None else z
+    if z is None:
         return None
-    x, sample_index = batch["x"], batch["sample_index"]
-    was_training = module.training
-    module.eval()
-    try:
-        with torch.no_grad():
-            loc = module.encode_u(x, sample_index)[0]
-            z = module.counterfactual_z(loc)  # (n, S, L)
-            if z.ndim != 3 or z.shape[-2] < 2:
-                return None
-            n_samples = z.shape[-2]
-            # mean over ordered pairs s != s' of |z_s - z_s'|^2 = 2 S / (S - 1) x mean_s |z_s - mean z|^2
-            squared = (z - z.mean(-2, keepdim=True)).pow(2).sum(-1).mean(-1) * (2 * n_samples / (n_samples - 1))
-            return float(squared.sqrt().mean())
-    finally:
-        module.train(was_training)
+    n_samples = z.shape[-2]
+    # mean over ordered pairs s != s' of |z_s - z_s'|^2 = 2 S / (S - 1) x mean_s |z_s - mean z|^2
+    squared = (z - z.mean(-2, keepdim=True)).pow(2).sum(-1).mean(-1) * (2 * n_samples / (n_samples - 1))
+    return float(squared.sqrt().mean())
 
 
 def sample_batch_composition(data: CellData) -> np.ndarray | None:
@@ -223,7 +232,7 @@ def sample_batch_composition(data: CellData) -> np.ndarray | None:
     return counts / np.maximum(counts.sum(1, keepdims=True), 1.0)
 
 
-def sample_batch_share(module, batch: dict, projection: torch.Tensor) -> float | None:
+def sample_batch_share(module, batch: dict, projection: torch.Tensor, z: torch.Tensor | None = None) -> float | None:
     """Share of the sample effects of the cells of ``batch`` that follows the samples' batch.
 
     Each cell's counterfactual ``z`` under every sample (posterior mean ``u``, evaluation mode,
@@ -233,24 +242,17 @@ def sample_batch_share(module, batch: dict, projection: torch.Tensor) -> float |
     :meth:`mrvi_pyro.MRVI.get_sample_effect_shares` reports for the batch. Batch belongs in the
     decoder's nuisance path; early in training it often passes through the sample effects first,
     and the sample distances then group samples by batch. Its chance level (effects unrelated to
-    batch) is ``rank / (S - 1)``. None for a module without ``encode_u``/``counterfactual_z``.
+    batch) is ``rank / (S - 1)``. ``z``: :func:`probe_counterfactuals` of ``batch`` when already
+    computed. None for a module without ``encode_u``/``counterfactual_z``.
     """
-    if not (hasattr(module, "encode_u") and hasattr(module, "counterfactual_z")):
-        return None
     from .explore import effect_sums
 
-    was_training = module.training
-    module.eval()
-    try:
-        with torch.no_grad():
-            z = module.counterfactual_z(module.encode_u(batch["x"], batch["sample_index"])[0])
-            if z.ndim != 3 or z.shape[-2] != projection.shape[-1]:
-                return None
-            total, explained = effect_sums(z.double(), projection.unsqueeze(0))
-            total = float(total.sum())
-            return float(explained.sum()) / total if total > 0 else None
-    finally:
-        module.train(was_training)
+    z = probe_counterfactuals(module, batch) if z is None else z
+    if z is None or z.shape[-2] != projection.shape[-1]:
+        return None
+    total, explained = effect_sums(z.double(), projection.unsqueeze(0).to(z.device))
+    total = float(total.sum())
+    return float(explained.sum()) / total if total > 0 else None
 
 
 def _last_two_windows(history: pd.DataFrame, column: str, share: float,
@@ -667,12 +669,13 @@ def _train_loop(module, data, params, train_idx, val_idx, rng, *, max_epochs, ba
                     module, data, val_idx, batch_size=max(batch_size, 512), device=device, cell_weights=weights,
                     replicas=replicas,
                 )
-            if probe is not None:
-                spread = sample_spread(module, probe)
+            effects = probe_counterfactuals(module, probe) if probe is not None else None
+            if effects is not None:
+                spread = sample_spread(module, probe, effects)
                 if spread is not None:
                     row["sample_spread"] = spread
                 if batch_projection is not None:
-                    share = sample_batch_share(module, probe, batch_projection)
+                    share = sample_batch_share(module, probe, batch_projection, effects)
                     if share is not None:
                         row["batch_share"], row["batch_share_chance"] = share, float(batch_chance)
             row["seconds"] = time.perf_counter() - start

@@ -341,9 +341,10 @@ def test_sample_spread_is_the_rms_distance_between_two_samples(small_adata):
 
 
 def test_spread_measurement_leaves_training_unchanged(small_adata, monkeypatch):
-    measured, unmeasured = _trained_with_and_without(small_adata, monkeypatch, "sample_spread", max_epochs=3)
+    measured, unmeasured = _trained_with_and_without(small_adata, monkeypatch, "probe_counterfactuals", max_epochs=3)
     np.testing.assert_array_equal(measured.history["elbo_validation"], unmeasured.history["elbo_validation"])
-    assert "sample_spread" in measured.history and "sample_spread" not in unmeasured.history
+    for column in ("sample_spread", "batch_share"):  # both come from the one probe pass
+        assert column in measured.history and column not in unmeasured.history
 
 
 def test_batch_share_is_what_get_sample_effect_shares_reports(small_adata):
@@ -402,16 +403,16 @@ def test_train_warns_while_sample_effects_still_grow(small_adata, monkeypatch):
 
     calls = []
 
-    def growing(module, batch):
+    def growing(module, batch, z=None):
         calls.append(1)
         return 0.1 * 1.1 ** len(calls)
 
     monkeypatch.setattr(train_module, "sample_spread", growing)
-    monkeypatch.setattr(train_module, "sample_batch_share", lambda module, batch, projection: 0.2)  # flat
+    monkeypatch.setattr(train_module, "sample_batch_share", lambda module, batch, projection, z=None: 0.2)  # flat
     model = MRVI(small_adata, n_latent=8, n_latent_u=4)
     with pytest.warns(UserWarning, match=r"still growing.*over the last 5 epochs.*larger max_epochs"):
         model.train(max_epochs=10, progress_bar=False)
-    monkeypatch.setattr(train_module, "sample_spread", lambda module, batch: 0.3)
+    monkeypatch.setattr(train_module, "sample_spread", lambda module, batch, z=None: 0.3)
     import warnings
 
     with warnings.catch_warnings():
@@ -444,7 +445,7 @@ def test_train_warns_while_batch_still_leaves_the_sample_effects(small_adata, mo
 
     calls = []
 
-    def leaving(module, batch, projection):
+    def leaving(module, batch, projection, z=None):
         calls.append(1)
         return 0.95 ** len(calls)
 
@@ -452,8 +453,8 @@ def test_train_warns_while_batch_still_leaves_the_sample_effects(small_adata, mo
     model = MRVI(small_adata, n_latent=8, n_latent_u=4)
     with pytest.warns(UserWarning, match=r"still follow batch.*last 5 epochs.*larger max_epochs"):
         model.train(max_epochs=10, progress_bar=False)
-    monkeypatch.setattr(train_module, "sample_batch_share", lambda module, batch, projection: 0.9)  # high, flat
-    monkeypatch.setattr(train_module, "sample_spread", lambda module, batch: 0.3)
+    monkeypatch.setattr(train_module, "sample_batch_share", lambda module, batch, projection, z=None: 0.9)  # high, flat
+    monkeypatch.setattr(train_module, "sample_spread", lambda module, batch, z=None: 0.3)
     import warnings
 
     with warnings.catch_warnings():
@@ -471,7 +472,7 @@ def test_spread_probe_spans_the_validation_cells(monkeypatch):
     adata = adata[adata.obs.sort_values("sample", kind="stable").index].copy()
     MRVI.setup_anndata(adata, sample_key="sample", batch_key="batch")
     seen = []
-    monkeypatch.setattr(train_module, "sample_spread", lambda module, batch: seen.append(batch["sample_index"]))
+    monkeypatch.setattr(train_module, "probe_counterfactuals", lambda module, batch: seen.append(batch["sample_index"]))
     model = MRVI(adata, n_latent=8, n_latent_u=4)
     model.train(max_epochs=1, train_size=0.5, progress_bar=False)
     (probe,) = seen
