@@ -214,19 +214,17 @@ class ExploreMixin:
         if n_samples < 3:
             raise ValueError(f"Sample effect shares need at least 3 samples; the model has {n_samples}.")
         from .de import design_matrix
+        from .train import sample_batch_composition
 
         names, projections, n_columns = [], [], []
         registry = self.registry
-        if registry.batch_key is not None and len(registry.batch_categories) >= 2:
-            # Each sample's share of cells per nuisance level (the model's AnnData, else the one
-            # passed): an indicator when every sample sits in one level.
-            counts = np.zeros((n_samples, len(registry.batch_categories)))
-            model_data = self._cell_data(None) if self.adata is not None else data
-            np.add.at(counts, (np.asarray(model_data.sample_index), np.asarray(model_data.batch_index)), 1.0)
-            shares = counts / np.maximum(counts.sum(1, keepdims=True), 1.0)
+        # Each sample's share of cells per nuisance level (the model's AnnData, else the one
+        # passed): an indicator when every sample sits in one level; None without two levels.
+        shares = sample_batch_composition(self._cell_data(None) if self.adata is not None else data)
+        if shares is not None:
             names.append(registry.batch_key)
             projections.append(explore.centred_projection(shares))
-            n_columns.append(int(np.linalg.matrix_rank(shares - shares.mean(0))))
+            n_columns.append(explore.centred_rank(shares))
         for key in keys:
             if key == registry.batch_key:
                 continue
@@ -240,7 +238,7 @@ class ExploreMixin:
             columns = design.matrix[:, design.covariate_columns]
             names.append(key)
             projections.append(explore.centred_projection(columns))
-            n_columns.append(int(np.linalg.matrix_rank(columns - columns.mean(0))))
+            n_columns.append(explore.centred_rank(columns))
         if not names:
             raise ValueError("No covariate to assess: pass sample_covariates (the model has no nuisance key).")
         codes, groups = _group_codes(self.adata if adata is None else adata, groupby) if groupby else (None, [])

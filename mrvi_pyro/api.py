@@ -455,6 +455,10 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
             self.diverged = str(err).split(";")[0]  # analyses now refuse these weights
             raise
         self.training_result, self.history, self.is_trained = result, result.history, True
+        train_longer = (
+            f"Train longer: a larger max_epochs (default for {len(data)} cells: {default_max_epochs(len(data))}); "
+            "with checkpoint_dir, calling train() again with a larger max_epochs continues the same run."
+        )
         still_growing = spread_still_growing(result.history)
         if still_growing is not None:
             growth, window = still_growing
@@ -462,9 +466,7 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
                 f"The sample effects were still growing when training stopped: model.history['sample_spread'] "
                 f"(the distance between one cell's z under two samples) rose by {growth:.0%} over the last "
                 f"{window} epochs. Sample distances, stratification, DE and DA may not have settled, and a weak "
-                f"effect (a hidden grouping of samples) can still be missing. Train longer: a larger max_epochs "
-                f"(default for {len(data)} cells: {default_max_epochs(len(data))}); with checkpoint_dir, calling "
-                "train() again with a larger max_epochs continues the same run.",
+                "effect (a hidden grouping of samples) can still be missing. " + train_longer,
                 UserWarning, stacklevel=2,
             )
         falling = batch_share_still_falling(result.history)
@@ -475,9 +477,7 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
                 f"effects that the samples' batch explains) averaged {last:.0%} over the last {window} epochs, down "
                 f"from {before:.0%} over the {window} before (chance: {chance:.0%}). The batch is still moving from "
                 "the sample effects to the decoder's nuisance path, so sample distances and stratification still "
-                "group samples by batch, and a weak effect can be hidden behind it. Train longer: a larger "
-                f"max_epochs (default for {len(data)} cells: {default_max_epochs(len(data))}); with checkpoint_dir, "
-                "calling train() again with a larger max_epochs continues the same run.",
+                "group samples by batch, and a weak effect can be hidden behind it. " + train_longer,
                 UserWarning, stacklevel=2,
             )
         return result

@@ -508,6 +508,13 @@ def centred_projection(columns: np.ndarray) -> np.ndarray:
     return centred @ np.linalg.pinv(centred)
 
 
+def centred_rank(columns: np.ndarray) -> int:
+    """Rank of ``columns`` (S, p) centred over the samples: the number of design columns ``p`` of
+    a covariate in ``p / (S - 1)``, the share of unstructured sample effects it explains."""
+    columns = np.asarray(columns, dtype=np.float64)
+    return int(np.linalg.matrix_rank(columns - columns.mean(axis=0, keepdims=True)))
+
+
 def effect_sums(z: torch.Tensor, projections: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per cell, the total and the explained sums of squares of its sample effects.
 
@@ -524,7 +531,8 @@ def effect_sums(z: torch.Tensor, projections: torch.Tensor) -> tuple[torch.Tenso
 
 __all__ = [
     "GroupedMean", "LINKAGE_METHODS", "LocalDistances", "NORMS",
-    "cell_distance_summary", "centred_projection", "check_norm", "check_positive", "chunk_bytes", "cluster_cells",
+    "cell_distance_summary", "centred_projection", "centred_rank", "check_norm", "check_positive", "chunk_bytes",
+    "cluster_cells",
     "condensed_upper_triangle", "distance_features", "effect_sums", "iter_cell_blocks", "iter_local_sample_distances",
     "iter_local_sample_representations", "leaf_order", "local_sample_distances", "open_distance_store",
     "own_sample_baseline", "plan_cell_storage", "random_projection", "sample_distances", "sample_groups",

@@ -597,11 +597,10 @@ def _train_loop(module, data, params, train_idx, val_idx, rng, *, max_epochs, ba
     composition = sample_batch_composition(data)
     batch_projection, batch_chance = None, None
     if composition is not None:
-        from .explore import centred_projection
+        from .explore import centred_projection, centred_rank
 
         batch_projection = torch.as_tensor(centred_projection(composition), dtype=torch.float64, device=device)
-        centred = composition - composition.mean(0)
-        batch_chance = np.linalg.matrix_rank(centred) / (len(composition) - 1)
+        batch_chance = centred_rank(composition) / (len(composition) - 1)
     rows, best, since_best, stopped, first = [], np.inf, 0, False, 0
     fork_devices = [device.index or 0] if device.type == "cuda" else []
     with (torch.random.fork_rng(devices=fork_devices), _global_random_states(resume),
