@@ -19,12 +19,34 @@ computed in one pass: a query of shape ``(n, 1, d)`` against sample embeddings o
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+_FOLD_SCOPE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("mrvi_pyro_fold_scope", default=None)
+
+
+@contextlib.contextmanager
+def reuse_folded():
+    """Let every :class:`AttentionBlock` fold its parameters once for the whole context.
+
+    :func:`mrvi_pyro.posterior.iter_posterior_u`, through which every analysis passes (distances,
+    DE, DA, representations), holds one open for its whole pass; outside one, and always under
+    autograd, the block folds on every call. Nested uses share the outer
+    scope; the folds are dropped when the outermost context exits."""
+    if _FOLD_SCOPE.get() is not None:
+        yield
+        return
+    _FOLD_SCOPE.set({})
+    try:
+        yield
+    finally:
+        _FOLD_SCOPE.set(None)
 
 
 class ConditionalLayerNorm(nn.Module):
@@ -437,7 +459,27 @@ class AttentionBlock(nn.Module):
                 ((b_q * w_k).sum(-1) / math.sqrt(head_dim)).unsqueeze(-1))
 
     def _folded(self) -> dict:
-        """Parameters of :meth:`_forward` folded from the block's weights (see its docstring)."""
+        """Parameters of :meth:`_forward` folded from the block's weights (see its docstring).
+
+        Inside :func:`reuse_folded` (no autograd) the result is kept and reused until the
+        context exits or a parameter changes (another tensor, other storage, or an in-place
+        update, which bumps the tensor's version counter). Inference calls the block once per
+        slice of cells or draws, and folding costs ~30 small operations each time (8% of DE
+        with LFCs on 2,000 cells)."""
+        scope = _FOLD_SCOPE.get()
+        if scope is None or torch.is_grad_enabled():
+            return self._fold()
+        key = [(p, p._version, p.data_ptr(), p.dtype, p.device) for p in self.parameters()]
+        cached = scope.get(id(self))
+        if cached is not None and cached[0] is self and len(cached[1]) == len(key) and all(
+            a[0] is b[0] and a[1:] == b[1:] for a, b in zip(cached[1], key)
+        ):
+            return cached[2]
+        folded = self._fold()
+        scope[id(self)] = (self, key, folded)
+        return folded
+
+    def _fold(self) -> dict:
         n_heads, head_dim, n_tokens = self.n_heads, self.n_channels // self.n_heads, self.n_tokens
         lifts = self.lifts()
         slope, intercept = self._score_factors(lifts)

@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ._malloc import tune_malloc_if_enabled
+from .nn import reuse_folded
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
@@ -65,7 +66,9 @@ def iter_posterior_u(
     disable = (n_chunks < 2 or None) if progress_bar is None else not progress_bar
     bar = tqdm(total=n_cells, unit="cells", desc="mrvi_pyro", disable=disable, leave=False)
     try:
-        with torch.no_grad():
+        # reuse_folded: the attention blocks fold their parameters once for the whole pass
+        # (the consumers' calls between chunks included), not once per call.
+        with torch.no_grad(), reuse_folded():
             for chunk, batch in data.iter_batches(indices, batch_size, device):
                 bar.update(len(chunk))
                 loc, scale = module.encode_u(batch["x"], batch["sample_index"])

@@ -89,6 +89,69 @@ def test_blocked_inference_matches_one_pass(use_map, mlp, lift, monkeypatch):
     assert torch.allclose(blocked, literal, rtol=0, atol=1e-10 * literal.abs().max().item())
 
 
+def test_folds_are_reused_within_a_scope_and_refreshed_when_a_parameter_changes(monkeypatch):
+    from mrvi_pyro.nn import reuse_folded
+
+    block = _block(True).eval()
+    query, kv = torch.randn(6, 10, dtype=torch.float64), torch.randn(6, 16, dtype=torch.float64)
+    folds = []
+    original = AttentionBlock._fold
+    monkeypatch.setattr(AttentionBlock, "_fold", lambda self: folds.append(1) or original(self))
+    with torch.no_grad():
+        block(query, kv)
+        block(query, kv)
+        assert len(folds) == 2  # no scope: a fold per call
+        with reuse_folded():
+            first = block(query, kv)
+            with reuse_folded():  # nested: the outer scope is shared
+                again = block(query, kv)
+            assert len(folds) == 3
+            torch.testing.assert_close(again, first, rtol=0, atol=0)
+            # An in-place update (what an optimiser step or load_state_dict does) is seen.
+            block.post.fc.weight.mul_(1.5)
+            changed = block(query, kv)
+            assert len(folds) == 4
+            torch.testing.assert_close(changed, block.forward_unfactored(query, kv), rtol=0,
+                                       atol=1e-10 * changed.abs().max().item())
+            assert not torch.allclose(changed, first)
+            block.load_state_dict({k: v * 0.5 for k, v in block.state_dict().items()})
+            reloaded = block(query, kv)
+            assert len(folds) == 5
+            torch.testing.assert_close(reloaded, block.forward_unfactored(query, kv), rtol=0,
+                                       atol=1e-10 * reloaded.abs().max().item())
+            # A replaced parameter tensor is seen too.
+            block.post.fc.bias = torch.nn.Parameter(block.post.fc.bias.detach() + 1.0)
+            replaced = block(query, kv)
+            assert len(folds) == 6
+            torch.testing.assert_close(replaced, block.forward_unfactored(query, kv), rtol=0,
+                                       atol=1e-10 * replaced.abs().max().item())
+        block(query, kv)
+        assert len(folds) == 7  # the scope ended with its context
+    with reuse_folded():
+        block(query, kv)  # under autograd (training) nothing is kept
+        block(query, kv)
+    assert len(folds) == 7  # autograd takes the direct form, which folds nothing
+
+
+@pytest.mark.filterwarnings("ignore:This model has not been trained")
+def test_an_inference_pass_folds_each_block_once(monkeypatch):
+    """Distances, DE and DA run inside ``iter_posterior_u``'s scope: one fold per block per pass."""
+    from mrvi_pyro import datasets
+    from mrvi_pyro.api import MRVI
+
+    adata = datasets.simulate(n_cells=300, n_genes=80, n_samples=6, n_batches=2, seed=0)
+    MRVI.setup_anndata(adata, sample_key="sample", batch_key="batch")
+    model = MRVI(adata)
+    folds = []
+    original = AttentionBlock._fold
+    monkeypatch.setattr(AttentionBlock, "_fold", lambda self: folds.append(id(self)) or original(self))
+    model.get_local_sample_distances(batch_size=64)
+    assert len(folds) == len(set(folds)) == 1  # the sample mapper, once for 5 chunks
+    folds.clear()
+    model.differential_expression(sample_cov_keys=["disease"], store_lfc=True, mc_samples=3, batch_size=64)
+    assert len(folds) == len(set(folds)) == 2  # the sample mapper and the decoder's nuisance block
+
+
 def test_sample_mapper_all_samples_equals_each_sample():
     torch.manual_seed(1)
     mapper = SampleMapper(10, 30, n_samples=7).eval()
