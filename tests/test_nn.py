@@ -134,14 +134,11 @@ def test_folds_are_reused_within_a_scope_and_refreshed_when_a_parameter_changes(
 
 
 @pytest.mark.filterwarnings("ignore:This model has not been trained")
-def test_an_inference_pass_folds_each_block_once(monkeypatch):
+def test_an_inference_pass_folds_each_block_once(small_adata, monkeypatch):
     """Distances, DE and DA run inside ``iter_posterior_u``'s scope: one fold per block per pass."""
-    from mrvi_pyro import datasets
     from mrvi_pyro.api import MRVI
 
-    adata = datasets.simulate(n_cells=300, n_genes=80, n_samples=6, n_batches=2, seed=0)
-    MRVI.setup_anndata(adata, sample_key="sample", batch_key="batch")
-    model = MRVI(adata)
+    model = MRVI(small_adata)
     folds = []
     original = AttentionBlock._fold
     monkeypatch.setattr(AttentionBlock, "_fold", lambda self: folds.append(id(self)) or original(self))
