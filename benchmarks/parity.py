@@ -10,7 +10,11 @@ architecture 3 keeps both factors, as the reference does) and then
    the gradient of every parameter, with the same draw of ``u`` on both sides (the same seed
    before each side's forward pass; both draw ``u`` with one ``torch.normal`` call of the same
    shape);
-2. **training steps, dropout on**: both sides take ``--steps`` Adam steps (lr 2e-3, eps 1e-8,
+2. **analyses**: the reference trained for ``--analysis-epochs`` epochs through its own API and
+   its weights copied into an ``MRVI`` of ours: ``get_latent_representation``,
+   ``get_local_sample_representation`` and ``get_local_sample_distances`` (per cell, and grouped
+   by cell type), compared after aligning their coordinates by name;
+3. **training steps, dropout on**: both sides take ``--steps`` Adam steps (lr 2e-3, eps 1e-8,
    weight decay 1e-8, gradient-norm clip 40, the KL weight rising as in a 20-epoch warm-up) on
    the same minibatches and the same seeds; each side uses its own code for the step: the
    reference its ``loss`` (as scvi-tools' ``TrainingPlan`` calls it) and ``torch.optim.Adam``, ours
@@ -61,6 +65,8 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--analysis-epochs", type=int, default=3,
+                        help="epochs of the reference trained for the analyses check (0: skip it)")
     parser.add_argument("--control-noise", type=float, default=1e-6,
                         help="relative perturbation of the control's parameters (default 1e-6: about the rounding "
                              "difference between the two sides' gradients)")
@@ -160,6 +166,52 @@ def corresponding(architecture: int):
     return pairs
 
 
+def compare_analyses(adata, args) -> None:
+    """Train the reference briefly through its API, copy its weights into ours, compare analyses."""
+    import logging
+
+    import numpy as np
+    from scvi.external import MRVI as ReferenceMRVI
+
+    from mrvi_pyro import MRVI
+
+    for name in ("scvi", "lightning", "lightning.pytorch", "pytorch_lightning"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    ref_adata, our_adata = adata.copy(), adata.copy()
+    ReferenceMRVI.setup_anndata(ref_adata, sample_key="sample", batch_key="batch", backend="torch")
+    reference = ReferenceMRVI(ref_adata)
+    reference.train(max_epochs=args.analysis_epochs, batch_size=args.batch_size, early_stopping=False,
+                    accelerator="cpu", devices=1, enable_progress_bar=False)
+    MRVI.setup_anndata(our_adata, sample_key="sample", batch_key="batch")
+    ours = MRVI(our_adata)
+    port_weights(reference.module, ours.module, ours.module.config["architecture"])
+    ours.module.eval()
+    ours.is_trained = True
+
+    def rel(a, b):
+        a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+        return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+    def aligned(ours_array, ref_array):
+        return ours_array.sel({dim: ref_array[dim].values for dim in ref_array.dims if dim in ref_array.coords})
+
+    print(f"analyses (the reference trained {args.analysis_epochs} epochs, its weights in ours), relative "
+          "difference ours against the reference:")
+    pairs = [("get_latent_representation()", ours.get_latent_representation, reference.get_latent_representation),
+             ("get_local_sample_representation()", ours.get_local_sample_representation,
+              reference.get_local_sample_representation),
+             ("get_local_sample_distances() per cell", lambda: ours.get_local_sample_distances()["cell"],
+              lambda: reference.get_local_sample_distances()["cell"]),
+             ("get_local_sample_distances(groupby='cell_type')",
+              lambda: ours.get_local_sample_distances(groupby="cell_type", keep_cell=False)["cell_type"],
+              lambda: reference.get_local_sample_distances(groupby="cell_type", keep_cell=False)["cell_type"])]
+    for name, of_ours, of_reference in pairs:
+        mine, theirs = of_ours(), of_reference()
+        if hasattr(theirs, "dims"):
+            mine = aligned(mine, theirs).transpose(*theirs.dims)
+        print(f"  {name}: {rel(np.asarray(mine), np.asarray(theirs)):.1e}")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("TQDM_DISABLE", "1")
@@ -204,6 +256,9 @@ def main(argv=None) -> int:
 
     def rel(a, b):
         return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+    if args.analysis_epochs:
+        compare_analyses(adata, args)
 
     for architecture in args.architectures:
         torch.manual_seed(args.seed)
