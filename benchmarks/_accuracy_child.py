@@ -80,6 +80,8 @@ def main(argv=None) -> int:
     parser.add_argument("--null-draws", type=int, default=0,
                         help="DE on this many permutations of the null covariate over samples")
     parser.add_argument("--train-kwargs", default="{}", help="JSON of extra train(...) arguments (ours)")
+    parser.add_argument("--zero-masked-grads", action="store_true",
+                        help="ours: give parameters without a gradient a zero one before each Adam step (ablation)")
     parser.add_argument("--model-kwargs", default="{}",
                         help="JSON of extra MRVI(...) arguments for ours (ablations), e.g. '{\"architecture\": 2}'")
     args = parser.parse_args(argv)
@@ -106,6 +108,18 @@ def main(argv=None) -> int:
 
         seconds["package"] = mrvi_pyro.__file__
         MRVI.setup_anndata(adata, sample_key="sample", batch_key="batch")
+        if args.zero_masked_grads:  # the reference's step while the KL weight is 0 (see parity.py)
+            from mrvi_pyro import optim
+
+            plain_step = optim.Adam.step
+
+            def step(self):
+                for p in self._params:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                plain_step(self)
+
+            optim.Adam.step = step
         model_kwargs = json.loads(args.model_kwargs)  # "architecture" included: a module argument
         model = MRVI(adata, seed=args.seed, **model_kwargs)
         model.train(max_epochs=args.epochs, batch_size=args.batch_size, train_size=0.9,

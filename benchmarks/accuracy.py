@@ -323,6 +323,8 @@ def run_side(side: str, data: Path, workdir: Path, seed: int, batch_size: int, a
                "--local-cells", args.local_cells]
     if side == "ours" and args.ours_kwargs != "{}":
         command += ["--model-kwargs", args.ours_kwargs]
+    if side == "ours" and args.ours_zero_masked_grads:
+        command += ["--zero-masked-grads"]
     if side == "ours" and args.ours_train_kwargs != "{}":
         command += ["--train-kwargs", args.ours_train_kwargs]
     env = {"OMP_NUM_THREADS": args.threads, "MKL_NUM_THREADS": args.threads}
@@ -393,6 +395,10 @@ def main(argv=None) -> int:
     parser.add_argument("--mc-samples", type=int, default=50, help="DE mc_samples on both sides")
     parser.add_argument("--null-draws", type=int, default=20,
                         help="DE on this many permutations of the null covariate over samples (null_perm_p05)")
+    parser.add_argument("--ours-zero-masked-grads", action="store_true",
+                        help="our side: parameters without a gradient in a step (the prior's while the KL weight "
+                             "is 0) get a zero gradient, so that Adam's weight decay moves them as the reference's "
+                             "does (an ablation; see parity.py)")
     parser.add_argument("--ours-kwargs", default="{}",
                         help="JSON of extra MRVI(...) arguments for our side (ablations), e.g. '{\"architecture\": 2}'")
     parser.add_argument("--ours-train-kwargs", default="{}",
