@@ -200,3 +200,25 @@ def test_expression_strata_are_deciles_of_normalised_expression_in_the_cell_type
     counts = programs.X[cells].toarray().astype(float)
     mean = (counts / counts.sum(1, keepdims=True)).mean(0)
     assert np.all(np.diff(strata[np.argsort(mean, kind="stable")]) >= 0)  # monotone in expression
+
+
+def test_ablation_options_reach_our_child_only(tmp_path, monkeypatch):
+    """--ours-zero-masked-grads and --ours-kwargs are passed to our side's child process and never
+    to the reference's (whose run must stay the reference's defaults)."""
+    commands = {}
+
+    def fake_run(command, timeout, extra_env):
+        commands[command[command.index("--side") + 1]] = [str(c) for c in command]
+        return {"returncode": 1, "result": None, "timed_out": False, "stderr": "", "wall_seconds": 0.0,
+                "peak_rss_gb": None}
+
+    monkeypatch.setattr(accuracy._harness, "run_command", fake_run)
+    args = argparse.Namespace(epochs=2, threads=1, de_cells=0, mc_samples=5, null_draws=0, local_cells=10,
+                              ours_kwargs='{"architecture": 3}', ours_train_kwargs="{}",
+                              ours_zero_masked_grads=True, reference_python=sys.executable,
+                              timeout=10.0, keep_data=False)
+    for side in ("ours", "reference"):
+        record, arrays = accuracy.run_side(side, tmp_path / "c.h5ad", tmp_path, 0, 128, args)
+        assert arrays is None
+    assert "--zero-masked-grads" in commands["ours"] and "--zero-masked-grads" not in commands["reference"]
+    assert '{"architecture": 3}' in commands["ours"] and "--model-kwargs" not in commands["reference"]
