@@ -158,6 +158,19 @@ def parse_results(text: str) -> list[dict]:
 # --------------------------------------------------------------------------------------------
 # parent side
 # --------------------------------------------------------------------------------------------
+def fill_missing_grads(params) -> None:
+    """Give every parameter without a gradient a zero one (in place).
+
+    The reference's step while the KL weight is 0: there it multiplies the prior's terms by 0, so
+    the prior gets a zero gradient and Adam's weight decay still moves it, where our model masks
+    those sites and Adam skips parameters without a gradient (``parity.py``). For ablations."""
+    import torch
+
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+
+
 def kib_to_gb(kib: float | None) -> float | None:
     """KiB -> decimal GB (1e9 bytes)."""
     return None if kib is None else kib * 1024 / 1e9

@@ -51,7 +51,7 @@ import warnings
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parent)]
+sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 
 def parse_args(argv=None):
@@ -76,12 +76,28 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def rel(a, b) -> float:
+    """Relative difference ``|a - b| / |b|`` of two arrays or tensors, in float64."""
+    import numpy as np
+
+    a, b = (np.asarray(x.detach().cpu() if hasattr(x, "detach") else x, dtype=np.float64) for x in (a, b))
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
 def port_weights(ref, ours, architecture: int) -> None:
     """Copy the reference module's parameters into ours (our names; shapes checked)."""
     import torch
 
     ref_params, our_params = dict(ref.named_parameters()), dict(ours.named_parameters())
     done = set()
+
+    def resnet_block(o, r):
+        """Our ResnetBlock ``o`` from the reference's ResnetBlock ``r`` (with its skip map, if any)."""
+        for x, y in (("fc1", "fc1"), ("norm1", "layer_norm1"), ("fc2", "fc2"), ("norm2", "layer_norm2"),
+                     ("fc_match", "fc_match")):
+            for k in ("weight", "bias"):
+                if f"{o}.{x}.{k}" in our_params:
+                    cp(f"{o}.{x}.{k}", f"{r}.{y}.{k}")
 
     def cp(o, r):
         if our_params[o].shape != ref_params[r].shape:
@@ -98,9 +114,7 @@ def port_weights(ref, ours, architecture: int) -> None:
             cp(f"encoder.linears.{i}.{k}", f"qu.fc{i + 1}.{k}")
         cp(f"encoder.norms.{i}.scale.weight", f"qu.conditional_norm{i + 1}.gamma_embedding.weight")
         cp(f"encoder.norms.{i}.shift.weight", f"qu.conditional_norm{i + 1}.beta_embedding.weight")
-        for a, b in (("fc1", "fc1"), ("norm1", "layer_norm1"), ("fc2", "fc2"), ("norm2", "layer_norm2")):
-            for k in ("weight", "bias"):
-                cp(f"encoder.residuals.{i}.{a}.{k}", f"qu.output_nn.resnet_blocks.{i}.{b}.{k}")
+        resnet_block(f"encoder.residuals.{i}", f"qu.output_nn.resnet_blocks.{i}")
     cp("encoder.sample_embedding.weight", "qu.sample_embed.weight")
     for k in ("weight", "bias"):
         cp(f"encoder.loc.{k}", f"qu.output_nn.fc_mean.{k}")
@@ -127,11 +141,7 @@ def port_weights(ref, ours, architecture: int) -> None:
         for k in ("weight", "bias"):
             cp(f"{o}.head_proj.{k}", f"{r}.attention.out_proj.{k}")
         for a, b in (("post", "mlp_eps"), ("residual", "mlp_residual")):
-            for x, y in (("fc1", "fc1"), ("norm1", "layer_norm1"), ("fc2", "fc2"), ("norm2", "layer_norm2"),
-                         ("fc_match", "fc_match")):
-                for k in ("weight", "bias"):
-                    if f"{o}.{a}.block.{x}.{k}" in our_params:
-                        cp(f"{o}.{a}.block.{x}.{k}", f"{r}.{b}.resnet_blocks.0.{y}.{k}")
+            resnet_block(f"{o}.{a}.block", f"{r}.{b}.resnet_blocks.0")
             for k in ("weight", "bias"):
                 cp(f"{o}.{a}.fc.{k}", f"{r}.{b}.fc.{k}")
 
@@ -188,10 +198,6 @@ def compare_analyses(adata, args) -> None:
     ours.module.eval()
     ours.is_trained = True
 
-    def rel(a, b):
-        a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-        return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
     def aligned(ours_array, ref_array):
         return ours_array.sel({dim: ref_array[dim].values for dim in ref_array.dims if dim in ref_array.coords})
 
@@ -223,6 +229,7 @@ def main(argv=None) -> int:
     from scvi import REGISTRY_KEYS
     from scvi.external.mrvi_torch._module import TorchMRVAE
 
+    from _harness import fill_missing_grads
     from mrvi_pyro.datasets import simulate
     from mrvi_pyro.module import MrVIModule
     from mrvi_pyro.train import make_adam
@@ -253,9 +260,6 @@ def main(argv=None) -> int:
             return Trace_ELBO().differentiable_loss(
                 ours.model, ours.guide, x_all[idx], sample_all[idx], batch_all[idx], None, n_obs=n,
                 subsample=torch.as_tensor(idx), kl_weight=kl) / n
-
-    def rel(a, b):
-        return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
     if args.analysis_epochs:
         compare_analyses(adata, args)
@@ -324,9 +328,7 @@ def main(argv=None) -> int:
                 optimisers[side].zero_grad()
                 loss.backward()
                 if side == "ours" and args.zero_masked_grads:
-                    for p in module.parameters():
-                        if p.grad is None:
-                            p.grad = torch.zeros_like(p)
+                    fill_missing_grads(module.parameters())
                 norm = torch.nn.utils.clip_grad_norm_(list(module.parameters()), 40.0)
                 clipped[side] += int(norm > 40)
                 optimisers[side].step()
