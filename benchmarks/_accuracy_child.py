@@ -44,6 +44,15 @@ def _single_covariate(dataset, key: str):
     return matching[0]
 
 
+def our_train_arguments(args) -> dict:
+    """Keywords of our side's ``model.train(...)``: the benchmark's settings, then
+    ``--train-kwargs`` (which may override any of them, e.g. ``{"seed": N}`` to train with a
+    seed other than the initialisation's: ours reseeds torch with the same seed for the initial
+    weights and for training, so training's first draws replay the initialisation's)."""
+    return {"max_epochs": args.epochs, "batch_size": args.batch_size, "train_size": 0.9, "early_stopping": False,
+            "seed": args.seed, "progress_bar": False, **json.loads(args.train_kwargs)}
+
+
 def add_null_permutations(adata, key: str, n_draws: int, seed: int) -> list[str]:
     """Add ``n_draws`` columns ``{key}_perm{k}``: ``key``'s per-sample values permuted over samples."""
     import numpy as np
@@ -129,8 +138,7 @@ def main(argv=None) -> int:
             train_module.make_adam = make_adam
         model_kwargs = json.loads(args.model_kwargs)  # "architecture" included: a module argument
         model = MRVI(adata, seed=args.seed, **model_kwargs)
-        model.train(max_epochs=args.epochs, batch_size=args.batch_size, train_size=0.9,
-                    early_stopping=False, seed=args.seed, progress_bar=False, **json.loads(args.train_kwargs))
+        model.train(**our_train_arguments(args))
     else:
         import logging
 

@@ -222,3 +222,17 @@ def test_ablation_options_reach_our_child_only(tmp_path, monkeypatch):
         assert arrays is None
     assert "--zero-masked-grads" in commands["ours"] and "--zero-masked-grads" not in commands["reference"]
     assert '{"architecture": 3}' in commands["ours"] and "--model-kwargs" not in commands["reference"]
+
+
+def test_our_train_arguments_take_the_seed_from_train_kwargs_when_given():
+    """The child's training call uses the run's seed unless ``--train-kwargs`` names another
+    (the ablation that seeds training apart from the initial weights)."""
+    import _accuracy_child
+
+    args = argparse.Namespace(epochs=3, batch_size=128, seed=4, train_kwargs="{}")
+    plain = _accuracy_child.our_train_arguments(args)
+    assert plain["seed"] == 4 and plain["max_epochs"] == 3 and plain["batch_size"] == 128
+    assert plain["train_size"] == 0.9 and plain["early_stopping"] is False
+    args.train_kwargs = '{"seed": 1004, "lr": 0.001}'
+    changed = _accuracy_child.our_train_arguments(args)
+    assert changed["seed"] == 1004 and changed["lr"] == 0.001 and changed["max_epochs"] == 3
