@@ -534,6 +534,11 @@ def _run_rank(local_rank: int, fn, args: tuple, nproc: int, port: int, backend: 
         if local_rank == 0:
             with open(os.path.join(result_dir, "result.pkl"), "wb") as f:
                 pickle.dump(result, f)
+        # Every rank's collectives complete before any rank tears its process group down: a rank
+        # tearing down while a peer's last collective was still in flight aborted that peer once
+        # (SIGABRT, "terminate called without an active exception", gloo, 2 ranks on a loaded
+        # 2-core machine).
+        dist.barrier()
     except Exception as err:  # hand the exception itself to the launching process
         with contextlib.suppress(Exception), open(os.path.join(result_dir, f"error{local_rank}.pkl"), "wb") as f:
             pickle.dump(err, f)
