@@ -118,24 +118,11 @@ def main(argv=None) -> int:
         seconds["package"] = mrvi_pyro.__file__
         MRVI.setup_anndata(adata, sample_key="sample", batch_key="batch")
         if args.zero_masked_grads:  # the reference's step while the KL weight is 0 (see parity.py)
-            from _harness import fill_missing_grads
+            from _harness import before_each_step, fill_missing_grads
             from mrvi_pyro import train as train_module
 
-            plain_make_adam = train_module.make_adam
-
-            def make_adam(params, **kwargs):
-                params = list(params)
-                optimizer = plain_make_adam(params, **kwargs)
-                plain_step = optimizer.step
-
-                def step(*args, **kw):
-                    fill_missing_grads(params)
-                    return plain_step(*args, **kw)
-
-                optimizer.step = step
-                return optimizer
-
-            train_module.make_adam = make_adam
+            train_module.make_adam = before_each_step(train_module.make_adam,
+                                                      lambda params, _: fill_missing_grads(params))
         model_kwargs = json.loads(args.model_kwargs)  # "architecture" included: a module argument
         model = MRVI(adata, seed=args.seed, **model_kwargs)
         model.train(**our_train_arguments(args))

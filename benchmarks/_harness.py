@@ -155,9 +155,6 @@ def parse_results(text: str) -> list[dict]:
     return out
 
 
-# --------------------------------------------------------------------------------------------
-# parent side
-# --------------------------------------------------------------------------------------------
 def fill_missing_grads(params) -> None:
     """Give every parameter without a gradient a zero one (in place).
 
@@ -171,6 +168,28 @@ def fill_missing_grads(params) -> None:
             p.grad = torch.zeros_like(p)
 
 
+def before_each_step(make_adam, before):
+    """A ``make_adam`` (``mrvi_pyro.train.make_adam``'s signature) whose optimisers call
+    ``before(params, optimizer)`` at the start of every ``step()``: for ablations and recording."""
+
+    def wrapped(params, **kwargs):
+        params = list(params)
+        optimizer = make_adam(params, **kwargs)
+        plain_step = optimizer.step
+
+        def step(*args, **kw):
+            before(params, optimizer)
+            return plain_step(*args, **kw)
+
+        optimizer.step = step
+        return optimizer
+
+    return wrapped
+
+
+# --------------------------------------------------------------------------------------------
+# parent side
+# --------------------------------------------------------------------------------------------
 def kib_to_gb(kib: float | None) -> float | None:
     """KiB -> decimal GB (1e9 bytes)."""
     return None if kib is None else kib * 1024 / 1e9

@@ -102,6 +102,7 @@ def trace_reference(adata, seed: int, epochs: int, batch_size: int) -> list[dict
 def trace_ours(adata, seed: int, epochs: int, batch_size: int) -> list[dict]:
     import torch
 
+    from _harness import before_each_step
     from mrvi_pyro import MRVI
     from mrvi_pyro import train as train_module
 
@@ -120,20 +121,11 @@ def trace_ours(adata, seed: int, epochs: int, batch_size: int) -> list[dict]:
             return original(self, x, sample_index, batch_index, label_index, **kwargs)
         return program
 
-    def make_make_adam(original):
-        def make_adam(params, **kwargs):
-            optimizer = original(params, **kwargs)
-            plain_step = optimizer.step
+    def record_optimiser(_, optimizer):
+        log.append({"optimiser": optimiser_record(optimizer.param_groups)})
 
-            def step(*args, **kw):
-                log.append({"optimiser": optimiser_record(optimizer.param_groups)})
-                return plain_step(*args, **kw)
-
-            optimizer.step = step
-            return optimizer
-        return make_adam
-
-    with (patched(module_cls, "model", make_model), patched(train_module, "make_adam", make_make_adam),
+    with (patched(module_cls, "model", make_model),
+          patched(train_module, "make_adam", lambda original: before_each_step(original, record_optimiser)),
           patched(torch.nn.utils, "clip_grad_norm_", recording_clip(log))):
         model.train(max_epochs=epochs, batch_size=batch_size, train_size=0.9, early_stopping=False, seed=seed,
                     progress_bar=False)
