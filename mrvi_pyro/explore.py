@@ -68,7 +68,7 @@ NORMS = {"l2": 2.0, "l1": 1.0, "linf": float("inf")}
 BYTES_PER_PAIR_WORKSPACE = 1024
 """Approximate transient bytes per (cell, sample) pair inside ``counterfactual_z`` (the sample
 mapper's MLP activations and output; its attention scores are computed in blocks of
-``AttentionBlock.inference_block_pairs`` pairs and do not grow with the chunk); used to check
+``AttentionBlock.block_pairs()`` pairs and do not grow with the chunk); used to check
 that one chunk fits the memory budget."""
 
 

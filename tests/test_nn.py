@@ -89,6 +89,36 @@ def test_blocked_inference_matches_one_pass(use_map, mlp, lift, monkeypatch):
     assert torch.allclose(blocked, literal, rtol=0, atol=1e-10 * literal.abs().max().item())
 
 
+def test_default_block_size_follows_the_thread_count_and_blocks_match_one_pass(monkeypatch):
+    from mrvi_pyro.nn import BLOCK_PAIRS_PER_THREAD
+
+    block = _block(True).eval()
+    threads = torch.get_num_threads()
+    try:
+        for n, expected in ((1, BLOCK_PAIRS_PER_THREAD), (2, 2 * BLOCK_PAIRS_PER_THREAD),
+                            (32, 8 * BLOCK_PAIRS_PER_THREAD)):
+            torch.set_num_threads(n)
+            if torch.get_num_threads() == n:  # a build may cap the thread count
+                assert block.block_pairs() == expected
+        torch.set_num_threads(1)
+        monkeypatch.setattr(AttentionBlock, "inference_block_pairs", 100)
+        assert block.block_pairs() == 100
+        monkeypatch.setattr(AttentionBlock, "inference_block_pairs", None)
+        # 500 queries x 9 samples = 4,500 pairs: three blocks at 1 thread.
+        query, kv = torch.randn(500, 1, 10, dtype=torch.float64), torch.randn(9, 16, dtype=torch.float64)
+        calls = []
+        original = AttentionBlock._forward
+        monkeypatch.setattr(AttentionBlock, "_forward", lambda self, *a: calls.append(1) or original(self, *a))
+        with torch.no_grad():
+            blocked = block(query, kv)
+            monkeypatch.setattr(AttentionBlock, "inference_block_pairs", 10**9)
+            one_pass = block(query, kv)
+        assert len(calls) == 4  # three blocks, then one pass
+        assert torch.allclose(blocked, one_pass, rtol=0, atol=1e-12 * one_pass.abs().max().item())
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_folds_are_reused_within_a_scope_and_refreshed_when_a_parameter_changes(monkeypatch):
     from mrvi_pyro.nn import reuse_folded
 
