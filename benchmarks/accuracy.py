@@ -12,10 +12,16 @@ scores both sides with the same code (:mod:`mrvi_pyro._metrics`, scipy):
     Covariate-driven pair AUROC: in the DE cell type, the sample x sample distance matrix of
     ``get_local_sample_distances(groupby="cell_type", keep_cell=False)``; every unordered pair of
     samples is labelled 1 when their disease status differs; AUROC of the distance. 0.5 = chance.
+``cov_contrast``
+    On the same matrix, ``log`` of the mean distance of the pairs whose disease status differs over
+    that of the pairs whose status agrees (:func:`pair_contrast`); 0 = no separation. Smooth where
+    ``cov_auroc`` saturates at 1: the size of the learned disease effect.
 ``hidden_auroc``, ``hidden_ari``
     The same in the hidden-grouping cell type with label "different hidden group" (a grouping no
     model is told about); and the adjusted Rand index of a 2-cluster cut of the samples
     (scipy average-linkage hierarchical clustering of that distance matrix) against the groups.
+``hidden_contrast``
+    :func:`pair_contrast` of that matrix for the hidden groups.
 ``gene_auroc``
     Planted-gene AUROC: ``differential_expression(sample_cov_keys=["disease"],
     store_lfc=True)``; mean |LFC| over the DE cell type's cells per gene; AUROC of the planted DE
@@ -89,8 +95,8 @@ sys.path[:0] = [str(HERE), str(REPOSITORY)]
 import _harness  # noqa: E402
 
 DEFAULT_REFERENCE = "/work/refenv/bin/python"
-METRICS = ("cov_auroc", "hidden_auroc", "hidden_ari", "gene_auroc", "gene_auroc_matched", "da_auroc", "batch_knn",
-           "hidden_in_u", "batch_in_z", "null_p05", "null_perm_p05")
+METRICS = ("cov_auroc", "cov_contrast", "hidden_auroc", "hidden_ari", "hidden_contrast", "gene_auroc",
+           "gene_auroc_matched", "da_auroc", "batch_knn", "hidden_in_u", "batch_in_z", "null_p05", "null_perm_p05")
 KNN_NEIGHBOURS = 15
 
 
@@ -114,6 +120,19 @@ def pair_auroc(distances: np.ndarray, sample_labels: np.ndarray) -> float:
     from mrvi_pyro._metrics import auroc
 
     return auroc(differ, distances[upper])
+
+
+def pair_contrast(distances: np.ndarray, sample_labels: np.ndarray) -> float:
+    """``log`` of the mean distance of the sample pairs whose labels differ over that of the pairs
+    whose labels agree: 0 when the distances ignore the labels, growing with the separation.
+
+    Unlike :func:`pair_auroc`, which reaches 1 as soon as every differing pair is farther apart
+    than every agreeing one, it keeps measuring the size of the effect, so runs that all separate
+    the groups can still be compared."""
+    upper = np.triu_indices(len(sample_labels), k=1)
+    differ = sample_labels[upper[0]] != sample_labels[upper[1]]
+    pairs = distances[upper]
+    return float(np.log(pairs[differ].mean() / pairs[~differ].mean()))
 
 
 def two_cluster_ari(distances: np.ndarray, sample_labels: np.ndarray) -> float:
@@ -224,8 +243,10 @@ def score(arrays, adata, knn_cells: np.ndarray) -> dict:
         batch_in_z = label_share(arrays["local_z"], sample_batch.reindex(arrays["local_samples"]).to_numpy())
     return {
         "cov_auroc": pair_auroc(arrays["distances_de"], disease),
+        "cov_contrast": pair_contrast(arrays["distances_de"], disease),
         "hidden_auroc": pair_auroc(arrays["distances_grouping"], hidden),
         "hidden_ari": two_cluster_ari(arrays["distances_grouping"], hidden),
+        "hidden_contrast": pair_contrast(arrays["distances_grouping"], hidden),
         "gene_auroc": auroc(planted, arrays["mean_abs_lfc"]),
         "gene_auroc_matched": stratified_auroc(planted, arrays["mean_abs_lfc"], gene_strata),
         "da_auroc": auroc(in_da_type, arrays["da_log_ratio"]),

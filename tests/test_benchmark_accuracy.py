@@ -85,6 +85,12 @@ def test_pair_auroc_and_ari_recover_a_planted_split():
     assert accuracy.two_cluster_ari(distances, groups) == pytest.approx(1.0)
     noise = np.linalg.norm(rng.normal(size=(12, 4))[:, None] - rng.normal(size=(12, 4))[None], axis=-1)
     assert accuracy.pair_auroc(noise + noise.T, groups) < 0.8
+    # The contrast keeps growing with the split after the AUROC has reached 1.
+    wider = np.where(groups == "B", 6.0, 0.0)[:, None] + rng.normal(size=(12, 4))
+    wider = np.linalg.norm(wider[:, None] - wider[None], axis=-1)
+    assert accuracy.pair_auroc(wider, groups) == 1.0
+    assert accuracy.pair_contrast(wider, groups) > accuracy.pair_contrast(distances, groups) > 0.2
+    assert abs(accuracy.pair_contrast(noise + noise.T, groups)) < 0.2
 
 
 def test_knn_batch_accuracy_separated_versus_mixed():
