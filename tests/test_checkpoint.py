@@ -286,8 +286,11 @@ def test_fit_interrupted_by_ctrl_c_and_killed_resumes_to_the_uninterrupted_model
     run, command = tmp_path / "run", [sys.executable, "-m", "mrvi_pyro.cli"]
 
     # Ctrl-C: exit 130, a checkpoint, and the exact command that resumes it
+    # Ctrl-C must reach the child as it reaches a terminal's: a shell that runs the tests in the
+    # background (``pytest &``) starts them with SIGINT ignored, which the child would inherit.
     process = subprocess.Popen(command + _fit_arguments(data, run), env=_ENV, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     _, err = _kill_when(process, run / "checkpoint", 2, sig=signal.SIGINT)
     assert process.returncode == 130, err
     printed = err.strip().splitlines()[-1].strip()

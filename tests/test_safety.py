@@ -477,8 +477,14 @@ def test_ctrl_c_inside_a_staged_commit_is_delivered_after_it(tmp_path, monkeypat
         return real_exchange(new, path)
 
     monkeypatch.setattr(_safe_io, "_exchange", exchange_with_interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        with _safe_io.staged_directory(target, overwrite=True, what="out", replaceable=lambda p: None) as staging:
-            (staging / "new.txt").write_text("new")
+    # Python's Ctrl-C handler, as under a terminal (a shell running the tests in the background
+    # starts them with SIGINT ignored, and then no KeyboardInterrupt is due).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with _safe_io.staged_directory(target, overwrite=True, what="out", replaceable=lambda p: None) as staging:
+                (staging / "new.txt").write_text("new")
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
