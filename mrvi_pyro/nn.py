@@ -184,6 +184,81 @@ def _foldable_mlp(mlp: nn.Module) -> bool:
             and mlp[0].bias is not None)
 
 
+TABLE_STEP = 0.05
+"""Spacing of the nodes of a score table (:func:`score_table`) times the widest spread of one
+key's tokens: the interpolation error is at most ``TABLE_STEP**4 / 384`` of that spread (below
+float32 rounding), however peaked the softmax."""
+
+TABLE_MAX_NODES = 65536
+"""Above this many nodes (scores spread over more than ~3,000 times the keys' spread) a block
+computes its softmax directly instead."""
+
+
+def score_table(a: torch.Tensor, y: torch.Tensor) -> dict | None:
+    """Tables of the attention's weighted mean as a function of the score slope, per key.
+
+    Without dropout, head ``h``'s output for query token ``i`` needs ``m = sum_j p_j y_j`` with
+    ``p = softmax(a y)``: ``a`` (one scalar per query, head and token, :meth:`AttentionBlock._forward`)
+    and the key's tokens ``y`` (T,). For one key, ``m(a)`` is a smooth function of the scalar
+    ``a`` (the derivative of ``log sum_j exp(a y_j)``) whose derivative is the variance of ``y``
+    under ``p``. When every query meets every key (counterfactuals: each cell under each sample),
+    this tabulates ``m`` and its derivative in float64 on nodes ``k * step`` covering the range
+    of ``a``, for each key, so that each (query, key) pair costs a cubic Hermite interpolation
+    (:func:`interpolate_scores`) instead of a softmax over T tokens for each of its H T scores.
+
+    ``a`` is (*A, H, T) and ``y`` (*Y, T) with broadcasting leading shapes. Returns None (compute
+    directly) unless the leading shapes form an outer product: ``a`` of size 1 in the last
+    leading dimension, ``y`` of size 1 in all others, at least two of each, and a float32 ``a``
+    (a float64 computation keeps its precision). Node ``k`` sits at ``k * step`` for every table
+    of the same keys, so blocks and chunks of one analysis interpolate between the same nodes.
+    """
+    n = max(a.dim() - 2, y.dim() - 1)
+    lead_a = (1,) * (n - (a.dim() - 2)) + tuple(a.shape[:-2])
+    lead_y = (1,) * (n - (y.dim() - 1)) + tuple(y.shape[:-1])
+    if (a.dtype != torch.float32 or n < 2 or lead_a[-1] != 1 or lead_y[-1] < 2
+            or any(d != 1 for d in lead_y[:-1]) or math.prod(lead_a) < 2):
+        return None
+    keys = y.detach().reshape(-1, y.shape[-1]).double()  # (R, T)
+    width = float((keys.max(-1).values - keys.min(-1).values).max())
+    if not (width > 0 and math.isfinite(width)):
+        return None
+    step = TABLE_STEP / width
+    low, high = float(a.min()), float(a.max())
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return None
+    first, last = math.floor(low / step), math.floor(high / step) + 1
+    if last - first + 1 > TABLE_MAX_NODES:
+        return None
+    nodes = torch.arange(first, last + 1, dtype=torch.float64, device=a.device) * step  # (K,)
+    p = torch.softmax(nodes[:, None, None] * keys, dim=-1)  # (K, R, T)
+    mean = (p * keys).sum(-1)
+    variance = ((p * keys.square()).sum(-1) - mean.square()).clamp_min(0.0)
+    return {"first": first, "step": step, "n_keys": keys.shape[0], "value": mean.to(a.dtype),
+            "slope": (variance * step).to(a.dtype)}
+
+
+def interpolate_scores(table: dict, a: torch.Tensor) -> torch.Tensor:
+    """``m`` of :func:`score_table` for every query of ``a`` (*Q, 1, H, T) against every key:
+    (*Q, R, H * T), index ``h * T + i`` as in :meth:`AttentionBlock._forward`."""
+    heads, tokens = a.shape[-2:]
+    position = a.detach().reshape(-1, 1).double() / table["step"] - table["first"]  # (N, 1)
+    node = position.floor().clamp_(0, table["value"].shape[0] - 2)
+    t = (position - node).to(a.dtype)
+    node = node.long().squeeze(-1)
+    one_minus = 1.0 - t
+    h00 = (1.0 + 2.0 * t) * one_minus.square()
+    h10 = t * one_minus.square()
+    h01 = t.square() * (3.0 - 2.0 * t)
+    h11 = t.square() * (t - 1.0)
+    m = table["value"].index_select(0, node).mul_(h00)  # (N, R)
+    m.addcmul_(table["slope"].index_select(0, node), h10)
+    node += 1
+    m.addcmul_(table["value"].index_select(0, node), h01)
+    m.addcmul_(table["slope"].index_select(0, node), h11)
+    m = m.view(*a.shape[:-3], heads * tokens, table["n_keys"])
+    return m.transpose(-1, -2)
+
+
 BLOCK_PAIRS_PER_THREAD = 2048
 """Default (query, key) pairs per torch thread in one block of :meth:`AttentionBlock.forward`
 without autograd."""
@@ -383,9 +458,10 @@ class AttentionBlock(nn.Module):
             return self._forward_direct(query, kv)
         shape = torch.Size(np.broadcast_shapes(query.shape[:-1], kv.shape[:-1]))
         n_pairs, block = math.prod(shape), self.block_pairs()
-        if not shape or shape[0] < 2 or n_pairs <= block:
-            return self._forward(query, kv)
         folded = self._folded()
+        table = self._score_table(query, kv, folded)
+        if not shape or shape[0] < 2 or n_pairs <= block:
+            return self._forward(query, kv, folded, table)
         step = max(1, block * shape[0] // n_pairs)
 
         def rows(t: torch.Tensor, i: int) -> torch.Tensor:
@@ -394,12 +470,25 @@ class AttentionBlock(nn.Module):
                 return t[i : i + step]
             return t
 
-        parts = [self._forward(rows(query, i), rows(kv, i), folded) for i in range(0, shape[0], step)]
+        parts = [self._forward(rows(query, i), rows(kv, i), folded, table) for i in range(0, shape[0], step)]
         if self.use_map:
             return torch.cat(parts)
         return tuple(torch.cat(side) for side in zip(*parts))
 
-    def _forward(self, query: torch.Tensor, kv: torch.Tensor, folded: dict | None = None):
+    tabulate_scores: bool = True
+    """Without autograd and dropout, compute the attention of every query against every key from
+    per-key tables (:func:`score_table`) when the shapes allow it; False: always directly."""
+
+    def _score_table(self, query: torch.Tensor, kv: torch.Tensor, folded: dict) -> dict | None:
+        """:func:`score_table` for one call of :meth:`forward` (all its blocks), or None."""
+        if not self.tabulate_scores or (self.training and self.dropout.p > 0):
+            return None
+        attn_query = query.detach() if self.stop_gradients_mlp else query
+        a = self.query_tokens(attn_query).unsqueeze(-2) * folded["slope"] + folded["intercept"]
+        return score_table(a, self.kv_tokens(kv))
+
+    def _forward(self, query: torch.Tensor, kv: torch.Tensor, folded: dict | None = None,
+                 table: dict | None = None):
         """The computation of :meth:`forward` on one block.
 
         Tokens are scalars lifted linearly to channels, so everything but the softmax
@@ -410,7 +499,8 @@ class AttentionBlock(nn.Module):
         ``m_hi = sum_j p_hij y_j`` and ``r_hi = sum_j p_hij`` (1 without dropout), and the head
         projection and the first linear maps of ``post`` (for :class:`ResnetMLP`, its ``fc1``
         and its skip, stacked) are linear, so they fold into one (2 H T -> width) map. The
-        per-pair work is one (H, T, T) softmax and a weighted sum; no q/k/v tensors are built
+        per-pair work is one (H, T, T) softmax and a weighted sum (or, with a ``table`` from
+        :func:`score_table`, one interpolation per score); no q/k/v tensors are built
         and nothing per query is broadcast to every key. The first linear maps of ``residual``
         are split the same way: their query part runs once per query.
         """
@@ -420,13 +510,17 @@ class AttentionBlock(nn.Module):
         y = self.kv_tokens(kv).unsqueeze(-2).unsqueeze(-2)  # (..., 1, 1, T)
         a = x.unsqueeze(-2) * folded["slope"] + folded["intercept"]  # (..., H, T)
         dropped = self.training and self.dropout.p > 0
-        weights = torch.softmax(a.unsqueeze(-1) * y, dim=-1)  # (..., H, T, T)
-        if dropped:
-            weights = self.dropout(weights)
-        # Without autograd (and without dropout, whose r needs them) the weights are not needed
-        # afterwards: multiply in place.
-        weighted = weights * y if torch.is_grad_enabled() or dropped else weights.mul_(y)
-        m = weighted.sum(-1).flatten(-2)  # (..., H * T), index h * T + i
+        if (table is not None and not dropped and not torch.is_grad_enabled() and a.dim() >= 4
+                and a.shape[-3] == 1 and y.shape[-4] == table["n_keys"]):
+            m = interpolate_scores(table, a)  # (..., R, H * T)
+        else:
+            weights = torch.softmax(a.unsqueeze(-1) * y, dim=-1)  # (..., H, T, T)
+            if dropped:
+                weights = self.dropout(weights)
+            # Without autograd (and without dropout, whose r needs them) the weights are not
+            # needed afterwards: multiply in place.
+            weighted = weights * y if torch.is_grad_enabled() or dropped else weights.mul_(y)
+            m = weighted.sum(-1).flatten(-2)  # (..., H * T), index h * T + i
         if dropped:
             hidden = torch.addmm(folded["bias"], m.flatten(0, -2), folded["k_m"]).view(*m.shape[:-1], -1)
             hidden = hidden + weights.sum(-1).flatten(-2) @ folded["k_r"]
@@ -436,7 +530,9 @@ class AttentionBlock(nn.Module):
         res_weight, res_bias = folded["residual_first"]
         n_query = query.shape[-1]
         from_query = F.linear(query, res_weight[:, :n_query], res_bias)  # once per query
-        hidden = from_query + summary @ res_weight[:, n_query:].T
+        # No autograd here: add the query part in place instead of allocating another (pairs, width).
+        hidden = torch.mm(summary.reshape(-1, summary.shape[-1]), res_weight[:, n_query:].T)
+        hidden = hidden.view(*summary.shape[:-1], -1).add_(from_query)
         return self._output(_mlp_tail(self.residual, hidden))
 
     def _forward_direct(self, query: torch.Tensor, kv: torch.Tensor):

@@ -293,3 +293,88 @@ def test_product_lift_is_multihead_attention_as_the_reference_composes_it():
 def test_unknown_lift_is_refused():
     with pytest.raises(ValueError, match="lift"):
         AttentionBlock(10, 16, 30, lift="outer")
+
+
+# ----- score tables (inference, every query against every key) ---------------------------------
+def test_score_table_only_for_float32_outer_products():
+    from mrvi_pyro.nn import score_table
+
+    a, y = torch.randn(5, 1, 2, 16), torch.randn(7, 16)
+    table = score_table(a, y)
+    assert table is not None and table["n_keys"] == 7 and table["value"].dtype == torch.float32
+    assert score_table(a.double(), y.double()) is None  # float64 keeps the direct softmax
+    assert score_table(torch.randn(5, 2, 16), torch.randn(5, 16)) is None  # paired, not an outer product
+    assert score_table(torch.randn(5, 7, 2, 16), y) is None  # the query varies along the key dimension
+    assert score_table(a, torch.randn(1, 16)) is None  # one key
+    assert score_table(a, torch.ones(7, 16)) is None  # keys without spread: nothing to tabulate
+
+
+@pytest.mark.parametrize("scale", [0.1, 1.0, 5.0, 30.0])
+def test_interpolated_weighted_means_match_the_softmax(scale):
+    """The interpolation error is far below float32 rounding of the weighted mean, from flat to
+    very peaked softmaxes (the scale stretches the scores)."""
+    from mrvi_pyro.nn import interpolate_scores, score_table
+
+    gen = torch.Generator().manual_seed(1)
+    a = scale * torch.randn(40, 1, 2, 16, generator=gen)
+    y = 2.0 * torch.randn(9, 16, generator=gen)
+    table = score_table(a, y)
+    assert table is not None
+    m = interpolate_scores(table, a)  # (40, 9, 32)
+    keys = y.double()[:, None, None]  # (9, 1, 1, 16)
+    exact = (torch.softmax(a.double().unsqueeze(-1) * keys, -1) * keys).sum(-1).flatten(-2)  # (40, 9, 32)
+    width = float((y.max(-1).values - y.min(-1).values).max())
+    assert m.shape == exact.shape
+    assert (m.double() - exact).abs().max().item() < 3e-7 * width
+
+
+@pytest.mark.parametrize(("mlp", "lift"), KINDS)
+@pytest.mark.parametrize("use_map", [True, False])
+def test_tabulated_block_matches_the_literal_one_to_float32_rounding(use_map, mlp, lift, monkeypatch):
+    block = _block(use_map, mlp=mlp, lift=lift).eval()  # order-1 weights: peaked softmaxes
+    query = torch.randn(300, 1, 10, dtype=torch.float64)
+    kv = torch.randn(11, 16, dtype=torch.float64)
+    with torch.no_grad():
+        literal = _flat(block.forward_unfactored(query, kv))
+        block.float()
+        calls = []
+        original = AttentionBlock._score_table
+        monkeypatch.setattr(AttentionBlock, "_score_table",
+                            lambda self, *a: calls.append(original(self, *a)) or calls[-1])
+        monkeypatch.setattr(AttentionBlock, "inference_block_pairs", 700)  # several blocks, one table
+        tabulated = _flat(block(query.float(), kv.float()))
+        monkeypatch.setattr(AttentionBlock, "tabulate_scores", False)
+        direct = _flat(block(query.float(), kv.float()))
+    assert len(calls) == 2 and calls[0] is not None and calls[1] is None
+    scale = literal.abs().max().item()
+    error_direct = (direct.double() - literal).abs().max().item() / scale
+    error_tabulated = (tabulated.double() - literal).abs().max().item() / scale
+    assert error_direct < 1e-5 and error_tabulated < 2 * error_direct + 1e-6
+
+
+def test_tables_fall_back_to_the_direct_softmax(monkeypatch):
+    from mrvi_pyro import nn as mnn
+
+    block = _block(True).eval().float()
+    query, kv = torch.randn(50, 1, 10), torch.randn(6, 16)
+    with torch.no_grad():
+        monkeypatch.setattr(AttentionBlock, "tabulate_scores", False)
+        direct = block(query, kv)
+        monkeypatch.setattr(AttentionBlock, "tabulate_scores", True)
+        assert block._score_table(query, kv, block._folded()) is not None
+        monkeypatch.setattr(mnn, "TABLE_MAX_NODES", 2)  # scores too spread out for a table
+        assert block._score_table(query, kv, block._folded()) is None
+        assert torch.equal(block(query, kv), direct)
+        block.train()  # dropout: no tables
+        assert block._score_table(query, kv, block._folded()) is None
+
+
+def test_tabulated_results_do_not_depend_on_how_queries_are_split():
+    """Every table of the same keys has its nodes at the same places, so a chunk of cells gives
+    what the whole does (the chunking of analyses and of distributed ranks)."""
+    block = _block(True).eval().float()
+    query, kv = torch.randn(200, 1, 10), torch.randn(8, 16)
+    with torch.no_grad():
+        whole = block(query, kv)
+        parts = torch.cat([block(query[:37], kv), block(query[37:], kv)])
+    assert torch.allclose(parts, whole, rtol=0, atol=1e-6 * whole.abs().max().item())
