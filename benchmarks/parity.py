@@ -13,7 +13,10 @@ architecture 3 keeps both factors, as the reference does) and then
 2. **analyses**: the reference trained for ``--analysis-epochs`` epochs through its own API and
    its weights copied into an ``MRVI`` of ours: ``get_latent_representation``,
    ``get_local_sample_representation`` and ``get_local_sample_distances`` (per cell, and grouped
-   by cell type), compared after aligning their coordinates by name;
+   by cell type), compared after aligning their coordinates by name; then, at those trained
+   weights, the loss and every gradient on a few minibatches (KL weight 1, our architecture 3,
+   :func:`compare_trained_gradients`): the step where training spends its time, not only at
+   initialisation;
 3. **training steps, dropout on**: both sides take ``--steps`` Adam steps (lr 2e-3, eps 1e-8,
    weight decay 1e-8, gradient-norm clip 40, the KL weight rising as in a 20-epoch warm-up) on
    the same minibatches and the same seeds; each side uses its own code for the step: the
@@ -216,6 +219,84 @@ def compare_analyses(adata, args) -> None:
         if hasattr(theirs, "dims"):
             mine = aligned(mine, theirs).transpose(*theirs.dims)
         print(f"  {name}: {rel(np.asarray(mine), np.asarray(theirs)):.1e}")
+    compare_trained_gradients(reference.module, ref_adata, args)
+
+
+def one_to_one(ref, ours, architecture: int) -> dict:
+    """{our parameter name: the reference's} for the parameters :func:`port_weights` copies as
+    they are (found by giving every reference parameter distinct values; both modules' weights
+    are left as they were)."""
+    import torch
+
+    saved = {name: p.detach().clone() for name, p in ref.named_parameters()}
+    ours_saved = {name: p.detach().clone() for name, p in ours.named_parameters()}
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator))
+        port_weights(ref, ours, architecture)
+        ref_params = dict(ref.named_parameters())
+        mapping = {o: r for o, q in ours.named_parameters() for r, p in ref_params.items()
+                   if p.shape == q.shape and torch.equal(p, q)}
+        for name, p in ref.named_parameters():
+            p.copy_(saved[name])
+        for name, p in ours.named_parameters():
+            p.copy_(ours_saved[name])
+    return mapping
+
+
+def compare_trained_gradients(ref, ref_adata, args, n_minibatches: int = 4) -> None:
+    """The loss and EVERY gradient at the reference's trained weights (KL weight 1), copied into
+    our architecture 3 (the reference's parametrisation, so every parameter has a counterpart).
+
+    The step check of :func:`main` starts from the initial weights; this one checks the step
+    where training spends its time (learned dispersions, peaked attention, a fitted prior)."""
+    import numpy as np
+    import pyro
+    import torch
+    from pyro.infer import Trace_ELBO
+    from scvi import REGISTRY_KEYS
+
+    from mrvi_pyro.module import MrVIModule
+
+    ref = ref.cpu().eval()
+    x_all = ref_adata.X.toarray() if hasattr(ref_adata.X, "toarray") else np.asarray(ref_adata.X)
+    x_all = torch.as_tensor(x_all, dtype=torch.float32)
+    s_all = torch.as_tensor(ref_adata.obs["_scvi_sample"].to_numpy(), dtype=torch.long)
+    b_all = torch.as_tensor(ref_adata.obs["_scvi_batch"].to_numpy(), dtype=torch.long)
+    n, n_genes = x_all.shape
+    ours = MrVIModule(n_genes, int(s_all.max()) + 1, int(b_all.max()) + 1, 0, architecture=3).eval()
+    mapping = one_to_one(ref, ours, 3)
+    port_weights(ref, ours, 3)
+    ref_params, our_params = dict(ref.named_parameters()), dict(ours.named_parameters())
+    worst, rng = {}, np.random.default_rng(args.seed)
+    print(f"the step at the reference's trained weights ({args.analysis_epochs} epochs), KL weight 1, "
+          f"{len(mapping)} of {len(our_params)} parameters one to one:")
+    for trial in range(n_minibatches):
+        idx = np.sort(rng.choice(n, args.batch_size, replace=False))
+        x, s, b = x_all[idx], s_all[idx], b_all[idx]
+        tensors = {REGISTRY_KEYS.X_KEY: x, REGISTRY_KEYS.SAMPLE_KEY: s[:, None].float(),
+                   REGISTRY_KEYS.BATCH_KEY: b[:, None].float(), REGISTRY_KEYS.LABELS_KEY: torch.zeros(len(idx), 1)}
+        torch.manual_seed(trial)  # the same draw of u on both sides
+        inference = ref.inference(x, s[:, None])
+        generative = ref.generative(inference["z"], inference["library"], b[:, None],
+                                    torch.zeros(len(idx), dtype=torch.long))
+        ref_loss = ref.loss(tensors, inference, generative, kl_weight=1.0).loss
+        ref.zero_grad()
+        ref_loss.backward()
+        torch.manual_seed(trial)
+        with pyro.validation_enabled(False):
+            our_loss = Trace_ELBO().differentiable_loss(ours.model, ours.guide, x, s, b, None, n_obs=n,
+                                                        subsample=torch.as_tensor(idx), kl_weight=1.0) / n
+        ours.zero_grad()
+        our_loss.backward()
+        print(f"  minibatch {trial}: loss {our_loss.item():.6f} ours, {ref_loss.item():.6f} the reference")
+        for o, r in mapping.items():
+            if our_params[o].grad is not None and ref_params[r].grad is not None:
+                worst[o] = max(worst.get(o, 0.0), rel(our_params[o].grad, ref_params[r].grad))
+    largest = sorted(worst.items(), key=lambda kv: -kv[1])[:5]
+    print("  largest relative gradient differences: " + ", ".join(f"{name} {value:.1e}" for name, value in largest))
+    print(f"  median over the {len(worst)} parameters: {np.median(list(worst.values())):.1e}")
 
 
 def main(argv=None) -> int:
