@@ -193,6 +193,11 @@ TABLE_MAX_NODES = 65536
 """Above this many nodes (scores spread over more than ~3,000 times the keys' spread) a block
 computes its softmax directly instead."""
 
+TABLE_MAX_ENTRIES = 1 << 22
+"""Nor is a table built with more than this many (node, key) entries (32 MB for the two float32
+tables); it is built in pieces of about as many (node, key, token) terms, so its float64
+temporaries stay below ~100 MB."""
+
 
 def score_table(a: torch.Tensor, y: torch.Tensor) -> dict | None:
     """Tables of the attention's weighted mean as a function of the score slope, per key.
@@ -227,14 +232,18 @@ def score_table(a: torch.Tensor, y: torch.Tensor) -> dict | None:
     if not (math.isfinite(low) and math.isfinite(high)):
         return None
     first, last = math.floor(low / step), math.floor(high / step) + 1
-    if last - first + 1 > TABLE_MAX_NODES:
+    if last - first + 1 > TABLE_MAX_NODES or (last - first + 1) * keys.shape[0] > TABLE_MAX_ENTRIES:
         return None
     nodes = torch.arange(first, last + 1, dtype=torch.float64, device=a.device) * step  # (K,)
-    p = torch.softmax(nodes[:, None, None] * keys, dim=-1)  # (K, R, T)
-    mean = (p * keys).sum(-1)
-    variance = ((p * keys.square()).sum(-1) - mean.square()).clamp_min(0.0)
-    return {"first": first, "step": step, "n_keys": keys.shape[0], "value": mean.to(a.dtype),
-            "slope": (variance * step).to(a.dtype)}
+    value = torch.empty(len(nodes), keys.shape[0], dtype=a.dtype, device=a.device)
+    slope = torch.empty_like(value)
+    piece = max(1, TABLE_MAX_ENTRIES // keys.numel())
+    for start in range(0, len(nodes), piece):
+        p = torch.softmax(nodes[start:start + piece, None, None] * keys, dim=-1)  # (k, R, T)
+        mean = (p * keys).sum(-1)
+        variance = ((p * keys.square()).sum(-1) - mean.square()).clamp_min(0.0)
+        value[start:start + piece], slope[start:start + piece] = mean, variance * step
+    return {"first": first, "step": step, "n_keys": keys.shape[0], "value": value, "slope": slope}
 
 
 def interpolate_scores(table: dict, a: torch.Tensor) -> torch.Tensor:

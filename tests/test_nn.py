@@ -362,6 +362,15 @@ def test_tables_fall_back_to_the_direct_softmax(monkeypatch):
         direct = block(query, kv)
         monkeypatch.setattr(AttentionBlock, "tabulate_scores", True)
         assert block._score_table(query, kv, block._folded()) is not None
+        table = block._score_table(query, kv, block._folded())
+        entries = table["value"].numel()  # (nodes, 6 keys)
+        assert table["value"].shape[0] >= 32
+        monkeypatch.setattr(mnn, "TABLE_MAX_ENTRIES", entries)  # just fits: built in pieces of K / 16 nodes
+        piecewise = block._score_table(query, kv, block._folded())
+        assert torch.equal(piecewise["value"], table["value"]) and torch.equal(piecewise["slope"], table["slope"])
+        monkeypatch.setattr(mnn, "TABLE_MAX_ENTRIES", entries - 1)
+        assert block._score_table(query, kv, block._folded()) is None
+        monkeypatch.setattr(mnn, "TABLE_MAX_ENTRIES", 1 << 22)
         monkeypatch.setattr(mnn, "TABLE_MAX_NODES", 2)  # scores too spread out for a table
         assert block._score_table(query, kv, block._folded()) is None
         assert torch.equal(block(query, kv), direct)
