@@ -113,13 +113,18 @@ def simulate(simulator: str, preset: str, seed: int, args: argparse.Namespace):
                                               n_batches=args.n_batches, seed=seed, preset=preset, sparse=True)
 
 
+def sample_pairs(distances: np.ndarray, sample_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distance of every unordered sample pair, and whether the pair's labels differ."""
+    upper = np.triu_indices(len(sample_labels), k=1)
+    return distances[upper], sample_labels[upper[0]] != sample_labels[upper[1]]
+
+
 def pair_auroc(distances: np.ndarray, sample_labels: np.ndarray) -> float:
     """AUROC of the distance of every unordered sample pair for "labels differ"."""
-    upper = np.triu_indices(len(sample_labels), k=1)
-    differ = sample_labels[upper[0]] != sample_labels[upper[1]]
     from mrvi_pyro._metrics import auroc
 
-    return auroc(differ, distances[upper])
+    pairs, differ = sample_pairs(distances, sample_labels)
+    return auroc(differ, pairs)
 
 
 def pair_contrast(distances: np.ndarray, sample_labels: np.ndarray) -> float:
@@ -129,9 +134,7 @@ def pair_contrast(distances: np.ndarray, sample_labels: np.ndarray) -> float:
     Unlike :func:`pair_auroc`, which reaches 1 as soon as every differing pair is farther apart
     than every agreeing one, it keeps measuring the size of the effect, so runs that all separate
     the groups can still be compared."""
-    upper = np.triu_indices(len(sample_labels), k=1)
-    differ = sample_labels[upper[0]] != sample_labels[upper[1]]
-    pairs = distances[upper]
+    pairs, differ = sample_pairs(distances, sample_labels)
     return float(np.log(pairs[differ].mean() / pairs[~differ].mean()))
 
 

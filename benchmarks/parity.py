@@ -87,12 +87,15 @@ def rel(a, b) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def port_weights(ref, ours, architecture: int) -> None:
-    """Copy the reference module's parameters into ours (our names; shapes checked)."""
+def port_weights(ref, ours, architecture: int) -> dict:
+    """Copy the reference module's parameters into ours (our names; shapes checked).
+
+    Returns ``{our name: the reference's}`` of the parameters copied as they are (all but the
+    lifts of architecture 2, which are products of the reference's)."""
     import torch
 
     ref_params, our_params = dict(ref.named_parameters()), dict(ours.named_parameters())
-    done = set()
+    done, copied = set(), {}
 
     def resnet_block(o, r):
         """Our ResnetBlock ``o`` from the reference's ResnetBlock ``r`` (with its skip map, if any)."""
@@ -107,6 +110,7 @@ def port_weights(ref, ours, architecture: int) -> None:
             raise ValueError(f"{o} {tuple(our_params[o].shape)} vs {r} {tuple(ref_params[r].shape)}")
         our_params[o].data.copy_(ref_params[r].data)
         done.add(o)
+        copied[o] = r
 
     cp("log_theta", "px.px_r")
     cp("u_prior.logits", "u_prior_logits")
@@ -162,6 +166,7 @@ def port_weights(ref, ours, architecture: int) -> None:
     missing = set(our_params) - done
     if missing:
         raise ValueError(f"parameters of ours not set from the reference: {sorted(missing)}")
+    return copied
 
 
 def corresponding(architecture: int):
@@ -177,6 +182,42 @@ def corresponding(architecture: int):
     if architecture >= 3:
         pairs.append(("sample_mapper.attention.in_proj.weight", "qz.attention_block.attention.in_proj_weight"))
     return pairs
+
+
+def data_tensors(adata):
+    """Counts (float32), sample and batch codes of ``adata`` as tensors (the codes are the
+    categories' order, which is also scvi-tools' registry order)."""
+    import numpy as np
+    import torch
+
+    x = adata.X.toarray() if hasattr(adata.X, "toarray") else np.asarray(adata.X)
+    return (torch.as_tensor(x, dtype=torch.float32),
+            torch.as_tensor(adata.obs["sample"].cat.codes.to_numpy(), dtype=torch.long),
+            torch.as_tensor(adata.obs["batch"].cat.codes.to_numpy(), dtype=torch.long))
+
+
+def reference_loss(ref, x, s, b, kl):
+    """The reference's loss on one minibatch, as scvi-tools' ``TrainingPlan`` computes it."""
+    import torch
+    from scvi import REGISTRY_KEYS
+
+    tensors = {REGISTRY_KEYS.X_KEY: x, REGISTRY_KEYS.SAMPLE_KEY: s[:, None].float(),
+               REGISTRY_KEYS.BATCH_KEY: b[:, None].float(), REGISTRY_KEYS.LABELS_KEY: torch.zeros(len(x), 1)}
+    inference = ref.inference(x, s[:, None])
+    generative = ref.generative(inference["z"], inference["library"], b[:, None], torch.zeros(len(x), dtype=torch.long))
+    return ref.loss(tensors, inference, generative, kl_weight=kl).loss
+
+
+def our_loss(ours, x, s, b, idx, n_obs, kl):
+    """Our per-cell loss on the minibatch ``idx`` (Pyro's ELBO over ``n_obs`` cells, divided by
+    ``n_obs``, as :func:`mrvi_pyro.train.train_svi` hands it to the optimiser)."""
+    import pyro
+    import torch
+    from pyro.infer import Trace_ELBO
+
+    with pyro.validation_enabled(False):
+        return Trace_ELBO().differentiable_loss(ours.model, ours.guide, x, s, b, None, n_obs=n_obs,
+                                                subsample=torch.as_tensor(idx), kl_weight=kl) / n_obs
 
 
 def compare_analyses(adata, args) -> None:
@@ -222,29 +263,6 @@ def compare_analyses(adata, args) -> None:
     compare_trained_gradients(reference.module, ref_adata, args)
 
 
-def one_to_one(ref, ours, architecture: int) -> dict:
-    """{our parameter name: the reference's} for the parameters :func:`port_weights` copies as
-    they are (found by giving every reference parameter distinct values; both modules' weights
-    are left as they were)."""
-    import torch
-
-    saved = {name: p.detach().clone() for name, p in ref.named_parameters()}
-    ours_saved = {name: p.detach().clone() for name, p in ours.named_parameters()}
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator))
-        port_weights(ref, ours, architecture)
-        ref_params = dict(ref.named_parameters())
-        mapping = {o: r for o, q in ours.named_parameters() for r, p in ref_params.items()
-                   if p.shape == q.shape and torch.equal(p, q)}
-        for name, p in ref.named_parameters():
-            p.copy_(saved[name])
-        for name, p in ours.named_parameters():
-            p.copy_(ours_saved[name])
-    return mapping
-
-
 def compare_trained_gradients(ref, ref_adata, args, n_minibatches: int = 4) -> None:
     """The loss and EVERY gradient at the reference's trained weights (KL weight 1), copied into
     our architecture 3 (the reference's parametrisation, so every parameter has a counterpart).
@@ -252,45 +270,31 @@ def compare_trained_gradients(ref, ref_adata, args, n_minibatches: int = 4) -> N
     The step check of :func:`main` starts from the initial weights; this one checks the step
     where training spends its time (learned dispersions, peaked attention, a fitted prior)."""
     import numpy as np
-    import pyro
     import torch
-    from pyro.infer import Trace_ELBO
-    from scvi import REGISTRY_KEYS
 
     from mrvi_pyro.module import MrVIModule
 
     ref = ref.cpu().eval()
-    x_all = ref_adata.X.toarray() if hasattr(ref_adata.X, "toarray") else np.asarray(ref_adata.X)
-    x_all = torch.as_tensor(x_all, dtype=torch.float32)
-    s_all = torch.as_tensor(ref_adata.obs["_scvi_sample"].to_numpy(), dtype=torch.long)
-    b_all = torch.as_tensor(ref_adata.obs["_scvi_batch"].to_numpy(), dtype=torch.long)
+    x_all, s_all, b_all = data_tensors(ref_adata)
     n, n_genes = x_all.shape
     ours = MrVIModule(n_genes, int(s_all.max()) + 1, int(b_all.max()) + 1, 0, architecture=3).eval()
-    mapping = one_to_one(ref, ours, 3)
-    port_weights(ref, ours, 3)
+    mapping = port_weights(ref, ours, 3)
     ref_params, our_params = dict(ref.named_parameters()), dict(ours.named_parameters())
     worst, rng = {}, np.random.default_rng(args.seed)
     print(f"the step at the reference's trained weights ({args.analysis_epochs} epochs), KL weight 1, "
           f"{len(mapping)} of {len(our_params)} parameters one to one:")
     for trial in range(n_minibatches):
         idx = np.sort(rng.choice(n, args.batch_size, replace=False))
-        x, s, b = x_all[idx], s_all[idx], b_all[idx]
-        tensors = {REGISTRY_KEYS.X_KEY: x, REGISTRY_KEYS.SAMPLE_KEY: s[:, None].float(),
-                   REGISTRY_KEYS.BATCH_KEY: b[:, None].float(), REGISTRY_KEYS.LABELS_KEY: torch.zeros(len(idx), 1)}
+        batch = x_all[idx], s_all[idx], b_all[idx]
         torch.manual_seed(trial)  # the same draw of u on both sides
-        inference = ref.inference(x, s[:, None])
-        generative = ref.generative(inference["z"], inference["library"], b[:, None],
-                                    torch.zeros(len(idx), dtype=torch.long))
-        ref_loss = ref.loss(tensors, inference, generative, kl_weight=1.0).loss
+        theirs = reference_loss(ref, *batch, 1.0)
         ref.zero_grad()
-        ref_loss.backward()
+        theirs.backward()
         torch.manual_seed(trial)
-        with pyro.validation_enabled(False):
-            our_loss = Trace_ELBO().differentiable_loss(ours.model, ours.guide, x, s, b, None, n_obs=n,
-                                                        subsample=torch.as_tensor(idx), kl_weight=1.0) / n
+        mine = our_loss(ours, *batch, idx, n, 1.0)
         ours.zero_grad()
-        our_loss.backward()
-        print(f"  minibatch {trial}: loss {our_loss.item():.6f} ours, {ref_loss.item():.6f} the reference")
+        mine.backward()
+        print(f"  minibatch {trial}: loss {mine.item():.6f} ours, {theirs.item():.6f} the reference")
         for o, r in mapping.items():
             if our_params[o].grad is not None and ref_params[r].grad is not None:
                 worst[o] = max(worst.get(o, 0.0), rel(our_params[o].grad, ref_params[r].grad))
@@ -304,10 +308,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("TQDM_DISABLE", "1")
     warnings.filterwarnings("ignore")
     import numpy as np
-    import pyro
     import torch
-    from pyro.infer import Trace_ELBO
-    from scvi import REGISTRY_KEYS
     from scvi.external.mrvi_torch._module import TorchMRVAE
 
     from _harness import fill_missing_grads
@@ -318,29 +319,17 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     adata = simulate(n_cells=args.n_cells, n_genes=args.n_genes, n_samples=args.n_samples,
                      n_batches=args.n_batches, seed=args.seed)
-    x_all = torch.as_tensor(np.asarray(adata.X.todense() if hasattr(adata.X, "todense") else adata.X),
-                            dtype=torch.float32)
-    sample_all = torch.as_tensor(adata.obs["sample"].cat.codes.to_numpy(), dtype=torch.long)
-    batch_all = torch.as_tensor(adata.obs["batch"].cat.codes.to_numpy(), dtype=torch.long)
+    x_all, sample_all, batch_all = data_tensors(adata)
     n, G = x_all.shape
     S, B = int(sample_all.max()) + 1, int(batch_all.max()) + 1
     print(f"data: {n} cells x {G} genes, {S} samples, {B} batches; torch {torch.__version__}, "
           f"{args.threads} thread(s)")
 
     def ref_loss(ref, idx, kl):
-        x, s, b = x_all[idx], sample_all[idx], batch_all[idx]
-        tensors = {REGISTRY_KEYS.X_KEY: x, REGISTRY_KEYS.SAMPLE_KEY: s[:, None].float(),
-                   REGISTRY_KEYS.BATCH_KEY: b[:, None].float(), REGISTRY_KEYS.LABELS_KEY: torch.zeros(len(idx), 1)}
-        inference = ref.inference(x, s[:, None])
-        generative = ref.generative(inference["z"], inference["library"], b[:, None],
-                                    torch.zeros(len(idx), dtype=torch.long))
-        return ref.loss(tensors, inference, generative, kl_weight=kl).loss
+        return reference_loss(ref, x_all[idx], sample_all[idx], batch_all[idx], kl)
 
-    def our_loss(ours, idx, kl):
-        with pyro.validation_enabled(False):
-            return Trace_ELBO().differentiable_loss(
-                ours.model, ours.guide, x_all[idx], sample_all[idx], batch_all[idx], None, n_obs=n,
-                subsample=torch.as_tensor(idx), kl_weight=kl) / n
+    def ours_loss(ours, idx, kl):
+        return our_loss(ours, x_all[idx], sample_all[idx], batch_all[idx], idx, n, kl)
 
     if args.analysis_epochs:
         compare_analyses(adata, args)
@@ -365,7 +354,7 @@ def main(argv=None) -> int:
             ref.zero_grad()
             lr_.backward()
             torch.manual_seed(1)
-            lo = our_loss(ours, idx, kl)
+            lo = ours_loss(ours, idx, kl)
             ours.zero_grad()
             lo.backward()
             worst = max(rel(our_params[o].grad, ref_params[r].grad) for o, r in pairs)
@@ -389,7 +378,7 @@ def main(argv=None) -> int:
             "ours": make_adam(ours.parameters(), lr=2e-3, eps=1e-8, weight_decay=1e-8),
             "control": torch.optim.Adam(control.parameters(), lr=2e-3, eps=1e-8, weight_decay=1e-8),
         }
-        sides = (("reference", ref, ref_loss), ("ours", ours, our_loss), ("control", control, ref_loss))
+        sides = (("reference", ref, ref_loss), ("ours", ours, ours_loss), ("control", control, ref_loss))
         rng = np.random.default_rng(args.seed)
         n_train = int(0.9 * n)
         steps_per_epoch = int(np.ceil(n_train / args.batch_size))
