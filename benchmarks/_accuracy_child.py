@@ -23,6 +23,14 @@ draw, so the share of p < 0.05 averaged over draws estimates the test's expected
 rate; one draw alone says little, since every cell shares the same design); ``de_cells`` (n,)
 the indices of that subset; ``local_z`` (m, S, L) ``get_local_sample_representation()`` of
 ``local_cells`` (m,) random cells (``--local-cells``), samples in the order ``local_samples``.
+
+With ``--trace-every N`` also ``trace_z`` (K, c, S, L): the same representation of ``trace_cells``
+(c,) probe cells (half from the DE cell type, half from the hidden-grouping one) after every N-th
+epoch ``trace_epochs`` (K,), samples in the order ``trace_samples``, to see *when* training learns
+the sample effects. Tracing does not change the run: ours trains in pieces through a checkpoint
+directory (``train(max_epochs=e, checkpoint_dir=...)`` resumes the same run, random states
+included), the reference through a Lightning callback whose scoring runs with the random states
+forked and restored.
 """
 
 from __future__ import annotations
@@ -73,6 +81,55 @@ def add_null_permutations(adata, key: str, n_draws: int, seed: int) -> list[str]
     return names
 
 
+def probe_cells(adata, truth: dict, n_cells: int, seed: int):
+    """Sorted indices of up to ``n_cells`` random cells, half of the DE cell type and half of the
+    hidden-grouping cell type (the cells whose sample distances carry the two planted effects)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed + 2)
+    chosen = []
+    for key in ("de_cell_type", "grouping_cell_type"):
+        pool = np.flatnonzero((adata.obs["cell_type"] == truth[key]).to_numpy())
+        chosen.append(rng.choice(pool, min(n_cells // 2, len(pool)), replace=False))
+    return np.sort(np.unique(np.concatenate(chosen)))
+
+
+def trace_stops(epochs: int, every: int) -> list[int]:
+    """The epochs after which a traced run records: every ``every``-th, and the last."""
+    return sorted({*range(every, epochs + 1, every), epochs})
+
+
+def reference_tracer(model, record, every: int):
+    """A Lightning callback calling ``record(model, epoch)`` after every ``every``-th training epoch
+    (and the last). Scoring must not change the run: torch's, numpy's and Python's random states
+    are restored afterwards, and the module's training mode too."""
+    import random
+
+    import numpy as np
+    import torch
+    from lightning.pytorch.callbacks import Callback
+
+    class Tracer(Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            epoch = trainer.current_epoch + 1
+            if epoch not in trace_stops(trainer.max_epochs, every):
+                return
+            numpy_state, python_state = np.random.get_state(), random.getstate()
+            training, trained = pl_module.module.training, model.is_trained_
+            with torch.random.fork_rng():
+                try:
+                    pl_module.module.eval()
+                    model.is_trained_ = True
+                    record(model, epoch)
+                finally:
+                    model.is_trained_ = trained
+                    pl_module.module.train(training)
+                    np.random.set_state(numpy_state)
+                    random.setstate(python_state)
+
+    return Tracer()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--side", required=True, choices=("ours", "reference"))
@@ -93,6 +150,9 @@ def main(argv=None) -> int:
                         help="ours: give parameters without a gradient a zero one before each Adam step (ablation)")
     parser.add_argument("--model-kwargs", default="{}",
                         help="JSON of extra MRVI(...) arguments for ours (ablations), e.g. '{\"architecture\": 2}'")
+    parser.add_argument("--trace-every", type=int, default=0,
+                        help="save the counterfactual z of --trace-cells probe cells after every this many epochs")
+    parser.add_argument("--trace-cells", type=int, default=400)
     args = parser.parse_args(argv)
 
     os.environ.setdefault("TQDM_DISABLE", "1")
@@ -109,6 +169,14 @@ def main(argv=None) -> int:
     truth = adata.uns["simulation"]
     seconds = {}
     null_keys = add_null_permutations(adata, truth["null_covariate"], args.null_draws, args.seed)
+    trace = {"epochs": [], "z": [], "samples": None}
+    trace_cells = probe_cells(adata, truth, args.trace_cells, args.seed) if args.trace_every > 0 else None
+
+    def record(model, epoch: int) -> None:
+        rep = model.get_local_sample_representation(indices=trace_cells)
+        trace["z"].append(np.asarray(rep.transpose("cell_name", "sample", "latent_dim").values, dtype=np.float32))
+        trace["samples"] = np.asarray(rep["sample"].values).astype(str)
+        trace["epochs"].append(epoch)
 
     start = time.perf_counter()
     if args.side == "ours":
@@ -125,7 +193,15 @@ def main(argv=None) -> int:
                                                       lambda params, _: fill_missing_grads(params))
         model_kwargs = json.loads(args.model_kwargs)  # "architecture" included: a module argument
         model = MRVI(adata, seed=args.seed, **model_kwargs)
-        model.train(**our_train_arguments(args))
+        if args.trace_every > 0:
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as checkpoints:
+                for epoch in trace_stops(args.epochs, args.trace_every):
+                    model.train(**{**our_train_arguments(args), "max_epochs": epoch, "checkpoint_dir": checkpoints})
+                    record(model, epoch)
+        else:
+            model.train(**our_train_arguments(args))
     else:
         import logging
 
@@ -139,8 +215,10 @@ def main(argv=None) -> int:
         scvi.settings.seed = args.seed
         MRVI.setup_anndata(adata, sample_key="sample", batch_key="batch", backend="torch")
         model = MRVI(adata)
+        callbacks = [reference_tracer(model, record, args.trace_every)] if args.trace_every > 0 else []
         model.train(max_epochs=args.epochs, batch_size=args.batch_size, train_size=0.9,
-                    early_stopping=False, accelerator="cpu", devices=1, enable_progress_bar=False)
+                    early_stopping=False, accelerator="cpu", devices=1, enable_progress_bar=False,
+                    callbacks=callbacks)
     seconds["train"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -199,6 +277,9 @@ def main(argv=None) -> int:
     da_log_ratio = log_ratio.sel(cell_name=list(adata.obs_names)).values
     seconds["da"] = time.perf_counter() - start
 
+    if trace_cells is not None:
+        distances.update(trace_z=np.stack(trace["z"]), trace_epochs=np.asarray(trace["epochs"]),
+                         trace_cells=trace_cells, trace_samples=trace["samples"])
     np.savez(args.out, samples=samples, genes=genes, mean_abs_lfc=mean_abs_lfc, da_log_ratio=da_log_ratio,
              u=np.asarray(u), null_pvalue=np.asarray(null_pvalue), null_perm_pvalue=null_perm_pvalue,
              de_cells=de_cells, local_z=local_z, local_samples=local_samples, local_cells=local_cells,

@@ -223,6 +223,33 @@ def label_share(local_z: np.ndarray, labels: np.ndarray) -> float:
     return between / total if total > 0 else float("nan")
 
 
+def trace_scores(arrays, adata) -> list[dict]:
+    """Per traced epoch (``--trace-every``): the disease and hidden-group pair contrasts and AUROCs
+    of the probe cells' sample distances (each cell type's per-cell distance matrices averaged, as
+    ``get_local_sample_distances(groupby=..., keep_cell=False)`` averages all of its cells)."""
+    truth, obs = adata.uns["simulation"], adata.obs
+    per_sample = obs.groupby("sample", observed=True)[["disease", "hidden_group"]].first()
+    per_sample = per_sample.reindex(arrays["trace_samples"])
+    cell_types = obs["cell_type"].to_numpy()[np.asarray(arrays["trace_cells"])]
+    effects = (("cov", "de_cell_type", "disease"), ("hidden", "grouping_cell_type", "hidden_group"))
+    rows = []
+    for epoch, z in zip(np.asarray(arrays["trace_epochs"]).tolist(), np.asarray(arrays["trace_z"], dtype=np.float64)):
+        row = {"epoch": int(epoch)}
+        for name, type_key, label in effects:
+            cells = z[cell_types == truth[type_key]]  # (c, S, L)
+            distances = np.sqrt(((cells[:, :, None, :] - cells[:, None, :, :]) ** 2).sum(-1)).mean(0)
+            labels = per_sample[label].astype(str).to_numpy()
+            row[f"{name}_contrast"] = pair_contrast(distances, labels)
+            row[f"{name}_auroc"] = pair_auroc(distances, labels)
+        rows.append(row)
+    return rows
+
+
+def format_trace(rows: list[dict]) -> str:
+    """``epoch:cov_contrast/hidden_contrast`` of each traced epoch, space-separated."""
+    return " ".join(f"{r['epoch']}:{r['cov_contrast']:.2f}/{r['hidden_contrast']:.2f}" for r in rows)
+
+
 def score(arrays, adata, knn_cells: np.ndarray) -> dict:
     """All metrics of one side from its saved arrays and the simulated truth."""
     from mrvi_pyro._metrics import auroc
@@ -261,6 +288,7 @@ def score(arrays, adata, knn_cells: np.ndarray) -> dict:
         "null_p05": float(np.mean(np.asarray(arrays["null_pvalue"]) < 0.05)) if "null_pvalue" in arrays else None,
         "null_perm_p05": (float(np.mean(np.asarray(arrays["null_perm_pvalue"]) < 0.05))
                           if np.size(arrays.get("null_perm_pvalue", [])) else None),
+        "trace": format_trace(trace_scores(arrays, adata)) if "trace_z" in arrays else None,
     }
 
 
@@ -345,6 +373,8 @@ def run_side(side: str, data: Path, workdir: Path, seed: int, batch_size: int, a
                "--seed", seed, "--epochs", args.epochs, "--batch-size", batch_size, "--threads", args.threads,
                "--de-cells", args.de_cells, "--mc-samples", args.mc_samples, "--null-draws", args.null_draws,
                "--local-cells", args.local_cells]
+    if args.trace_every > 0:
+        command += ["--trace-every", args.trace_every, "--trace-cells", args.trace_cells]
     if side == "ours" and args.ours_kwargs != "{}":
         command += ["--model-kwargs", args.ours_kwargs]
     if side == "ours" and args.ours_zero_masked_grads:
@@ -430,6 +460,11 @@ def main(argv=None) -> int:
     parser.add_argument("--knn-cells", type=int, default=3_000, help="cells of the batch kNN subsample")
     parser.add_argument("--local-cells", type=int, default=2_000,
                         help="cells whose counterfactual z under every sample is saved for batch_in_z")
+    parser.add_argument("--trace-every", type=int, default=0,
+                        help="also score the sample distances of a probe of cells after every this many epochs "
+                             "(both sides, without changing the runs): the row's 'trace' gives "
+                             "epoch:cov_contrast/hidden_contrast, to see when each effect is learned")
+    parser.add_argument("--trace-cells", type=int, default=400, help="probe cells of --trace-every")
     parser.add_argument("--timeout", type=float, default=4 * 3600.0, help="seconds per child")
     parser.add_argument("--workdir", default=None,
                         help="where the .h5ad/.npz files go (default: a temp dir); files of the same names "
@@ -471,6 +506,8 @@ def main(argv=None) -> int:
                             row["train_s"] = row["seconds"]["train"]
                         rows.append(row)
                         print(format_rows([row], ROW_KEYS), flush=True)
+                        if row.get("trace"):
+                            print(f"  trace (epoch:cov_contrast/hidden_contrast): {row['trace']}", flush=True)
                 if not args.keep_data:
                     data.unlink()
 
@@ -510,6 +547,8 @@ def rescore(args) -> int:
                    "side": side, "failed": False, **score(dict(np.load(out)), adata, knn_cells)}
             rows.append(row)
             print(format_rows([row], ROW_KEYS), flush=True)
+            if row.get("trace"):
+                print(f"  trace (epoch:cov_contrast/hidden_contrast): {row['trace']}", flush=True)
     return report(rows, args)
 
 

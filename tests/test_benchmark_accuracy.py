@@ -222,12 +222,14 @@ def test_ablation_options_reach_our_child_only(tmp_path, monkeypatch):
     args = argparse.Namespace(epochs=2, threads=1, de_cells=0, mc_samples=5, null_draws=0, local_cells=10,
                               ours_kwargs='{"architecture": 3}', ours_train_kwargs="{}",
                               ours_zero_masked_grads=True, reference_python=sys.executable,
-                              timeout=10.0, keep_data=False)
+                              timeout=10.0, keep_data=False, trace_every=5, trace_cells=40)
     for side in ("ours", "reference"):
         record, arrays = accuracy.run_side(side, tmp_path / "c.h5ad", tmp_path, 0, 128, args)
         assert arrays is None
     assert "--zero-masked-grads" in commands["ours"] and "--zero-masked-grads" not in commands["reference"]
     assert '{"architecture": 3}' in commands["ours"] and "--model-kwargs" not in commands["reference"]
+    for side in ("ours", "reference"):  # tracing is a measurement: both sides get it
+        assert commands[side][commands[side].index("--trace-every") + 1] == "5"
 
 
 def test_our_train_arguments_take_the_seed_from_train_kwargs_when_given():
@@ -242,3 +244,55 @@ def test_our_train_arguments_take_the_seed_from_train_kwargs_when_given():
     args.train_kwargs = '{"seed": 1004, "lr": 0.001}'
     changed = _accuracy_child.our_train_arguments(args)
     assert changed["seed"] == 1004 and changed["lr"] == 0.001 and changed["max_epochs"] == 3
+
+
+def test_trace_scores_see_an_effect_appear_in_its_own_cell_type_only(programs):
+    """trace_scores: contrasts at chance while the probe's z ignores the labels, and the disease
+    contrast (not the hidden one) rises once the DE cell type's z splits by disease."""
+    truth = programs.uns["simulation"]
+    samples = programs.obs["sample"].cat.categories.astype(str)
+    per_sample = programs.obs.groupby("sample", observed=True)[["disease"]].first().reindex(samples)
+    sick = (per_sample["disease"].astype(str) == "disease").to_numpy()
+    types = programs.obs["cell_type"].to_numpy()
+    keys = ("de_cell_type", "grouping_cell_type")
+    cells = np.sort(np.concatenate([np.flatnonzero(types == truth[k])[:30] for k in keys]))
+    rng = np.random.default_rng(0)
+    noise = rng.normal(size=(2, len(cells), len(samples), 4))
+    learned = noise[1].copy()
+    in_de = types[cells] == truth["de_cell_type"]
+    learned[np.ix_(in_de, sick)] += np.array([6.0, 0, 0, 0])
+    arrays = {"trace_z": np.stack([noise[0], learned]), "trace_epochs": np.array([5, 10]),
+              "trace_cells": cells, "trace_samples": np.asarray(samples)}
+    first, second = accuracy.trace_scores(arrays, programs)
+    assert [first["epoch"], second["epoch"]] == [5, 10]
+    assert abs(first["cov_contrast"]) < 0.1 and abs(first["hidden_contrast"]) < 0.1
+    assert second["cov_contrast"] > 0.5 and second["cov_auroc"] > 0.99
+    assert abs(second["hidden_contrast"]) < 0.1
+    assert accuracy.format_trace([second]).startswith("10:")
+
+
+def test_tracing_does_not_change_our_run(tmp_path):
+    """The child's --trace-every trains ours in pieces through a checkpoint directory: the traced
+    run ends where the untraced one does (every saved array equal), and its last trace is the
+    final model's counterfactual z of the probe cells."""
+    import _accuracy_child
+    from mrvi_pyro import datasets
+
+    adata = datasets.simulate(n_cells=600, n_genes=120, n_samples=6, n_batches=2, seed=0, preset="weak")
+    data = tmp_path / "c.h5ad"
+    adata.write_h5ad(data)
+    common = ["--side", "ours", "--data", str(data), "--epochs", "4", "--batch-size", "128", "--de-cells", "60",
+              "--mc-samples", "3", "--local-cells", "600"]
+    assert _accuracy_child.main([*common, "--out", str(tmp_path / "plain.npz")]) == 0
+    assert _accuracy_child.main([*common, "--out", str(tmp_path / "traced.npz"), "--trace-every", "3",
+                                 "--trace-cells", "40"]) == 0
+    plain, traced = np.load(tmp_path / "plain.npz"), np.load(tmp_path / "traced.npz")
+    for key in ("local_z", "distances_de", "distances_grouping", "u", "da_log_ratio", "mean_abs_lfc"):
+        np.testing.assert_array_equal(plain[key], traced[key], err_msg=key)
+    assert traced["trace_epochs"].tolist() == [3, 4] and "trace_z" not in plain
+    assert traced["trace_z"].shape[:3] == (2, len(traced["trace_cells"]), 6)
+    local = {c: i for i, c in enumerate(traced["local_cells"].tolist())}
+    shared = [i for i, c in enumerate(traced["trace_cells"].tolist()) if c in local]
+    assert shared, "no probe cell among the local cells"
+    np.testing.assert_allclose(traced["trace_z"][-1][shared],
+                               traced["local_z"][[local[traced["trace_cells"][i]] for i in shared]], atol=1e-5)
