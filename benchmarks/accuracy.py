@@ -61,6 +61,13 @@ scores both sides with the same code (:mod:`mrvi_pyro._metrics`, scipy):
 ``null_perm_p05``
     The same averaged over ``--null-draws`` (default 20) permutations of the null covariate's
     values over samples: an estimate of the expected false-positive rate at 5%.
+``elbo_val``
+    Not an accuracy: the validation negative ELBO per cell after the last epoch (``history
+    ["elbo_validation"]`` of either side: one posterior draw per cell, the full KL weight; lower
+    is a better fit), to compare how far the two fits got in the same epochs.
+``trace`` (with ``--trace-every N``)
+    ``epoch:cov_contrast/hidden_contrast`` after every N-th epoch, from a probe of 400 cells
+    (:func:`trace_scores`): when each effect was learned.
 
 The ``pseudobulk`` side trains nothing: it computes the same arrays from the counts with the truth's
 labels (pseudobulk distances and fold changes, PCA for u, kNN disease share for DA; see
@@ -289,6 +296,8 @@ def score(arrays, adata, knn_cells: np.ndarray) -> dict:
         "null_perm_p05": (float(np.mean(np.asarray(arrays["null_perm_pvalue"]) < 0.05))
                           if np.size(arrays.get("null_perm_pvalue", [])) else None),
         "trace": format_trace(trace_scores(arrays, adata)) if "trace_z" in arrays else None,
+        "elbo_val": (float(np.asarray(arrays["elbo_validation"])[-1])
+                     if np.size(arrays.get("elbo_validation", [])) else None),
     }
 
 
@@ -426,7 +435,7 @@ def medians(rows: list[dict]) -> list[dict]:
 
 
 ROW_KEYS = ["simulator", "preset", "seed", "batch_size", "side", *METRICS, "batch_chance", "batch_in_z_chance",
-            "train_s", "total_s"]
+            "elbo_val", "train_s", "total_s"]
 MEDIAN_KEYS = ["simulator", "preset", "batch_size", "side", "n_seeds", *METRICS, "train_s", "total_s"]
 
 
