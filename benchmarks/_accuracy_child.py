@@ -22,7 +22,8 @@ permuting the null covariate's values over samples (a fresh random sample-level 
 draw, so the share of p < 0.05 averaged over draws estimates the test's expected false-positive
 rate; one draw alone says little, since every cell shares the same design); ``de_cells`` (n,)
 the indices of that subset; ``elbo_validation`` (E,) the validation negative ELBO per cell after
-every epoch; ``local_z`` (m, S, L) ``get_local_sample_representation()`` of
+every epoch (each side's own random 10% of the cells) and ``elbo_all`` ``get_elbo()`` on all
+cells (the same cells on both sides); ``local_z`` (m, S, L) ``get_local_sample_representation()`` of
 ``local_cells`` (m,) random cells (``--local-cells``), samples in the order ``local_samples``.
 
 With ``--trace-every N`` also ``trace_z`` (K, c, S, L): the same representation of ``trace_cells``
@@ -224,6 +225,8 @@ def main(argv=None) -> int:
     # Validation negative ELBO per cell after every epoch (both sides: one posterior draw per
     # cell, the full KL weight), to compare how fast the two fits progress.
     elbo_validation = np.asarray(model.history["elbo_validation"], dtype=np.float64).ravel()
+    # The ELBO per cell on all cells (the same cells on both sides, unlike the validation sets).
+    elbo_all = float(model.get_elbo())
 
     start = time.perf_counter()
     grouped = model.get_local_sample_distances(groupby="cell_type", keep_cell=False)["cell_type"]
@@ -287,7 +290,7 @@ def main(argv=None) -> int:
     np.savez(args.out, samples=samples, genes=genes, mean_abs_lfc=mean_abs_lfc, da_log_ratio=da_log_ratio,
              u=np.asarray(u), null_pvalue=np.asarray(null_pvalue), null_perm_pvalue=null_perm_pvalue,
              de_cells=de_cells, local_z=local_z, local_samples=local_samples, local_cells=local_cells,
-             elbo_validation=elbo_validation,
+             elbo_validation=elbo_validation, elbo_all=elbo_all,
              **distances)
     emit_result({"side": args.side, "seconds": seconds, "torch_threads": torch.get_num_threads(),
                  "argv": json.dumps(vars(args))})

@@ -34,6 +34,7 @@ from .train import (
     TrainingDivergedError,
     TrainingResult,
     batch_share_still_falling,
+    elbo_per_cell,
     resolve_device,
     spread_still_growing,
     train_svi,
@@ -524,6 +525,29 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
         if key_added is not None:
             target.obsm[key_added] = latent.copy()
         return latent
+
+    def get_elbo(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        batch_size: int | None = None,
+        *,
+        return_mean: bool = True,
+        seed: int = 0,
+    ) -> float | np.ndarray:
+        """Evidence lower bound of the cells (higher is better), as scvi-tools' ``get_elbo``.
+
+        ``log p(x, u, z) - log q(u, z | x)`` at one posterior draw per cell (seeded by ``seed``),
+        with the full KL weight: the mean over the cells when ``return_mean``, else one value per
+        cell (n_cells,). Its negative is what ``history["elbo_validation"]`` reports per epoch.
+        """
+        _check_optional_positive("batch_size", batch_size)
+        if not isinstance(return_mean, (bool, np.bool_)):
+            raise ValueError(f"return_mean must be True or False; got {return_mean!r}.")
+        data = self._cell_data(adata)
+        per_cell = elbo_per_cell(self.module, data, self._indices(data, indices), batch_size=batch_size or 1024,
+                                 seed=seed)
+        return float(per_cell.mean()) if return_mean else per_cell
 
     def get_normalized_expression(
         self,

@@ -384,6 +384,45 @@ def evaluate_loss(module, data: CellData, indices: np.ndarray, *, batch_size: in
     return total / max(len(indices), 1)
 
 
+def elbo_per_cell(module, data: CellData, indices: np.ndarray | None = None, *, batch_size: int = 1024,
+                  seed: int = 0) -> np.ndarray:
+    """The ELBO of each cell (n,), higher is better: ``log p(x, u, z) - log q(u, z | x)`` at one
+    posterior draw per cell (evaluation mode, the full KL weight, no gradients), the per-cell
+    terms of what :func:`evaluate_loss` averages (its negative). Draws come from torch's random
+    state seeded with ``seed`` inside a fork, so the caller's random state is left alone."""
+    device = next(module.parameters()).device
+    indices = np.arange(data.n_obs) if indices is None else np.asarray(indices, dtype=np.int64)
+    out = []
+    was_training = module.training
+    module.eval()
+    fork_devices = [device.index or 0] if device.type == "cuda" else []
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=fork_devices), pyro.validation_enabled(False):
+            torch.manual_seed(seed)
+            for chunk, batch in data.iter_batches(indices, batch_size, device):
+                args = _call_args(batch)
+                guide_trace = poutine.trace(module.guide).get_trace(*args)
+                model_trace = poutine.trace(poutine.replay(module.model, trace=guide_trace)).get_trace(*args)
+                total = torch.zeros(len(chunk), dtype=torch.float64, device=device)
+                for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
+                    trace.compute_log_prob()
+                    for site in trace.nodes.values():
+                        if site["type"] != "sample" or "log_prob" not in site:
+                            continue
+                        log_prob = site["log_prob"]
+                        if log_prob.dim() == 0:  # a plate's subsample site, or a fully masked one
+                            continue
+                        if log_prob.shape != (len(chunk),):
+                            raise ValueError(f"Site {site['name']!r} has per-cell log-densities of shape "
+                                             f"{tuple(log_prob.shape)}; get_elbo needs one value per cell "
+                                             "(declare the site's event dimensions with .to_event()).")
+                        total += sign * log_prob.double()
+                out.append(total.cpu().numpy())
+    finally:
+        module.train(was_training)
+    return np.concatenate(out) if out else np.zeros(0)
+
+
 def train_svi(
     module,
     data: CellData,

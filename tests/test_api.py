@@ -225,3 +225,36 @@ def test_latent_representation_key_added_writes_obsm(small_adata):
     with pytest.raises(ValueError, match="needs indices=None"):
         model.get_latent_representation(indices=[0, 1], key_added="X_sub")
     assert "X_sub" not in adata.obsm
+
+
+def test_get_elbo_matches_the_validation_loss_and_rises_with_training(small_adata):
+    """get_elbo (scvi-tools' name, higher is better) is the negative of the loss that training
+    reports per cell (the same draw gives the same value), its per-cell values average to the
+    mean, other chunks only change the draws, the caller's random state is left alone, and
+    training raises it."""
+    from mrvi_pyro.train import evaluate_loss
+
+    model = MRVI(small_adata, seed=0)
+    data = model._cell_data(None)
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        loss = evaluate_loss(model.module, data, np.arange(small_adata.n_obs), batch_size=1024,
+                             device=torch.device("cpu"))
+    with pytest.warns(UserWarning, match="not been trained"):
+        mean = model.get_elbo(seed=3)
+    assert mean == pytest.approx(-loss, rel=1e-6)
+    per_cell = model.get_elbo(return_mean=False, seed=3)
+    assert per_cell.shape == (small_adata.n_obs,) and np.isfinite(per_cell).all()
+    assert per_cell.mean() == pytest.approx(mean, rel=1e-12)
+    chunked = model.get_elbo(return_mean=False, seed=3, batch_size=70)
+    assert np.corrcoef(chunked, per_cell)[0, 1] > 0.9  # the same cells, other draws
+    assert chunked.mean() == pytest.approx(mean, rel=0.01)
+    assert model.get_elbo(indices=[4, 0], return_mean=False).shape == (2,)
+    state = torch.get_rng_state()
+    model.get_elbo()
+    assert torch.equal(state, torch.get_rng_state())
+    model.train(max_epochs=5, batch_size=128, progress_bar=False)
+    assert model.get_elbo(seed=3) > mean + 10
+    assert model.get_elbo(adata=small_adata.copy(), seed=3) == model.get_elbo(seed=3)
+    with pytest.raises(ValueError, match="return_mean"):
+        model.get_elbo(return_mean="yes")

@@ -41,7 +41,7 @@ NOT_IMPLEMENTED = {
                      "get_state_registry", "get_var_names", "register_manager", "transfer_fields",
                      "update_setup_method_args", "view_anndata_setup", "view_registry", "view_setup_args",
                      "view_setup_method_args"], _REGISTRY),
-    **dict.fromkeys(["get_batch_representation", "get_elbo", "get_feature_correlation_matrix",
+    **dict.fromkeys(["get_batch_representation", "get_feature_correlation_matrix",
                      "get_importance_weights", "get_latent_library_size", "get_likelihood_parameters",
                      "get_marginal_ll", "get_reconstruction_error", "posterior_predictive_sample"], _GENERIC),
     **dict.fromkeys(["load_query_data", "prepare_query_anndata", "prepare_query_mudata"],
@@ -61,6 +61,9 @@ DIFFERENCES = {
     ("train", "trainer_kwargs"): "no Lightning trainer; our options (lr, clip_norm, seed, ...) are named",
     ("get_latent_representation", "dataloader"): "no scvi-tools dataloaders: pass adata/indices",
     ("get_normalized_expression", "dataloader"): "no scvi-tools dataloaders: pass adata/indices",
+    ("get_elbo", "dataloader"): "no scvi-tools dataloaders: pass adata/indices",
+    ("get_elbo", "data_loader_kwargs"): "no scvi-tools dataloaders",
+    ("get_elbo", "kwargs"): "no module keywords to pass; seed= chooses the posterior draw",
     ("get_normalized_expression", "data_loader_kwargs"): "no scvi-tools dataloaders",
     ("get_normalized_expression", "importance_weighting_kwargs"): "importance weights are not implemented",
     ("update_sample_info", "adata"): "optional: defaults to the model's AnnData",
@@ -84,6 +87,7 @@ KEYWORD_ONLY_HERE = {
     "train": "the reference's second and third arguments are Lightning's accelerator and devices",
     "save": "the reference's second argument is prefix",
     "load": "the reference's third argument is accelerator",
+    "get_elbo": "the reference's fourth argument is a dataloader",
 }
 
 
