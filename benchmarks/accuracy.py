@@ -408,6 +408,13 @@ def run_side(side: str, data: Path, workdir: Path, seed: int, batch_size: int, a
     return record, arrays
 
 
+def print_row(row: dict) -> None:
+    """One run's row as it finishes, and its trace when it has one."""
+    print(format_rows([row], ROW_KEYS), flush=True)
+    if row.get("trace"):
+        print(f"  trace (epoch:cov_contrast/hidden_contrast): {row['trace']}", flush=True)
+
+
 def format_rows(rows: list[dict], keys: list[str]) -> str:
     """A fixed-width text table of ``rows`` over ``keys``."""
     def cell(value):
@@ -518,9 +525,7 @@ def main(argv=None) -> int:
                             row["seconds"] = record["result"]["seconds"]
                             row["train_s"] = row["seconds"]["train"]
                         rows.append(row)
-                        print(format_rows([row], ROW_KEYS), flush=True)
-                        if row.get("trace"):
-                            print(f"  trace (epoch:cov_contrast/hidden_contrast): {row['trace']}", flush=True)
+                        print_row(row)
                 if not args.keep_data:
                     data.unlink()
 
@@ -559,9 +564,7 @@ def rescore(args) -> int:
             row = {"simulator": simulator, "preset": preset, "seed": int(seed), "batch_size": int(batch_size),
                    "side": side, "failed": False, **score(dict(np.load(out)), adata, knn_cells)}
             rows.append(row)
-            print(format_rows([row], ROW_KEYS), flush=True)
-            if row.get("trace"):
-                print(f"  trace (epoch:cov_contrast/hidden_contrast): {row['trace']}", flush=True)
+            print_row(row)
     return report(rows, args)
 
 

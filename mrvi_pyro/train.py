@@ -176,6 +176,11 @@ def sample_balance_weights(sample_index: np.ndarray, n_samples: int) -> np.ndarr
     return weights[sample_index].astype(np.float32)
 
 
+def _fork_devices(device: torch.device) -> list[int]:
+    """The CUDA devices whose random state ``torch.random.fork_rng`` must fork for ``device``."""
+    return [device.index or 0] if device.type == "cuda" else []
+
+
 def _call_args(batch: dict) -> tuple:
     return batch["x"], batch["sample_index"], batch["batch_index"], batch["label_index"]
 
@@ -331,9 +336,8 @@ def check_parameters_owned(module, data: CellData, cells: np.ndarray, n_obs: int
     owned = {id(p) for p in module.parameters()}
     was_training = module.training
     module.eval()
-    fork_devices = [device.index or 0] if device.type == "cuda" else []
     try:
-        with torch.random.fork_rng(devices=fork_devices), torch.no_grad(), pyro.validation_enabled(False):
+        with torch.random.fork_rng(devices=_fork_devices(device)), torch.no_grad(), pyro.validation_enabled(False):
             args = _call_args(data.batch(cells, device))
             kwargs = {"n_obs": n_obs, "subsample": torch.arange(len(cells), device=device)}
             guide_trace = poutine.trace(module.guide).get_trace(*args, **kwargs)
@@ -395,9 +399,8 @@ def elbo_per_cell(module, data: CellData, indices: np.ndarray | None = None, *, 
     out = []
     was_training = module.training
     module.eval()
-    fork_devices = [device.index or 0] if device.type == "cuda" else []
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=fork_devices), pyro.validation_enabled(False):
+        with torch.no_grad(), torch.random.fork_rng(devices=_fork_devices(device)), pyro.validation_enabled(False):
             torch.manual_seed(seed)
             for chunk, batch in data.iter_batches(indices, batch_size, device):
                 args = _call_args(batch)
@@ -641,8 +644,7 @@ def _train_loop(module, data, params, train_idx, val_idx, rng, *, max_epochs, ba
         batch_projection = torch.as_tensor(centred_projection(composition), dtype=torch.float64, device=device)
         batch_chance = centred_rank(composition) / (len(composition) - 1)
     rows, best, since_best, stopped, first = [], np.inf, 0, False, 0
-    fork_devices = [device.index or 0] if device.type == "cuda" else []
-    with (torch.random.fork_rng(devices=fork_devices), _global_random_states(resume),
+    with (torch.random.fork_rng(devices=_fork_devices(device)), _global_random_states(resume),
           pyro.validation_enabled(False)):
         if resume is None:
             if replicas is None:
