@@ -248,10 +248,11 @@ def test_our_train_arguments_take_the_seed_from_train_kwargs_when_given():
 
 def test_trace_scores_see_an_effect_appear_in_its_own_cell_type_only(programs):
     """trace_scores: contrasts at chance while the probe's z ignores the labels, and the disease
-    contrast (not the hidden one) rises once the DE cell type's z splits by disease."""
+    contrast (not the hidden one) rises once the DE cell type's z splits by disease; the batch
+    share is at chance for unstructured effects and near 1 for effects that follow the batch."""
     truth = programs.uns["simulation"]
     samples = programs.obs["sample"].cat.categories.astype(str)
-    per_sample = programs.obs.groupby("sample", observed=True)[["disease"]].first().reindex(samples)
+    per_sample = programs.obs.groupby("sample", observed=True)[["disease", "batch"]].first().reindex(samples)
     sick = (per_sample["disease"].astype(str) == "disease").to_numpy()
     types = programs.obs["cell_type"].to_numpy()
     keys = ("de_cell_type", "grouping_cell_type")
@@ -261,14 +262,20 @@ def test_trace_scores_see_an_effect_appear_in_its_own_cell_type_only(programs):
     learned = noise[1].copy()
     in_de = types[cells] == truth["de_cell_type"]
     learned[np.ix_(in_de, sick)] += np.array([6.0, 0, 0, 0])
-    arrays = {"trace_z": np.stack([noise[0], learned]), "trace_epochs": np.array([5, 10]),
+    batch = per_sample["batch"].astype(str).to_numpy()
+    codes = np.unique(batch, return_inverse=True)[1]
+    by_batch = 0.1 * noise[0] + rng.normal(size=(codes.max() + 1, 4))[codes][None]  # effects follow the batch
+    arrays = {"trace_z": np.stack([noise[0], learned, by_batch]), "trace_epochs": np.array([5, 10, 15]),
               "trace_cells": cells, "trace_samples": np.asarray(samples)}
-    first, second = accuracy.trace_scores(arrays, programs)
-    assert [first["epoch"], second["epoch"]] == [5, 10]
+    first, second, third = accuracy.trace_scores(arrays, programs)
+    assert [first["epoch"], second["epoch"], third["epoch"]] == [5, 10, 15]
+    chance = (len(np.unique(batch)) - 1) / (len(samples) - 1)
+    assert abs(first["batch_share"] - chance) < 0.05 and third["batch_share"] > 0.95
     assert abs(first["cov_contrast"]) < 0.1 and abs(first["hidden_contrast"]) < 0.1
     assert second["cov_contrast"] > 0.5 and second["cov_auroc"] > 0.99
     assert abs(second["hidden_contrast"]) < 0.1
     assert accuracy.format_trace([second]).startswith("10:")
+    assert accuracy.format_trace([third]).split("/")[-1] == f"{third['batch_share']:.3f}"
 
 
 def test_tracing_does_not_change_our_run(tmp_path):
