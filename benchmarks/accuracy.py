@@ -421,7 +421,7 @@ def print_row(row: dict) -> None:
     """One run's row as it finishes, and its trace when it has one."""
     print(format_rows([row], ROW_KEYS), flush=True)
     if row.get("trace"):
-        print(f"  trace (epoch:cov_contrast/hidden_contrast): {row['trace']}", flush=True)
+        print(f"  trace (epoch:cov_contrast/hidden_contrast/batch_share): {row['trace']}", flush=True)
 
 
 def format_rows(rows: list[dict], keys: list[str]) -> str:
