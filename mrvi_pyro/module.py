@@ -57,16 +57,17 @@ PX_KWARGS = {
     "n_heads": 2,
     "n_hidden": 32,
 }
-ARCHITECTURE = 2
-"""Architecture version of new models (2). 3: as 2, with the attention lifts in the reference's
-product form (a bias-free token lift times ``nn.MultiheadAttention``'s input projection; the
-keys and values share one token lift): the same function class, trained differently; on the
-weak-effect benchmark (5 seeds) it was no better than 2, so it is not the default
-(``benchmarks/README.md``). 2: the reference's blocks (residual MLPs with layer
+ARCHITECTURE = 3
+"""Architecture version of new models (3). 3: the reference's blocks (residual MLPs with layer
 norms in the attention blocks, the reference's encoder blocks, ``z_base`` with bias, inverse
-dispersion initialised at ``exp(N(0, 1))``) with one linear map per lift. 1: models saved before
-version 2 (files without the field load as 1). Every version loads and computes what it
-computed when it was saved."""
+dispersion initialised at ``exp(N(0, 1))``) and the reference's attention lifts in product form
+(a bias-free token lift times ``nn.MultiheadAttention``'s input projection; the keys and values
+share one token lift). 2: the same blocks with one linear map per lift: the same function class,
+trained differently (Adam moves the product's effective lift several times further per step);
+the default until stop 30, when the product form separated the weak disease effect on more seeds
+at batch 128 (``benchmarks/README.md``, stops 29-30). 1: models saved before version 2 (files
+without the field load as 1). Every version loads and computes what it computed when it was
+saved."""
 ARCHITECTURES = (1, 2, 3)
 DIMENSIONS = ("n_genes", "n_samples", "n_batches", "n_labels")
 """The data dimensions every module class takes first (from the data registry)."""

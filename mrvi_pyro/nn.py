@@ -59,7 +59,7 @@ class ConditionalLayerNorm(nn.Module):
     n_conditions
         Number of conditions (e.g. samples).
     eps
-        Layer-norm epsilon (1e-6 in architecture 1, torch's 1e-5 in architecture 2).
+        Layer-norm epsilon (1e-6 in architecture 1, torch's 1e-5 in architectures 2 and 3).
     """
 
     def __init__(self, n_features: int, n_conditions: int, eps: float = 1e-6):
@@ -88,7 +88,7 @@ class ResidualBlock(nn.Module):
 
 
 class ResnetBlock(nn.Module):
-    """The reference's residual block (architecture 2).
+    """The reference's residual block (architectures 2 and 3).
 
     ``act(LayerNorm(fc2(act(LayerNorm(fc1(x))) + skip(x))))`` with ``skip`` the identity when
     ``n_in == n_hidden`` and a linear map otherwise.
@@ -138,7 +138,7 @@ class ResnetBlock(nn.Module):
 
 
 class ResnetMLP(nn.Module):
-    """The reference's MLP of the attention blocks (architecture 2): one :class:`ResnetBlock`
+    """The reference's MLP of the attention blocks (architectures 2 and 3): one :class:`ResnetBlock`
     (inner width 128, output ``n_hidden``, GELU) followed by ``Linear(n_hidden, n_out)``.
 
     :meth:`first_linear` and :meth:`tail` split it after its first linear maps, which is what
@@ -282,7 +282,7 @@ class AttentionBlock(nn.Module):
     (dropout on the attention weights), each token's output is projected to ``head_out``
     channels, flattened, passed through an MLP (``post``) to ``n_tokens`` values, and a second
     MLP (``residual``) maps ``[query, those values]`` to the output. With ``mlp="resnet"`` (the
-    default, architecture 2) both MLPs are the reference's (:class:`ResnetMLP`: a residual block
+    default, architectures 2 and 3) both MLPs are the reference's (:class:`ResnetMLP`: a residual block
     with layer norms, width 128, then ``n_hidden`` -> output), the lifts start without bias and
     the head projection is square, as scvi-tools' ``nn.MultiheadAttention`` parametrises them;
     ``mlp="simple"`` (architecture 1, models saved before) is ``Linear - GELU - Linear``.
@@ -308,6 +308,11 @@ class AttentionBlock(nn.Module):
     use_map
         If True the block returns one tensor (a point estimate); otherwise it returns
         ``(loc, scale)`` with a softplus scale.
+    lift
+        How a scalar token is lifted to q/k/v: ``"single"`` (one linear map per role,
+        architecture 2) or ``"product"`` (the reference's bias-free token lift times
+        ``nn.MultiheadAttention``'s input projection, architecture 3, which
+        :class:`mrvi_pyro.module.MrVIModule` builds by default).
     """
 
     def __init__(
@@ -634,7 +639,7 @@ class EncoderU(nn.Module):
     ``log1p(x)`` -> ``n_layers`` x (Linear -> sample-conditional LayerNorm -> GELU) ->
     + sample embedding -> ``n_residual`` residual blocks -> mean and softplus scale heads.
 
-    Architecture 2 (default) uses the reference's blocks: :class:`ResnetBlock` (two linear maps,
+    Architectures 2 and 3 (3 is the default) use the reference's blocks: :class:`ResnetBlock` (two linear maps,
     two layer norms, ReLU), exact GELU and layer-norm epsilon 1e-5. Architecture 1 (models
     saved before) uses :class:`ResidualBlock`, tanh-approximated GELU and epsilon 1e-6.
 
@@ -653,7 +658,7 @@ class EncoderU(nn.Module):
     n_residual
         Number of residual blocks.
     architecture
-        2 (the reference's blocks) or 1 (see above).
+        2 or 3 (the reference's blocks; the encoder is the same in both) or 1 (see above).
     """
 
     def __init__(

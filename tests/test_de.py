@@ -32,8 +32,14 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def de_model(sim_adata):
     """A model trained long enough to learn the planted disease effect (about 30 s on one core;
-    checked over five initialisations: AUROC >= 0.96, type_0 effect size >= 15x the others)."""
-    model = MRVI(sim_adata, seed=0)
+    checked over five initialisations: AUROC >= 0.96, type_0 effect size >= 15x the others).
+
+    Architecture 2, on which these thresholds were measured. With architecture 3 (the default
+    since stop 30; initialisation 0 measured) at this rate (4e-3) the type_0 effect size was only
+    4.7x the others'; at the default rate it was 36x (AUROC 0.999), but the linearised draws'
+    ``lfc_std`` then correlated 0.81 with the exact draws' (asserted > 0.9 below). Re-measuring
+    these thresholds on architecture 3 is open work (issue 10, stop 30)."""
+    model = MRVI(sim_adata, seed=0, architecture=2)
     model.train(max_epochs=100, batch_size=256, lr=4e-3, seed=0, progress_bar=False)
     return model
 

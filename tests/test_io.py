@@ -101,11 +101,9 @@ ARCHITECTURE_2_MODEL = LEGACY_MODEL.parent / "model_stop16"
 
 def test_architecture_2_model_loads_and_gives_the_same_outputs():
     """A model saved at commit 2324494 (architecture 2: one Linear per attention lift) loads as
-    architecture 2 with the current code and reproduces that version's outputs."""
-    from mrvi_pyro.module import ARCHITECTURE
-
+    architecture 2 with the current code (whose default is 3) and reproduces that version's outputs."""
     model = MRVI.load(ARCHITECTURE_2_MODEL)
-    assert model.init_params["architecture"] == 2 == ARCHITECTURE
+    assert model.init_params["architecture"] == 2
     assert "sample_mapper.attention.q_lift.weight" in model.module.state_dict()
     expected = np.load(ARCHITECTURE_2_MODEL / "expected_outputs.npz")
     np.testing.assert_allclose(model.get_latent_representation(), expected["u"], rtol=1e-5, atol=1e-6)
@@ -118,8 +116,13 @@ def test_architecture_2_model_loads_and_gives_the_same_outputs():
 
 
 def test_architecture_3_round_trip(small_adata, tmp_path):
-    """Architecture 3 (the reference's product lifts) saves and loads as itself."""
+    """Architecture 3 (the reference's product lifts, the default) saves and loads as itself;
+    architecture 2 stays available to new models."""
     from mrvi_pyro.module import MrVIModule
+
+    assert MRVI(small_adata, n_latent=8, n_latent_u=4).init_params["architecture"] == 3
+    legacy = MRVI(small_adata, n_latent=8, n_latent_u=4, architecture=2)
+    assert "sample_mapper.attention.q_lift.weight" in legacy.module.state_dict()
 
     module = MrVIModule(30, 4, 2, n_latent=8, n_latent_u=4, architecture=3)
     keys = module.state_dict().keys()
