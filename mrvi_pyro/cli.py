@@ -290,8 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--batch-size", type=int, default=128,
                       help="cells per step (as MRVI.train; in 100 epochs the hidden grouping was recovered for all 5 "
                            "simulation seeds measured at 128, and at 256 for the 4 measured, 0, 1, 3 and 4, with "
-                           "architecture 2; with architecture 3, the default since stop 30, for seeds 0 and 3 (the "
-                           "default) at 128, the two measured so far)")
+                           "architecture 2; with architecture 3, the default since stop 30, for all 5 at 128 (256 "
+                           "not yet measured))")
     demo.add_argument("--seed", type=int, default=3, help="seeds the simulation, initialisation and training")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
