@@ -28,8 +28,9 @@ def trained_model(sim_adata):
     """MrVI trained for 60 epochs (batch 256) on ``sim_adata`` (shared; do not train it further).
 
     Its initialisation is seeded too, so it does not depend on which tests ran before it. (On
-    this simulation, where every sample sits in one batch, about one initialisation in five
-    keeps batch structure in u; seed 1 is one of the others.)"""
+    this simulation, where every sample sits in one batch, about one initialisation in five of
+    architecture 2 kept batch structure in u; with architecture 3, the default, none of
+    initialisations 0-4 did: batch kNN accuracy in u 0.50-0.58, chance 0.5, stop 31.)"""
     model = MRVI(sim_adata, seed=1)
     model.train(max_epochs=60, batch_size=256, seed=0, progress_bar=False)
     return model

@@ -31,16 +31,13 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def de_model(sim_adata):
-    """A model trained long enough to learn the planted disease effect (about 30 s on one core;
-    checked over five initialisations: AUROC >= 0.96, type_0 effect size >= 15x the others).
-
-    Architecture 2, on which these thresholds were measured. With architecture 3 (the default
-    since stop 30; initialisation 0 measured) at this rate (4e-3) the type_0 effect size was only
-    4.7x the others'; at the default rate it was 36x (AUROC 0.999), but the linearised draws'
-    ``lfc_std`` then correlated 0.81 with the exact draws' (asserted > 0.9 below). Re-measuring
-    these thresholds on architecture 3 is open work (issue 10, stop 30)."""
-    model = MRVI(sim_adata, seed=0, architecture=2)
-    model.train(max_epochs=100, batch_size=256, lr=4e-3, seed=0, progress_bar=False)
+    """A model trained long enough to learn the planted disease effect (about 30 s on one core),
+    with the defaults (architecture 3, the default learning rate). Checked over initialisations
+    0-4 (stop 31): every test of this module passed on each; planted genes' AUROC 1.000 with 100%
+    of signs, type_0 effect size 52-239x the other types' (asserted > 5x), pde on the planted
+    genes 1.00. (Architecture 2 at lr 4e-3, the former recipe: AUROC >= 0.96, >= 15x.)"""
+    model = MRVI(sim_adata, seed=0)
+    model.train(max_epochs=100, batch_size=256, seed=0, progress_bar=False)
     return model
 
 
@@ -351,23 +348,36 @@ def test_lfcs_compare_the_fitted_reference_level_per_draw(de_model, sim_adata):
 
 
 def test_linearized_draws_match_exact_draws(de_model, sim_adata):
+    """The first-order path's error is below the Monte Carlo error of the exact path itself: the
+    exact path with other draws (seed 5) differs more from the exact path (seed 2) than the
+    linearised path with the same draws (seed 2) does. Measured on initialisations 0-4 of the
+    fixture's recipe (lfc_std correlation with the exact path, linearised / other draws: 0.81 /
+    0.78 (the fixture's), 0.99 / 0.96, 0.99 / 0.94, 0.98 / 0.93, 0.99 / 0.95; mean |lfc| error
+    0.039 / 0.042, 0.030 / 0.042, 0.020 / 0.032, 0.032 / 0.038, 0.036 / 0.039 of the mean |lfc|):
+    where lfc_std varies little between cells and genes, 20 draws set the correlation's ceiling,
+    not the expansion. (The former assertion, correlation > 0.9, held on architecture 2.)"""
     cells = sim_adata[:40].copy()
     module, data = de_model.module, de_model._cell_data(cells)
     design = de.design_matrix(de_model.sample_info[["disease"]], ["disease"])
     codes = np.arange(len(design.samples))
     out = {}
-    for linearized in (True, False):
+    for linearized, seed in ((True, 2), (False, 2), (False, 5)):
         sink = CellArrays({name: (("cell_name", "covariate", "gene"), (40, 1, sim_adata.n_vars))
                            for name in ["lfc", "lfc_std", "pde"]}, {})
         de.differential_expression(module, data, design, codes, store_lfc=True, mc_samples=20, sink=sink,
-                                   regression_uncertainty=False, linearized_draws=linearized, seed=2)
-        out[linearized] = sink.arrays
-    # first order in u over one posterior sd: small against the LFCs themselves (measured 5% and q99 0.04)
-    difference = np.abs(out[True]["lfc"] - out[False]["lfc"])
-    assert difference.mean() < 0.1 * np.abs(out[False]["lfc"]).mean() and np.quantile(difference, 0.99) < 0.08
-    std_fast, std_exact = out[True]["lfc_std"].ravel(), out[False]["lfc_std"].ravel()
-    assert np.corrcoef(std_fast, std_exact)[0, 1] > 0.9
-    assert abs(std_fast.mean() / std_exact.mean() - 1) < 0.15
+                                   regression_uncertainty=False, linearized_draws=linearized, seed=seed)
+        out[linearized, seed] = sink.arrays
+    exact, fast, other = out[False, 2], out[True, 2], out[False, 5]
+    # first order in u over one posterior sd: small against the LFCs themselves (measured 2-4%, q99 <= 0.041)
+    difference = np.abs(fast["lfc"] - exact["lfc"])
+    assert difference.mean() < 0.1 * np.abs(exact["lfc"]).mean() and np.quantile(difference, 0.99) < 0.08
+    assert difference.mean() < np.abs(other["lfc"] - exact["lfc"]).mean()
+    std_exact = exact["lfc_std"].ravel()
+    corr_fast = np.corrcoef(fast["lfc_std"].ravel(), std_exact)[0, 1]
+    corr_other = np.corrcoef(other["lfc_std"].ravel(), std_exact)[0, 1]
+    assert corr_fast > max(corr_other, 0.7)
+    ratio_fast, ratio_other = fast["lfc_std"].mean() / std_exact.mean(), other["lfc_std"].mean() / std_exact.mean()
+    assert abs(ratio_fast - 1) < abs(ratio_other - 1) + 0.05
 
 
 def test_pde_reflects_regression_uncertainty_on_a_null_covariate(de_model, sim_adata, disease_de):
