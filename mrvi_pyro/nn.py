@@ -49,6 +49,54 @@ def reuse_folded():
         _FOLD_SCOPE.set(None)
 
 
+PRIME_FACTOR = 4
+""":func:`workspace` raises glibc's mmap threshold to this many times a new buffer's size."""
+
+MMAP_THRESHOLD_MAX = 32 << 20
+"""glibc's ceiling for its dynamic mmap threshold on 64-bit systems."""
+
+
+def raise_mmap_threshold(nbytes: int) -> None:
+    """Allocate ``nbytes`` (at most 32 MB) and free it at once.
+
+    glibc serves a large allocation with ``mmap`` and, when such a block is freed, raises its
+    dynamic mmap threshold to the block's size (up to 32 MB) and its trim threshold to twice
+    that; blocks below the threshold then come from the heap and stay there. Without this, the
+    few-MB temporaries of an analysis pass are handed back to the system after every slice and
+    faulted in again (~250,000 page faults per pass of grouped distances of 20,000 cells x 24
+    samples). This is glibc's own adaptive behaviour, triggered early; the settings it reaches
+    are what the process would reach anyway after freeing one such block (unlike
+    :func:`mrvi_pyro._malloc.tune_malloc`, which fixes them and stops the adaptation)."""
+    if nbytes > 0:
+        torch.empty(min(int(nbytes), MMAP_THRESHOLD_MAX), dtype=torch.uint8)
+
+
+def workspace(owner: object, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor | None:
+    """A scratch tensor of ``shape`` (dtype and device of ``like``) that ``owner`` reuses for
+    ``name`` throughout one :func:`reuse_folded` scope; None outside one or under autograd.
+
+    An analysis pass calls each block once per slice of cells; its largest temporaries (a few MB
+    for a few thousand (cell, sample) pairs) are otherwise freed after every call, and glibc's
+    allocator returns such blocks to the system and faults them in again on the next call
+    (measured: ~250,000 page faults and ~1 s of the ~3 s of grouped distances of 20,000 cells x
+    24 samples at 1 thread; ``benchmarks/README.md``, stop 32). The contents are garbage on
+    return; a caller must not keep a result that aliases it.
+    """
+    scope = _FOLD_SCOPE.get()
+    if scope is None or torch.is_grad_enabled():
+        return None
+    size = math.prod(shape)
+    key = ("workspace", id(owner), name)
+    held = scope.get(key)
+    if held is None or held[0] is not owner or held[1].numel() < size or held[1].dtype != like.dtype \
+            or held[1].device != like.device:
+        if like.device.type == "cpu":
+            raise_mmap_threshold(PRIME_FACTOR * size * like.element_size())
+        held = (owner, torch.empty(size, dtype=like.dtype, device=like.device))
+        scope[key] = held
+    return held[1][:size].view(shape)
+
+
 class ConditionalLayerNorm(nn.Module):
     """Layer norm (no affine parameters) with a learned scale and shift per condition.
 
@@ -128,8 +176,16 @@ class ResnetBlock(nn.Module):
     def tail(self, first: torch.Tensor) -> torch.Tensor:
         """The block given ``first`` = the output of :meth:`first_linear` on its input."""
         inner, skip = first.chunk(2, dim=-1)
-        h = self.act(self.norm1(inner)) + skip
-        return self.act(self.norm2(self.fc2(h)))
+        if torch.is_grad_enabled():
+            h = self.act(self.norm1(inner)) + skip
+            return self.act(self.norm2(self.fc2(h)))
+        # Inference: the activation and the skip in place (two (rows, width) temporaries fewer).
+        h = self.act_(self.norm1(inner)).add_(skip)
+        return self.act_(self.norm2(self.fc2(h)))
+
+    def act_(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`act` in place (no autograd)."""
+        return x.relu_() if self.activation == "relu" else torch._C._nn.gelu_(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         skip = x if self.fc_match is None else self.fc_match(x)
@@ -535,17 +591,25 @@ class AttentionBlock(nn.Module):
             # needed afterwards: multiply in place.
             weighted = weights * y if torch.is_grad_enabled() or dropped else weights.mul_(y)
             m = weighted.sum(-1).flatten(-2)  # (..., H * T), index h * T + i
+        rows = math.prod(m.shape[:-1])
+        width = folded["k_m"].shape[-1]
         if dropped:
             hidden = torch.addmm(folded["bias"], m.flatten(0, -2), folded["k_m"]).view(*m.shape[:-1], -1)
             hidden = hidden + weights.sum(-1).flatten(-2) @ folded["k_r"]
         else:
-            hidden = torch.addmm(folded["bias_r1"], m.flatten(0, -2), folded["k_m"]).view(*m.shape[:-1], -1)
+            # The two (pairs, width) inputs of the MLP tails share one reused buffer (no autograd
+            # here; ``workspace`` gives None under autograd or outside an analysis pass).
+            buffer = workspace(self, "hidden", (rows, width), m)
+            hidden = torch.addmm(folded["bias_r1"], m.flatten(0, -2), folded["k_m"],
+                                 **({} if buffer is None else {"out": buffer})).view(*m.shape[:-1], -1)
         summary = _mlp_tail(self.post, hidden)  # (..., T)
         res_weight, res_bias = folded["residual_first"]
         n_query = query.shape[-1]
         from_query = F.linear(query, res_weight[:, :n_query], res_bias)  # once per query
         # No autograd here: add the query part in place instead of allocating another (pairs, width).
-        hidden = torch.mm(summary.reshape(-1, summary.shape[-1]), res_weight[:, n_query:].T)
+        buffer = workspace(self, "hidden", (math.prod(summary.shape[:-1]), res_weight.shape[0]), summary)
+        hidden = torch.mm(summary.reshape(-1, summary.shape[-1]), res_weight[:, n_query:].T,
+                          **({} if buffer is None else {"out": buffer}))
         hidden = hidden.view(*summary.shape[:-1], -1).add_(from_query)
         return self._output(_mlp_tail(self.residual, hidden))
 

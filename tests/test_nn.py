@@ -163,6 +163,52 @@ def test_folds_are_reused_within_a_scope_and_refreshed_when_a_parameter_changes(
     assert len(folds) == 7  # autograd takes the direct form, which folds nothing
 
 
+@pytest.mark.parametrize(("mlp", "lift"), KINDS)
+@pytest.mark.parametrize("use_map", [True, False])
+def test_workspaces_in_a_scope_give_the_same_results_and_no_alias(mlp, lift, use_map):
+    """Inside ``reuse_folded`` the block writes its largest temporaries into reused buffers
+    (``nn.workspace``): results equal those without a scope bit for bit, a result kept from
+    one call is not changed by the next, and the buffers are gone with the scope."""
+    from mrvi_pyro.nn import _FOLD_SCOPE, reuse_folded
+
+    block = _block(use_map, mlp=mlp, lift=lift).eval()
+    block.inference_block_pairs = 16  # several blocks per call, each one reusing the buffers
+    queries = [torch.randn(n, 1, 10, dtype=torch.float64) for n in (12, 7, 12)]
+    kv = torch.randn(5, 16, dtype=torch.float64)
+    with torch.no_grad():
+        plain = [_flat(block(q, kv)) for q in queries]
+        with reuse_folded():
+            kept = [block(q, kv) for q in queries]
+            scope = _FOLD_SCOPE.get()
+            assert any(key[0] == "workspace" for key in scope if isinstance(key, tuple))
+        assert _FOLD_SCOPE.get() is None
+    for a, b in zip(plain, kept):  # also: the first and second results survived the later calls
+        torch.testing.assert_close(_flat(b), a, rtol=0, atol=0)
+    torch.testing.assert_close(_flat(kept[0]), _flat(block.forward_unfactored(queries[0], kv)), rtol=0,
+                               atol=1e-10 * plain[0].abs().max().item())
+
+
+def test_workspace_raises_the_mmap_threshold_before_its_first_buffer(monkeypatch):
+    """A new buffer first raises glibc's dynamic mmap threshold (one allocation of
+    PRIME_FACTOR x its size, freed at once); a reused one does not."""
+    from mrvi_pyro import nn as mnn
+
+    raised = []
+    monkeypatch.setattr(mnn, "raise_mmap_threshold", raised.append)
+    like = torch.zeros(1)
+    owner = object()
+    assert mnn.workspace(owner, "x", (4, 8), like) is None  # outside a scope
+    with torch.no_grad(), mnn.reuse_folded():
+        a = mnn.workspace(owner, "x", (4, 8), like)
+        b = mnn.workspace(owner, "x", (2, 8), like)  # smaller: the same storage
+        assert a.shape == (4, 8) and b.shape == (2, 8) and a.data_ptr() == b.data_ptr()
+        c = mnn.workspace(owner, "x", (8, 8), like)  # larger: a new buffer
+        assert c.shape == (8, 8)
+        with torch.enable_grad():
+            assert mnn.workspace(owner, "x", (4, 8), like) is None  # never under autograd
+    assert raised == [mnn.PRIME_FACTOR * 32 * 4, mnn.PRIME_FACTOR * 64 * 4]
+
+
 @pytest.mark.filterwarnings("ignore:This model has not been trained")
 def test_an_inference_pass_folds_each_block_once(small_adata, monkeypatch):
     """Distances, DE and DA run inside ``iter_posterior_u``'s scope: one fold per block per pass."""
