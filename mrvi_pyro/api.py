@@ -228,7 +228,7 @@ class _SkipRandomFillOnMeta(torch.overrides.TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in self.FACTORIES and str(kwargs.get("device", "meta")) == "meta" and (
+        if func in self.FACTORIES and str(kwargs.get("device") or "meta") == "meta" and (
                 func in (torch.randn, torch.rand) or (args and args[0].is_meta)):
             # Random tensors made on the meta device (torch.randn(n) under the meta context):
             # empty ones of the same size (the random ones go through the same references).

@@ -28,6 +28,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ._malloc import raise_mmap_threshold
+
 _FOLD_SCOPE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("mrvi_pyro_fold_scope", default=None)
 
 
@@ -50,25 +52,8 @@ def reuse_folded():
 
 
 PRIME_FACTOR = 4
-""":func:`workspace` raises glibc's mmap threshold to this many times a new buffer's size."""
-
-MMAP_THRESHOLD_MAX = 32 << 20
-"""glibc's ceiling for its dynamic mmap threshold on 64-bit systems."""
-
-
-def raise_mmap_threshold(nbytes: int) -> None:
-    """Allocate ``nbytes`` (at most 32 MB) and free it at once.
-
-    glibc serves a large allocation with ``mmap`` and, when such a block is freed, raises its
-    dynamic mmap threshold to the block's size (up to 32 MB) and its trim threshold to twice
-    that; blocks below the threshold then come from the heap and stay there. Without this, the
-    few-MB temporaries of an analysis pass are handed back to the system after every slice and
-    faulted in again (~250,000 page faults per pass of grouped distances of 20,000 cells x 24
-    samples). This is glibc's own adaptive behaviour, triggered early; the settings it reaches
-    are what the process would reach anyway after freeing one such block (unlike
-    :func:`mrvi_pyro._malloc.tune_malloc`, which fixes them and stops the adaptation)."""
-    if nbytes > 0:
-        torch.empty(min(int(nbytes), MMAP_THRESHOLD_MAX), dtype=torch.uint8)
+""":func:`workspace` raises glibc's mmap threshold (:func:`mrvi_pyro._malloc.raise_mmap_threshold`)
+to this many times a new buffer's size."""
 
 
 def workspace(owner: object, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor | None:
@@ -591,25 +576,22 @@ class AttentionBlock(nn.Module):
             # needed afterwards: multiply in place.
             weighted = weights * y if torch.is_grad_enabled() or dropped else weights.mul_(y)
             m = weighted.sum(-1).flatten(-2)  # (..., H * T), index h * T + i
-        rows = math.prod(m.shape[:-1])
-        width = folded["k_m"].shape[-1]
+        rows = math.prod(m.shape[:-1])  # (pairs): also the leading size of ``summary`` below
         if dropped:
             hidden = torch.addmm(folded["bias"], m.flatten(0, -2), folded["k_m"]).view(*m.shape[:-1], -1)
             hidden = hidden + weights.sum(-1).flatten(-2) @ folded["k_r"]
         else:
             # The two (pairs, width) inputs of the MLP tails share one reused buffer (no autograd
             # here; ``workspace`` gives None under autograd or outside an analysis pass).
-            buffer = workspace(self, "hidden", (rows, width), m)
-            hidden = torch.addmm(folded["bias_r1"], m.flatten(0, -2), folded["k_m"],
-                                 **({} if buffer is None else {"out": buffer})).view(*m.shape[:-1], -1)
+            buffer = workspace(self, "hidden", (rows, folded["k_m"].shape[-1]), m)
+            hidden = torch.addmm(folded["bias_r1"], m.flatten(0, -2), folded["k_m"], out=buffer).view(*m.shape[:-1], -1)
         summary = _mlp_tail(self.post, hidden)  # (..., T)
         res_weight, res_bias = folded["residual_first"]
         n_query = query.shape[-1]
         from_query = F.linear(query, res_weight[:, :n_query], res_bias)  # once per query
         # No autograd here: add the query part in place instead of allocating another (pairs, width).
-        buffer = workspace(self, "hidden", (math.prod(summary.shape[:-1]), res_weight.shape[0]), summary)
-        hidden = torch.mm(summary.reshape(-1, summary.shape[-1]), res_weight[:, n_query:].T,
-                          **({} if buffer is None else {"out": buffer}))
+        buffer = workspace(self, "hidden", (rows, res_weight.shape[0]), summary)
+        hidden = torch.mm(summary.reshape(-1, summary.shape[-1]), res_weight[:, n_query:].T, out=buffer)
         hidden = hidden.view(*summary.shape[:-1], -1).add_(from_query)
         return self._output(_mlp_tail(self.residual, hidden))
 

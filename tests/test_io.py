@@ -29,9 +29,10 @@ def test_round_trip_is_exact(trained_model, sim_adata, tmp_path):
 
 
 def test_load_leaves_the_random_state_alone_and_imports_no_compiler(small_adata, tmp_path):
-    """Loading builds the module on the CPU with the caller's random state set aside (the same
-    draws follow with or without a load in between), and never imports torch._dynamo (which a
-    module built on the meta device did: ~2 s and ~65 MB per process)."""
+    """Loading builds the module on the meta device with its random fills skipped: the caller's
+    random state is untouched (the same draws follow with or without a load in between), and
+    torch._dynamo is never imported (the fills' references on meta imported it: ~2 s and ~65 MB
+    per process)."""
     import subprocess
     import sys
 
