@@ -538,3 +538,38 @@ __all__ = [
     "own_sample_baseline", "plan_cell_storage", "random_projection", "sample_distances", "sample_groups",
     "sample_linkage", "stratify_samples",
 ]
+
+
+def nearest_neighbours(coords: np.ndarray, k: int) -> np.ndarray:
+    """Leave-one-out ``k`` nearest neighbours (Euclidean) of every row of ``coords`` (n, d).
+
+    Returns (n, k) row indices, nearest first, never the row itself (also when rows repeat:
+    a duplicate of a row counts as its neighbour, the row does not). Needs ``n > k``.
+    """
+    from scipy.spatial import cKDTree
+
+    coords = np.asarray(coords, dtype=np.float64)
+    n = len(coords)
+    if not 0 < k < n:
+        raise ValueError(f"k nearest neighbours need 0 < k < the number of points; got k={k} for {n} points.")
+    _, found = cKDTree(coords).query(coords, k=k + 1)
+    found = np.asarray(found).reshape(n, k + 1)
+    own = found == np.arange(n)[:, None]
+    # A row whose own index was not returned (exact duplicates tie at distance 0) drops its farthest.
+    own[~own.any(axis=1), -1] = True
+    return found[~own].reshape(n, k)
+
+
+def label_agreement(neighbours: np.ndarray, labels: np.ndarray) -> float:
+    """Mean share of each point's neighbours (rows of ``neighbours``) that have its label."""
+    labels = np.asarray(labels)
+    return float(np.mean(labels[neighbours] == labels[:, None]))
+
+
+def chance_agreement(labels: np.ndarray) -> float:
+    """:func:`label_agreement` expected when the labels are shuffled: with ``n_c`` points of
+    label ``c`` among ``n``, ``sum_c n_c (n_c - 1) / (n (n - 1))`` (a point's neighbours are
+    drawn from the other points)."""
+    _, counts = np.unique(np.asarray(labels), return_counts=True)
+    n = counts.sum()
+    return float((counts * (counts - 1.0)).sum() / (n * (n - 1.0))) if n > 1 else float("nan")

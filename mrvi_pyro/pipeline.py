@@ -3,7 +3,8 @@
 - :func:`fit_and_save` trains MrVI (in one process, with a resumable checkpoint, or
   data-parallel on local ranks) and writes the model, its history and figures.
 - :func:`analyze_model` runs the analyses on a trained model, one named step each
-  (:func:`distances_step`, :func:`de_step`, :func:`da_step`, after :func:`overview_section`), and
+  (:func:`distances_step`, :func:`mixing_step`, :func:`de_step`, :func:`da_step`, after
+  :func:`overview_section`), and
   writes arrays (zarr), tables (CSV), figures (PNG) and ``report.html``.
 - :func:`check_against_truth` compares those results with a simulation's planted truth.
 - :func:`run_demo` chains them on a simulated cohort.
@@ -27,7 +28,8 @@ from pathlib import Path
 
 RUN_OUTPUTS = ("model", "fit.json", "history.csv", "training_history.png", "u_embedding.png", "simulated.h5ad")
 """What :func:`fit_and_save` (and :func:`run_demo`) write into a run directory."""
-ANALYSIS_OUTPUTS = ("results", "sample_distance_spread.csv", "sample_distances_*.png", "de_summary.csv",
+ANALYSIS_OUTPUTS = ("results", "sample_mixing_in_u.csv", "sample_mixing_in_u.png", "sample_distance_spread.csv",
+                    "sample_distances_*.png", "de_summary.csv",
                     "de_effect_size.png", "de_top_genes.png", "de_volcano.png", "da_summary.csv", "da_log_ratio.png",
                     "report.html")
 """What :func:`analyze_model` writes (beside the model's figures, which it redraws)."""
@@ -185,6 +187,34 @@ def overview_section(model, adata, canvas: AnalysisCanvas, basis: str | None):
                      basis_name=canvas.axes_name),
         "u_embedding.png", f"Cells on {where}, coloured by {canvas.groupby} and by sample."))
     return overview
+
+
+def mixing_step(model, adata, canvas: AnalysisCanvas, covariates: list[str] | None = None):
+    """How the samples, the batch and ``covariates`` mix in u per group
+    (:meth:`mrvi_pyro.MRVI.get_sample_mixing_in_u`), announced when one is kept apart.
+
+    Returns ``({"sample_mixing"}, section)``."""
+    from . import pl
+    from .report import Section
+
+    groupby = canvas.groupby
+    table = model.get_sample_mixing_in_u(covariates, adata, groupby=groupby, warn=False)
+    table.to_csv(canvas.out / "sample_mixing_in_u.csv", index=False)
+    kept = table[table["kept"]]
+    paragraphs = ["u is meant to hold the cell state without the sample: every cell's 15 nearest neighbours in u "
+                  "should come from samples, batches and covariate levels as by chance (excess 0); 1 means "
+                  "u separates them completely."]
+    if len(kept):
+        listed = ", ".join(f"{row.covariate} in {row.group} (excess {row.excess:.2f})" for row in kept.itertuples())
+        canvas.say(f"WARNING: u keeps sample structure apart: {listed}; retrain from another seed and compare")
+        paragraphs.append(f"Kept in u: {listed}. An effect kept in u is invisible to the sample distances, DE and "
+                          "DA of those cells; retrain from another initialisation (or longer) and compare.")
+    figure = canvas.figure(pl.sample_mixing_heatmap(table), "sample_mixing_in_u.png",
+                           f"Excess nearest-neighbour agreement in u per {groupby} and covariate (framed: kept "
+                           "in u).")
+    return {"sample_mixing": table}, Section(
+        "Sample mixing in u", paragraphs, [figure],
+        [(f"Nearest-neighbour agreement in u against chance, per {groupby}", table.round(3))])
 
 
 def _file_name(name: str) -> str:
@@ -348,6 +378,9 @@ def analyze_model(model, adata, out: Path, *, groupby: str, de: str | None = Non
     results, section = distances_step(model, adata, canvas, color_by=color_by,
                                       distances=precomputed.get("distances"))
     sections.append(section)
+    step_results, section = mixing_step(model, adata, canvas, color_by)
+    results.update(step_results)
+    sections.insert(1, section)
     if de is not None:
         step_results, section = de_step(model, adata, canvas, de, mc_samples=mc_samples, seed=seed,
                                         de_result=precomputed.get("de"))
@@ -367,11 +400,9 @@ def analyze_model(model, adata, out: Path, *, groupby: str, de: str | None = Non
 
 def knn_agreement(coords, labels, k: int = 15) -> float:
     """Share of each cell's k nearest neighbours (in ``coords``) that share its label."""
-    import numpy as np
-    from scipy.spatial import cKDTree
+    from . import explore
 
-    _, neighbours = cKDTree(coords).query(coords, k=k + 1)
-    return float(np.mean(labels[neighbours[:, 1:]] == labels[:, None]))
+    return explore.label_agreement(explore.nearest_neighbours(coords, k), labels)
 
 
 def check_against_truth(model, results: dict, truth) -> list[str]:

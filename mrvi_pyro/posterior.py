@@ -69,7 +69,11 @@ def iter_posterior_u(
         # reuse_folded: the attention blocks fold their parameters once for the whole pass
         # (the consumers' calls between chunks included), not once per call.
         with torch.no_grad(), reuse_folded():
+            check_threads = n_chunks > 1 and device.type == "cpu"
             for chunk, batch in data.iter_batches(indices, batch_size, device):
+                if check_threads:
+                    _check_threads(module, batch)
+                    check_threads = False
                 bar.update(len(chunk))
                 loc, scale = module.encode_u(batch["x"], batch["sample_index"])
                 draws = None
@@ -83,6 +87,15 @@ def iter_posterior_u(
     finally:
         bar.close()
         module.train(was_training)
+
+
+def _check_threads(module, batch: dict) -> None:
+    """Warn when torch's threads make the analysis slower than one thread would
+    (:func:`mrvi_pyro._threads.warn_if_slowed` on encoding at most 256 of the chunk's cells)."""
+    from ._threads import warn_if_slowed
+
+    x, sample_index = batch["x"][:256], batch["sample_index"][:256]
+    warn_if_slowed("This analysis", lambda: module.encode_u(x, sample_index), stacklevel=5)
 
 
 def latent_representation(module, data, indices=None, *, give_z=False, use_mean=True, batch_size=256, seed=0):

@@ -607,6 +607,23 @@ def _global_random_states(resume: TrainingState | None):
         random.setstate(python_state)
 
 
+def _slowed_by_threads(module, elbo, batch: dict, n_obs: int, kl_weight: float) -> bool:
+    """Whether torch's threads make a training step slower than one thread would (and a warning
+    said so): :func:`mrvi_pyro._threads.warn_if_slowed` on the loss of at most 128 of the
+    minibatch's cells, without gradients; the random state and the thread count are kept."""
+    from ._threads import SLOWDOWN_RATIO, warn_if_slowed
+
+    part = {k: v[:128] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    n = len(part["x"])
+
+    def loss():
+        return elbo.differentiable_loss(module.model, module.guide, *_call_args(part), n_obs=n_obs,
+                                        subsample=torch.arange(n, device=part["x"].device), kl_weight=kl_weight)
+
+    ratio = warn_if_slowed("Training", loss, stacklevel=5)
+    return ratio is not None and ratio >= SLOWDOWN_RATIO
+
+
 def _minibatches(order: np.ndarray, batch_size: int, replicas: Replicas | None) -> list[tuple]:
     """The steps over ``order``: ``(entries, global batch size, share of the loss, draws context)``.
 
@@ -660,6 +677,7 @@ def _train_loop(module, data, params, train_idx, val_idx, rng, *, max_epochs, ba
             stopped, first = resume.stopped_early, resume.epoch
         bar = tqdm(range(first, max_epochs if not stopped else first), initial=first, total=max_epochs,
                    desc="Training", unit="epoch", disable=not progress_bar, leave=False)
+        slowed = device.type != "cpu"  # torch's CPU threads slowing the steps: checked on CPU only
         for epoch in bar:
             start = time.perf_counter()
             kl_weight = min(1.0, epoch / n_epochs_kl_warmup) if n_epochs_kl_warmup > 0 else 1.0
@@ -673,6 +691,8 @@ def _train_loop(module, data, params, train_idx, val_idx, rng, *, max_epochs, ba
             for number, ((pos, n_batch, share, draws), batch) in enumerate(zip(minibatches, reads)):
                 cells = train_idx[pos]
                 scale = None if weights is None else torch.as_tensor(weights[cells], device=device)
+                if number == 0 and not slowed:
+                    slowed = _slowed_by_threads(module, elbo, batch, n_train, kl_weight)
                 with draws:
                     loss = elbo.differentiable_loss(
                         module.model, module.guide, *_call_args(batch), n_obs=n_train,

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import xarray as xr
@@ -388,3 +389,124 @@ def test_sample_effect_shares_need_three_samples_and_a_covariate(small_adata):
         model.get_sample_effect_shares()
     shares = model.get_sample_effect_shares("disease")
     assert list(shares["covariate"]) == ["disease"]  # no batch row without a nuisance key
+
+
+# ----- sample mixing in u ---------------------------------------------------------------------
+def test_nearest_neighbours_match_brute_force_and_skip_the_point_itself():
+    rng = np.random.default_rng(0)
+    coords = rng.normal(size=(60, 3))
+    found = explore.nearest_neighbours(coords, 5)
+    distances = np.linalg.norm(coords[:, None] - coords[None], axis=-1)
+    np.fill_diagonal(distances, np.inf)
+    np.testing.assert_array_equal(found, np.argsort(distances, axis=1)[:, :5])
+    # Exact duplicates tie at distance 0: each copy lists the other, never itself.
+    twice = np.concatenate([coords, coords[:1]])
+    found = explore.nearest_neighbours(twice, 3)
+    assert found[0, 0] == 60 and found[60, 0] == 0
+    assert not (found == np.arange(61)[:, None]).any()
+    with pytest.raises(ValueError, match="0 < k < the number of points"):
+        explore.nearest_neighbours(coords[:5], 5)
+
+
+def test_chance_agreement_is_the_mean_over_shuffled_labels():
+    rng = np.random.default_rng(1)
+    coords = rng.normal(size=(80, 2))
+    labels = np.repeat(["a", "b", "c"], [50, 20, 10])
+    neighbours = explore.nearest_neighbours(coords, 7)
+    shuffled = [explore.label_agreement(neighbours, rng.permutation(labels)) for _ in range(3000)]
+    assert np.mean(shuffled) == pytest.approx(explore.chance_agreement(labels), abs=0.005)
+    assert explore.chance_agreement(labels) == pytest.approx((50 * 49 + 20 * 19 + 10 * 9) / (80 * 79))
+    by_hand = np.mean([np.mean(labels[neighbours[i]] == labels[i]) for i in range(80)])
+    assert explore.label_agreement(neighbours, labels) == pytest.approx(by_hand)
+
+
+def test_sample_mixing_in_u_follows_its_definition(trained_model, sim_adata):
+    from sklearn.neighbors import NearestNeighbors
+
+    table = trained_model.get_sample_mixing_in_u("disease", groupby="cell_type", warn=False)
+    assert set(table["covariate"]) == {"sample", "batch", "disease"}
+    assert list(table["group"].unique()) == [*sorted(sim_adata.obs["cell_type"].unique()), "all"]
+    u = trained_model.get_latent_representation()
+    types = sim_adata.obs["cell_type"].to_numpy()
+    disease = sim_adata.obs["disease"].astype(str).to_numpy()
+    for group in ("type_0", "all"):
+        inside = np.ones(len(types), bool) if group == "all" else types == group
+        _, found = NearestNeighbors(n_neighbors=16).fit(u[inside]).kneighbors(u[inside])
+        labels = disease[inside]
+        agreement = np.mean(labels[found[:, 1:]] == labels[:, None])
+        shares = np.unique(labels, return_counts=True)[1] / inside.sum()
+        chance = (inside.sum() * (shares**2).sum() - 1) / (inside.sum() - 1)
+        row = table.set_index(["group", "covariate"]).loc[(group, "disease")]
+        assert row["n_cells"] == inside.sum()
+        assert row["agreement"] == pytest.approx(agreement, abs=1e-9)
+        assert row["chance"] == pytest.approx(chance)
+        assert row["excess"] == pytest.approx((agreement - chance) / (1 - chance))
+
+
+def test_sample_mixing_in_u_flags_a_planted_effect_and_nothing_else(trained_model, sim_adata, monkeypatch):
+    types = sim_adata.obs["cell_type"].to_numpy()
+    sick = (sim_adata.obs["disease"].astype(str) == "disease").to_numpy()
+    rng = np.random.default_rng(0)
+    mixed = rng.normal(size=(sim_adata.n_obs, 10))  # u with no sample structure at all
+    kept = mixed.copy()
+    kept[(types == "type_0") & sick, 0] += 20.0  # type_0 split by disease, as in the local optimum
+    for u, expected in ((mixed, set()), (kept, {("type_0", "disease")})):
+        monkeypatch.setattr(trained_model, "get_latent_representation", lambda *a, u=u, **k: u)
+        if expected:
+            with pytest.warns(UserWarning, match=r"Sample structure kept in u: disease in type_0 \(agreement 1.00"):
+                table = trained_model.get_sample_mixing_in_u(["disease"], groupby="cell_type")
+        else:
+            table = trained_model.get_sample_mixing_in_u(["disease"], groupby="cell_type")
+        flagged = set(zip(table.loc[table["kept"], "group"], table.loc[table["kept"], "covariate"]))
+        assert flagged == expected
+        others = table[~table["kept"]]
+        assert (others["excess"].abs() < 0.3).all()
+    assert table.set_index(["group", "covariate"]).loc[("type_0", "disease"), "excess"] == pytest.approx(1.0)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quiet = trained_model.get_sample_mixing_in_u(["disease"], groupby="cell_type", warn=False)
+    assert quiet["kept"].sum() == 1
+    # A stricter threshold than the planted split can reach flags nothing.
+    assert not trained_model.get_sample_mixing_in_u("disease", threshold=1.0, warn=False, groupby="cell_type",
+                                                    n_neighbors=15).query("group != 'type_0'")["kept"].any()
+
+
+def test_sample_mixing_in_u_finds_the_grouping_the_shared_model_kept_in_u(trained_model):
+    # The shared model (60 epochs at batch 256 on 2,000 cells) is known to keep type_1's hidden
+    # grouping in u (see grouping_model); the cohort plants that grouping in type_1 only.
+    table = trained_model.get_sample_mixing_in_u(["disease", "hidden_group"], groupby="cell_type", warn=False)
+    hidden = table[table["covariate"] == "hidden_group"].set_index("group")["excess"]
+    assert hidden["type_1"] >= 0.5 and hidden.drop(["type_1", "all"]).abs().max() < 0.1
+    assert set(table.loc[table["kept"], "group"]) == {"type_1"}
+    with pytest.warns(UserWarning, match="hidden_group in type_1"):
+        trained_model.get_sample_mixing_in_u("hidden_group", groupby="cell_type")
+
+
+def test_sample_mixing_in_u_subsets_and_small_groups(trained_model, sim_adata):
+    few = trained_model.get_sample_mixing_in_u("disease", groupby="cell_type", max_cells=100, warn=False)
+    assert (few["n_cells"] == 100).all()
+    again = trained_model.get_sample_mixing_in_u("disease", groupby="cell_type", max_cells=100, warn=False)
+    pd.testing.assert_frame_equal(few, again)  # seeded subsets
+    tiny = trained_model.get_sample_mixing_in_u("disease", indices=np.arange(10), n_neighbors=15, warn=False)
+    assert tiny["agreement"].isna().all() and not tiny["kept"].any() and (tiny["n_cells"] == 10).all()
+
+
+def test_sample_mixing_in_u_refuses_bad_input(trained_model, sim_adata):
+    with pytest.raises(ValueError, match="not a sample-level covariate"):
+        trained_model.get_sample_mixing_in_u("cell_type")
+    for threshold in (0, 1.5, "0.5", True):
+        with pytest.raises(ValueError, match="threshold must be a number in"):
+            trained_model.get_sample_mixing_in_u(threshold=threshold)
+    with pytest.raises(ValueError, match="n_neighbors"):
+        trained_model.get_sample_mixing_in_u(n_neighbors=0)
+    with pytest.raises(ValueError, match="groupby key 'nope'"):
+        trained_model.get_sample_mixing_in_u(groupby="nope")
+    info = trained_model.sample_info
+    try:
+        trained_model.sample_info = info.assign(site=[np.nan] + ["a"] * (len(info) - 1))
+        with pytest.raises(ValueError, match="'site' is missing for sample"):
+            trained_model.get_sample_mixing_in_u("site")
+    finally:
+        trained_model.sample_info = info

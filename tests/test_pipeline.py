@@ -28,8 +28,17 @@ def test_analyze_model_without_de_or_da_writes_only_the_distance_step(tiny_run, 
     tiny_model, small_adata = tiny_run
     results = analyze_model(tiny_model, small_adata, tmp_path / "out", groupby="cell_type", seed=1)
     out = tmp_path / "out"
-    assert list(results) == ["distances", "distance_spread"]
-    assert capsys.readouterr().out == "[analyze] local sample distances by cell_type\n"
+    assert list(results) == ["distances", "distance_spread", "sample_mixing"]
+    said = capsys.readouterr().out.splitlines()
+    assert said[0] == "[analyze] local sample distances by cell_type"
+    mixing = pd.read_csv(out / "sample_mixing_in_u.csv")
+    pd.testing.assert_frame_equal(mixing, results["sample_mixing"], check_dtype=False)
+    assert set(mixing["covariate"]) == {"sample", "batch"}  # no DE or DA covariate given
+    # A kept row is announced in one warning line naming it (a 2-epoch model may keep batch apart in u).
+    kept = mixing[mixing["kept"]]
+    assert len(said) == (1 if kept.empty else 2)
+    for row in kept.itertuples():
+        assert said[1].startswith("[analyze] WARNING: u keeps") and f"{row.covariate} in {row.group}" in said[1]
     spread = pd.read_csv(out / "sample_distance_spread.csv")
     assert spread["cell_type"].tolist() == results["distance_spread"]["cell_type"].tolist()
     assert spread["mean_between_sample_distance"].is_monotonic_decreasing
@@ -38,7 +47,7 @@ def test_analyze_model_without_de_or_da_writes_only_the_distance_step(tiny_run, 
     assert (out / "results" / "local_sample_distances.zarr").is_dir()
     assert not (out / "de_summary.csv").exists() and not (out / "da_summary.csv").exists()
     sections = re.findall(r"<h2>([^<]*)</h2>", (out / "report.html").read_text())
-    assert sections == ["Model", "Local sample distances by cell_type", "Run"]
+    assert sections == ["Model", "Sample mixing in u", "Local sample distances by cell_type", "Run"]
     lines = check_against_truth(tiny_model, results, small_adata.uns["simulation"])
     assert len(lines) == 1 and lines[0].startswith("distances: largest between-sample spread in ")
 

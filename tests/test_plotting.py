@@ -314,7 +314,7 @@ def test_every_figure_function_follows_the_pl_conventions():
     helpers = {"P_VALUE_FLOOR", "basis_coords", "pca_2d", "da_log_ratio"}
     first = {"adata", "de", "summary", "distances", "log_ratio", "history"}
     single_panel = {"embedding", "training_history", "top_genes_heatmap", "volcano", "log_ratio_embedding",
-                    "log_ratio_by_group", "local_distance_embedding"}
+                    "log_ratio_by_group", "local_distance_embedding", "sample_mixing_heatmap"}
     for name in sorted(set(pl.__all__) - helpers):
         function = getattr(pl, name)
         parameters = inspect.signature(function).parameters
@@ -322,3 +322,25 @@ def test_every_figure_function_follows_the_pl_conventions():
         assert next(iter(parameters)) in first, name  # the AnnData or the result first
         assert parameters["show"].kind is inspect.Parameter.KEYWORD_ONLY and parameters["show"].default is None, name
         assert ("ax" in parameters) == (name in single_panel), name
+
+
+def test_sample_mixing_heatmap_shows_the_excess_and_frames_the_kept_rows():
+    table = pd.DataFrame({
+        "group": ["t0", "t0", "t1", "t1", "all", "all"],
+        "covariate": ["sample", "disease"] * 3,
+        "excess": [0.02, 1.0, np.nan, 0.1, 0.03, 0.3],
+        "kept": [False, True, False, False, False, False],
+    })
+    fig = pl.sample_mixing_heatmap(table)
+    ax = fig.axes[0]
+    np.testing.assert_array_equal(ax.get_images()[0].get_array().filled(np.nan),
+                                  [[0.02, 1.0], [np.nan, 0.1], [0.03, 0.3]])
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["t0", "t1", "all"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["sample", "disease"]
+    assert sorted(t.get_text() for t in ax.texts) == ["0.02", "0.03", "0.10", "0.30", "1.00"]  # NaN: blank
+    frames = [p for p in ax.patches if not p.get_fill()]
+    assert len(frames) == 1 and frames[0].get_xy() == (0.5, -0.5)  # (t0, disease)
+    _, own = plt.subplots()
+    assert pl.sample_mixing_heatmap(table, ax=own).axes[0] is own
+    with pytest.raises(ValueError, match=r"summary lacks column\(s\) \['kept'\]"):
+        pl.sample_mixing_heatmap(table.drop(columns="kept"))

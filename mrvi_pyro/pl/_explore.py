@@ -16,7 +16,7 @@ import pandas as pd
 from matplotlib.patches import Patch
 
 from .. import explore
-from ._base import cell_coords, finish
+from ._base import axes_or_new, cell_coords, finish
 from ._embedding import embedding
 
 
@@ -223,3 +223,44 @@ def local_distance_embedding(
     label = f"{stat} local sample distance"
     return embedding(coords, obs=pd.DataFrame({label: summary}), color=label, title=title, point_size=point_size,
                      basis_name=axis_name, ax=ax, show=show)
+
+
+def sample_mixing_heatmap(summary: pd.DataFrame, *, ax=None, show: bool | None = None):
+    """Heatmap of :meth:`mrvi_pyro.MRVI.get_sample_mixing_in_u`'s ``excess`` (rows: groups,
+    columns: covariates), each cell annotated with its value and the ``kept`` ones framed.
+
+    0 (white) means the covariate mixes in u as by chance, 1 (dark) that u separates its levels
+    completely; a framed cell is one the method flagged (``excess >= threshold``).
+
+    Parameters
+    ----------
+    summary
+        The method's table (columns ``group``, ``covariate``, ``excess``, ``kept``).
+    ax, show
+        Axes to draw into (default: a new figure); True displays the figure and returns None.
+    """
+    missing = {"group", "covariate", "excess", "kept"} - set(summary.columns)
+    if missing:
+        raise ValueError(f"summary lacks column(s) {sorted(missing)}: pass the table of get_sample_mixing_in_u.")
+    groups = list(pd.unique(summary["group"]))
+    covariates = list(pd.unique(summary["covariate"]))
+    excess = summary.pivot(index="group", columns="covariate", values="excess").reindex(index=groups,
+                                                                                       columns=covariates)
+    kept = summary.pivot(index="group", columns="covariate", values="kept").reindex(index=groups, columns=covariates)
+    fig, ax = axes_or_new(ax, (1.8 + 1.1 * len(covariates), 1.0 + 0.4 * len(groups)))
+    image = ax.imshow(excess.to_numpy(dtype=float), cmap="Reds", vmin=0.0, vmax=1.0, aspect="auto")
+    for i, group in enumerate(groups):
+        for j, covariate in enumerate(covariates):
+            value = excess.loc[group, covariate]
+            if np.isfinite(value):
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8,
+                        color="white" if value > 0.6 else "black")
+            flagged = kept.loc[group, covariate]
+            if isinstance(flagged, (bool, np.bool_)) and flagged:
+                ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=2))
+    ax.set_xticks(range(len(covariates)), [str(c) for c in covariates], rotation=45, ha="right")
+    ax.set_yticks(range(len(groups)), [str(g) for g in groups])
+    fig.colorbar(image, ax=ax, shrink=0.8, label="excess kNN agreement in u")
+    ax.set_title("Sample structure in u (0: mixed as by chance)")
+    fig.tight_layout()
+    return finish(fig, show)
