@@ -615,6 +615,8 @@ def _slowed_by_threads(module, elbo, batch: dict, n_obs: int, kl_weight: float) 
 
     part = {k: v[:128] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     n = len(part["x"])
+    if n == 0:  # a data-parallel rank without cells in this step: check at a later epoch
+        return False
 
     def loss():
         return elbo.differentiable_loss(module.model, module.guide, *_call_args(part), n_obs=n_obs,
