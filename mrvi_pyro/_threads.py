@@ -9,8 +9,8 @@ development machine (``benchmarks/contention.py``, ``benchmarks/README.md`` stop
 - while another process trained a model on one core, a training step at batch 128 (8,000 cells
   x 1,000 genes) took about 2.5 s with torch's 2 threads, against 25-30 ms with 1 thread.
   Training ran about 100 times slower, and nothing said why.
-- With a CPU-bound Python loop on one core, 2 epochs on 2,000 cells took 3.1-4.2 s with 2
-  threads, against 0.9-1.2 s with 1 thread.
+- With a CPU-bound Python loop on one core, 2 epochs on 2,000 cells took 2.9-4.9 s with 2
+  threads, against 0.9-1.3 s with 1 thread (ten runs).
 
 The analyses slow down the same way.
 
