@@ -43,6 +43,17 @@ def _group_codes(adata: AnnData, key: str) -> tuple[np.ndarray, list]:
     return codes, categories
 
 
+def _check_sample_level(info: pd.DataFrame, key: str, sample_key: str) -> None:
+    """Refuse ``key`` unless it is a sample-level covariate (a column of ``sample_info`` other than
+    the sample key and ``n_cells``)."""
+    if key not in info.columns or key in (sample_key, "n_cells"):
+        candidates = [c for c in info.columns if c not in (sample_key, "n_cells")]
+        raise ValueError(
+            f"{key!r} is not a sample-level covariate (an obs column constant within every sample); "
+            f"the sample-level columns are {candidates}."
+        )
+
+
 WRITTEN_BY = "mrvi_pyro.cluster_cells_by_sample_distances"
 """Tag in ``adata.uns[key_added]`` marking an obs column as written (and replaceable) by us."""
 
@@ -228,12 +239,7 @@ class ExploreMixin:
         for key in keys:
             if key == registry.batch_key:
                 continue
-            if key not in info.columns or key in (registry.sample_key, "n_cells"):
-                candidates = [c for c in info.columns if c not in (registry.sample_key, "n_cells")]
-                raise ValueError(
-                    f"{key!r} is not a sample-level covariate (an obs column constant within every sample); "
-                    f"the sample-level columns are {candidates}."
-                )
+            _check_sample_level(info, key, registry.sample_key)
             design = design_matrix(info[[key]], [key])
             columns = design.matrix[:, design.covariate_columns]
             names.append(key)
@@ -356,12 +362,7 @@ class ExploreMixin:
         for key in keys:
             if key in levels:
                 continue
-            if key not in info.columns or key == "n_cells":
-                candidates = [c for c in info.columns if c not in (registry.sample_key, "n_cells")]
-                raise ValueError(
-                    f"{key!r} is not a sample-level covariate (an obs column constant within every sample); "
-                    f"the sample-level columns are {candidates}."
-                )
+            _check_sample_level(info, key, registry.sample_key)
             if info[key].isna().any():
                 missing = list(info.index[info[key].isna().to_numpy()][:5])
                 raise ValueError(f"Sample-level covariate {key!r} is missing for sample(s) {missing}; fill it "
