@@ -27,7 +27,7 @@ from .components import GUIDES, LIKELIHOODS, MODULE_CLASSES, PRIORS, SAMPLE_MAPP
 from .data import CellData, Registry, build_sample_info, check_key_added, get_registry
 from .data import setup_anndata as _setup_anndata
 from .explore import check_positive
-from .io import history_from_json, history_to_json, read_model, write_model
+from .io import history_from_json, history_to_json, read_model, split_from_json, split_to_json, write_model
 from .module import MrVIModule, default_max_epochs, prior_name
 from .posterior import latent_representation, make_generator, normalized_expression
 from .train import (
@@ -308,6 +308,7 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
         self.sample_info = build_sample_info(adata, registry)
         self.history: pd.DataFrame | None = None
         self.training_result: TrainingResult | None = None
+        self._split: tuple[np.ndarray, np.ndarray] | None = None
         self.is_trained = False
         self.diverged: str | None = None
 
@@ -486,6 +487,8 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
             self.diverged = str(err).split(";")[0]  # analyses now refuse these weights
             raise
         self.training_result, self.history, self.is_trained = result, result.history, True
+        self._split = (np.asarray(result.train_indices, dtype=np.int64),
+                       np.asarray(result.validation_indices, dtype=np.int64))
         train_longer = (
             f"Train longer: a larger max_epochs (default for {len(data)} cells: {default_max_epochs(len(data))}); "
             "with checkpoint_dir, calling train() again with a larger max_epochs continues the same run."
@@ -516,6 +519,33 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
     def to_device(self, device: str = "auto") -> None:
         """Move the module to ``device`` (``"auto"``, ``"cpu"``, ``"cuda"``)."""
         self.module.to(resolve_device(device))
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the module's weights (scvi-tools' ``model.device``); see :meth:`to_device`."""
+        return next(self.module.parameters()).device
+
+    # ----- the training split, under scvi-tools' names ------------------------------------
+    @property
+    def train_indices(self) -> np.ndarray | None:
+        """Positions (in the AnnData the model was trained on) of the cells it was trained on,
+        sorted; None before training. Kept by :meth:`save` and restored by :meth:`load`; a
+        later :meth:`train` replaces it. A copy: changing it changes nothing here."""
+        return None if self._split is None else self._split[0].copy()
+
+    @property
+    def validation_indices(self) -> np.ndarray | None:
+        """Positions of the validation cells (``train_size`` / ``validation_size``: the cells
+        held out from training, on which ``history["elbo_validation"]`` is computed), sorted;
+        empty with ``train_size=1``; None before training. As :attr:`train_indices`."""
+        return None if self._split is None else self._split[1].copy()
+
+    @property
+    def test_indices(self) -> np.ndarray | None:
+        """Always empty after training (None before): unlike scvi-tools' splitter, ``train`` holds
+        out no test set (``train_size + validation_size`` is 1 here); kept for scripts written
+        for scvi-tools that read it."""
+        return None if self._split is None else np.zeros(0, dtype=np.int64)
 
     # ----- latent space and expression ----------------------------------------------------
     def get_latent_representation(
@@ -706,6 +736,7 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
             "init_params": self.init_params,
             "registry": self.registry.__dict__,
             "history": history_to_json(self.history),
+            "split": split_to_json(*(self._split or (None, None))),
             "is_trained": self.is_trained,
             "diverged": getattr(self, "diverged", None),
         }
@@ -775,6 +806,7 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
         model.sample_info = build_sample_info(adata, registry)
         model.history = history_from_json(metadata.get("history"))
         model.training_result = None
+        model._split = split_from_json(metadata.get("split"), f"{dir_path}/model.json")
         model.is_trained = bool(metadata.get("is_trained", False))
         model.diverged = metadata.get("diverged")
         return model

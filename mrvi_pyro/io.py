@@ -6,8 +6,8 @@ A saved model is a directory with
   ``torch.load(..., weights_only=True)``, so no code is ever unpickled);
 - ``model.json`` -- a format tag, the package version, the names of the module class and the
   guide (as registered, :mod:`mrvi_pyro.components`), the constructor arguments (which name the
-  likelihood, sample mapper and prior), the registry (keys, category orders, genes) and the
-  training history;
+  likelihood, sample mapper and prior), the registry (keys, category orders, genes), the
+  training history and the training split (:func:`split_to_json`);
 - ``adata.h5ad`` -- the AnnData, when ``save_anndata=True``.
 
 Saving is atomic: the files are written into a temporary sibling directory that then replaces
@@ -18,10 +18,12 @@ a new model.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -101,3 +103,35 @@ def history_to_json(history: pd.DataFrame | None):
 def history_from_json(records) -> pd.DataFrame | None:
     """Inverse of :func:`history_to_json`."""
     return None if records is None else pd.DataFrame(records).set_index("epoch")
+
+
+def split_to_json(train_indices: np.ndarray | None, validation_indices: np.ndarray | None) -> dict | None:
+    """The training split as JSON: ``{"n_obs": N, "validation_mask": base64 of the packed bits
+    of a boolean mask over the N cells}`` (every cell is in exactly one of the two sets; about
+    N / 6 characters). ``None`` stays ``None`` (an untrained model)."""
+    if train_indices is None or validation_indices is None:
+        return None
+    n_obs = len(train_indices) + len(validation_indices)
+    mask = np.zeros(n_obs, dtype=bool)
+    mask[np.asarray(validation_indices, dtype=np.int64)] = True
+    return {"n_obs": int(n_obs), "validation_mask": base64.b64encode(np.packbits(mask).tobytes()).decode("ascii")}
+
+
+def split_from_json(record, where: str = "model.json") -> tuple[np.ndarray, np.ndarray] | None:
+    """Inverse of :func:`split_to_json`: ``(train_indices, validation_indices)``, sorted; None for
+    ``None`` (an untrained model, or a save written before the split was kept). ``ValueError``
+    naming ``where`` for a record that is not one :func:`split_to_json` wrote."""
+    if record is None:
+        return None
+    try:
+        n_obs = record["n_obs"]
+        packed = np.frombuffer(base64.b64decode(record["validation_mask"], validate=True), dtype=np.uint8)
+        valid = (isinstance(n_obs, int) and not isinstance(n_obs, bool) and n_obs >= 0
+                 and len(packed) == (n_obs + 7) // 8)
+    except (KeyError, TypeError, ValueError):
+        valid = False
+    if not valid:
+        raise ValueError(f"{where} has a malformed training split ('split'); the file was changed after it was "
+                         "saved. Remove the 'split' entry to load the model without its split.")
+    mask = np.unpackbits(packed, count=n_obs).astype(bool)
+    return np.flatnonzero(~mask), np.flatnonzero(mask)

@@ -157,3 +157,69 @@ def test_architecture_3_round_trip(small_adata, tmp_path):
     loaded = MRVI.load(tmp_path / "m", adata=small_adata)
     assert loaded.init_params["architecture"] == 3
     np.testing.assert_array_equal(loaded.get_latent_representation(), model.get_latent_representation())
+
+
+def test_training_split_under_scvi_tools_names_survives_save_and_load(trained_model, sim_adata, tmp_path):
+    """``train_indices`` / ``validation_indices`` / ``test_indices`` and ``device``, as scvi-tools'
+    models have them: the split train() used, kept exactly through save and load."""
+    result = trained_model.training_result
+    train, validation = trained_model.train_indices, trained_model.validation_indices
+    np.testing.assert_array_equal(train, result.train_indices)
+    np.testing.assert_array_equal(validation, result.validation_indices)
+    assert len(train) + len(validation) == sim_adata.n_obs and len(validation) == 200
+    np.testing.assert_array_equal(np.sort(np.concatenate([train, validation])), np.arange(sim_adata.n_obs))
+    assert trained_model.test_indices.shape == (0,)
+    assert trained_model.device == torch.device("cpu")
+    train[:] = -1  # a copy: the model's split is unchanged
+    assert trained_model.train_indices.min() >= 0
+    trained_model.save(tmp_path / "m")
+    loaded = MRVI.load(tmp_path / "m", adata=sim_adata)
+    np.testing.assert_array_equal(loaded.train_indices, result.train_indices)
+    np.testing.assert_array_equal(loaded.validation_indices, result.validation_indices)
+    assert loaded.test_indices.shape == (0,) and loaded.device == torch.device("cpu")
+
+
+def test_split_is_none_before_training_and_in_older_saves(small_adata, tmp_path):
+    model = MRVI(small_adata)
+    assert model.train_indices is None and model.validation_indices is None and model.test_indices is None
+    model.save(tmp_path / "untrained")
+    assert MRVI.load(tmp_path / "untrained", adata=small_adata).train_indices is None
+    model.train(max_epochs=1, train_size=1.0, progress_bar=False)
+    assert model.validation_indices.shape == (0,)
+    np.testing.assert_array_equal(model.train_indices, np.arange(small_adata.n_obs))
+    model.save(tmp_path / "m")
+    metadata_file = tmp_path / "m" / "model.json"
+    metadata = json.loads(metadata_file.read_text())
+    np.testing.assert_array_equal(MRVI.load(tmp_path / "m", adata=small_adata).train_indices, model.train_indices)
+    del metadata["split"]  # as saved before the split was kept
+    metadata_file.write_text(json.dumps(metadata))
+    loaded = MRVI.load(tmp_path / "m", adata=small_adata)
+    assert loaded.is_trained and loaded.train_indices is None and loaded.validation_indices is None
+
+
+@pytest.mark.parametrize("split", [{"n_obs": 10}, {"n_obs": 300, "validation_mask": "AAAA"},
+                                   {"n_obs": 16, "validation_mask": "not base64!"},
+                                   {"n_obs": True, "validation_mask": ""}, [1, 2]])
+def test_load_refuses_a_damaged_split(small_adata, tmp_path, split):
+    model = MRVI(small_adata)
+    model.train(max_epochs=1, progress_bar=False)
+    model.save(tmp_path / "m")
+    metadata_file = tmp_path / "m" / "model.json"
+    metadata = json.loads(metadata_file.read_text())
+    metadata["split"] = split
+    metadata_file.write_text(json.dumps(metadata))
+    with pytest.raises(ValueError, match="malformed training split"):
+        MRVI.load(tmp_path / "m", adata=small_adata)
+
+
+def test_split_json_round_trip_is_exact_at_every_size():
+    from mrvi_pyro.io import split_from_json, split_to_json
+
+    rng = np.random.default_rng(0)
+    for n_obs in (0, 1, 7, 8, 9, 1000):
+        validation = np.sort(rng.choice(n_obs, size=n_obs // 3, replace=False)) if n_obs else np.zeros(0, np.int64)
+        train = np.setdiff1d(np.arange(n_obs), validation)
+        back = split_from_json(json.loads(json.dumps(split_to_json(train, validation))))
+        np.testing.assert_array_equal(back[0], train)
+        np.testing.assert_array_equal(back[1], validation)
+    assert split_to_json(None, None) is None and split_from_json(None) is None
