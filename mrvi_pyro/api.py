@@ -35,6 +35,7 @@ from .train import (
     TrainingResult,
     batch_share_still_falling,
     elbo_per_cell,
+    log_likelihood_per_cell,
     resolve_device,
     spread_still_growing,
     train_svi,
@@ -601,13 +602,39 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
         with the full KL weight: the mean over the cells when ``return_mean``, else one value per
         cell (n_cells,). Its negative is what ``history["elbo_validation"]`` reports per epoch.
         """
+        return self._per_cell(elbo_per_cell, adata, indices, batch_size, return_mean, seed)
+
+    def _per_cell(self, function, adata, indices, batch_size, return_mean, seed, sign: float = 1.0):
+        """``sign * function(module, data, indices, ...)``, one value per cell or their mean
+        (:meth:`get_elbo`, :meth:`get_reconstruction_error`)."""
         _check_optional_positive("batch_size", batch_size)
         if not isinstance(return_mean, (bool, np.bool_)):
             raise ValueError(f"return_mean must be True or False; got {return_mean!r}.")
         data = self._cell_data(adata)
-        per_cell = elbo_per_cell(self.module, data, self._indices(data, indices), batch_size=batch_size or 1024,
-                                 seed=seed)
+        per_cell = sign * function(self.module, data, self._indices(data, indices), batch_size=batch_size or 1024,
+                                   seed=seed)
         return float(per_cell.mean()) if return_mean else per_cell
+
+    def get_reconstruction_error(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        batch_size: int | None = None,
+        *,
+        return_mean: bool = True,
+        seed: int = 0,
+    ) -> dict[str, float | np.ndarray]:
+        """Reconstruction error of the cells, as scvi-tools' ``get_reconstruction_error``.
+
+        ``{"reconstruction_loss": value}``: the negative log-likelihood of the counts given one
+        posterior draw of ``u`` and ``z`` per cell (seeded by ``seed``; evaluation mode), ``-log p(x | u, z)``,
+        lower is better. ``value`` is the mean over the cells when ``return_mean``, else one value
+        per cell (n_cells,). It is the likelihood part of :meth:`get_elbo` (the same draw for
+        the same ``seed``), so it compares likelihoods (``likelihood="nb"`` against
+        ``"poisson"``) or decoders without the prior's terms; it is not the marginal likelihood.
+        """
+        value = self._per_cell(log_likelihood_per_cell, adata, indices, batch_size, return_mean, seed, sign=-1.0)
+        return {"reconstruction_loss": value}
 
     def get_normalized_expression(
         self,

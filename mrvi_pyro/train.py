@@ -396,6 +396,22 @@ def elbo_per_cell(module, data: CellData, indices: np.ndarray | None = None, *, 
     posterior draw per cell (evaluation mode, the full KL weight, no gradients), the per-cell
     terms of what :func:`evaluate_loss` averages (its negative). Draws come from torch's random
     state seeded with ``seed`` inside a fork, so the caller's random state is left alone."""
+    return _per_cell_log_densities(module, data, indices, batch_size=batch_size, seed=seed, observed_only=False)
+
+
+def log_likelihood_per_cell(module, data: CellData, indices: np.ndarray | None = None, *, batch_size: int = 1024,
+                            seed: int = 0) -> np.ndarray:
+    """``log p(x | u, z)`` of each cell (n,): the log-density of the model's observed sites (the
+    counts) at one posterior draw of the latent variables, the same draw as
+    :func:`elbo_per_cell` with the same ``seed``. Its negative is scvi-tools'
+    ``reconstruction_loss`` (:meth:`mrvi_pyro.MRVI.get_reconstruction_error`)."""
+    return _per_cell_log_densities(module, data, indices, batch_size=batch_size, seed=seed, observed_only=True)
+
+
+def _per_cell_log_densities(module, data: CellData, indices: np.ndarray | None, *, batch_size: int, seed: int,
+                            observed_only: bool) -> np.ndarray:
+    """Per-cell sum of the log-densities of the model's sites minus the guide's (or, with
+    ``observed_only``, of the model's observed sites only), at one seeded posterior draw."""
     device = next(module.parameters()).device
     indices = np.arange(data.n_obs) if indices is None else np.asarray(indices, dtype=np.int64)
     out = []
@@ -409,10 +425,13 @@ def elbo_per_cell(module, data: CellData, indices: np.ndarray | None = None, *, 
                 guide_trace = poutine.trace(module.guide).get_trace(*args)
                 model_trace = poutine.trace(poutine.replay(module.model, trace=guide_trace)).get_trace(*args)
                 total = torch.zeros(len(chunk), dtype=torch.float64, device=device)
-                for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
+                traces = ((model_trace, 1.0),) if observed_only else ((model_trace, 1.0), (guide_trace, -1.0))
+                for trace, sign in traces:
                     trace.compute_log_prob()
                     for site in trace.nodes.values():
                         if site["type"] != "sample" or "log_prob" not in site:
+                            continue
+                        if observed_only and not site["is_observed"]:
                             continue
                         log_prob = site["log_prob"]
                         if log_prob.dim() == 0:  # a plate's subsample site, or a fully masked one

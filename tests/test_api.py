@@ -258,3 +258,35 @@ def test_get_elbo_matches_the_validation_loss_and_rises_with_training(small_adat
     assert model.get_elbo(adata=small_adata.copy(), seed=3) == model.get_elbo(seed=3)
     with pytest.raises(ValueError, match="return_mean"):
         model.get_elbo(return_mean="yes")
+
+
+@pytest.mark.parametrize("likelihood", ["nb", "poisson"])
+def test_get_reconstruction_error_is_minus_log_likelihood_at_the_posterior_draw(small_adata, likelihood):
+    """scvi-tools' get_reconstruction_error: {"reconstruction_loss": -log p(x | u, z)} at one
+    seeded posterior draw, equal to the same quantity computed by hand (the guide's draw, the
+    decoder, the model's likelihood component), per cell and as a mean, in chunks too; training
+    lowers it; the caller's random state is left alone."""
+    model = MRVI(small_adata, seed=0, likelihood=likelihood)
+    module, data, n = model.module, model._cell_data(None), small_adata.n_obs
+    batch = data.batch(np.arange(n))
+    with torch.random.fork_rng(), torch.no_grad():
+        torch.manual_seed(3)
+        _, z = module.guide(batch["x"], batch["sample_index"], batch["batch_index"], batch["label_index"])
+        log_mu = module.decode(z, batch["batch_index"]) + torch.log(batch["x"].sum(-1, keepdim=True))
+        expected = -module.observation_distribution(log_mu).to_event(1).log_prob(batch["x"]).double().numpy()
+    state = torch.get_rng_state()
+    with pytest.warns(UserWarning, match="not been trained"):
+        result = model.get_reconstruction_error(return_mean=False, seed=3)
+    assert torch.equal(state, torch.get_rng_state())
+    assert list(result) == ["reconstruction_loss"]
+    np.testing.assert_allclose(result["reconstruction_loss"], expected, rtol=1e-6)
+    mean = model.get_reconstruction_error(seed=3)["reconstruction_loss"]
+    assert isinstance(mean, float) and mean == pytest.approx(expected.mean(), rel=1e-6)
+    chunked = model.get_reconstruction_error(return_mean=False, seed=3, batch_size=70)["reconstruction_loss"]
+    assert chunked.shape == (n,) and np.corrcoef(chunked, expected)[0, 1] > 0.9  # same cells, other draws
+    sub = model.get_reconstruction_error(indices=[4, 0], return_mean=False)["reconstruction_loss"]
+    assert sub.shape == (2,)
+    model.train(max_epochs=5, batch_size=128, progress_bar=False)
+    assert model.get_reconstruction_error(seed=3)["reconstruction_loss"] < mean - 5
+    with pytest.raises(ValueError, match="return_mean"):
+        model.get_reconstruction_error(return_mean=1)

@@ -43,7 +43,7 @@ NOT_IMPLEMENTED = {
                      "view_setup_method_args"], _REGISTRY),
     **dict.fromkeys(["get_batch_representation", "get_feature_correlation_matrix",
                      "get_importance_weights", "get_latent_library_size", "get_likelihood_parameters",
-                     "get_marginal_ll", "get_reconstruction_error", "posterior_predictive_sample"], _GENERIC),
+                     "get_marginal_ll", "posterior_predictive_sample"], _GENERIC),
     **dict.fromkeys(["load_query_data", "prepare_query_anndata", "prepare_query_mudata"],
                     "query mapping (scArches) is not implemented"),
     "minify_adata": "minified AnnData is not supported",
@@ -64,6 +64,9 @@ DIFFERENCES = {
     ("get_elbo", "dataloader"): "no scvi-tools dataloaders: pass adata/indices",
     ("get_elbo", "data_loader_kwargs"): "no scvi-tools dataloaders",
     ("get_elbo", "kwargs"): "no module keywords to pass; seed= chooses the posterior draw",
+    ("get_reconstruction_error", "dataloader"): "no scvi-tools dataloaders: pass adata/indices",
+    ("get_reconstruction_error", "data_loader_kwargs"): "no scvi-tools dataloaders",
+    ("get_reconstruction_error", "kwargs"): "no module keywords to pass; seed= chooses the posterior draw",
     ("get_normalized_expression", "data_loader_kwargs"): "no scvi-tools dataloaders",
     ("get_normalized_expression", "importance_weighting_kwargs"): "importance weights are not implemented",
     ("update_sample_info", "adata"): "optional: defaults to the model's AnnData",
@@ -88,6 +91,7 @@ KEYWORD_ONLY_HERE = {
     "save": "the reference's second argument is prefix",
     "load": "the reference's third argument is accelerator",
     "get_elbo": "the reference's fourth argument is a dataloader",
+    "get_reconstruction_error": "the reference's fourth argument is a dataloader",
 }
 
 
