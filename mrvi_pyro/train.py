@@ -438,8 +438,9 @@ def _per_cell_log_densities(module, data: CellData, indices: np.ndarray | None, 
                             continue
                         if log_prob.shape != (len(chunk),):
                             raise ValueError(f"Site {site['name']!r} has per-cell log-densities of shape "
-                                             f"{tuple(log_prob.shape)}; get_elbo needs one value per cell "
-                                             "(declare the site's event dimensions with .to_event()).")
+                                             f"{tuple(log_prob.shape)}; get_elbo and get_reconstruction_error "
+                                             "need one value per cell (declare the site's event dimensions "
+                                             "with .to_event()).")
                         total += sign * log_prob.double()
                 out.append(total.cpu().numpy())
     finally:
