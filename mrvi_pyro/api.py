@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
+import scipy.sparse
 import torch
 from anndata import AnnData
 
@@ -29,13 +30,14 @@ from .data import setup_anndata as _setup_anndata
 from .explore import check_positive
 from .io import history_from_json, history_to_json, read_model, split_from_json, split_to_json, write_model
 from .module import MrVIModule, default_max_epochs, prior_name
-from .posterior import latent_representation, make_generator, normalized_expression
+from .posterior import latent_representation, likelihood_parameters, make_generator, normalized_expression
 from .train import (
     TrainingDivergedError,
     TrainingResult,
     batch_share_still_falling,
     elbo_per_cell,
     log_likelihood_per_cell,
+    posterior_predictive_counts,
     resolve_device,
     spread_still_growing,
     train_svi,
@@ -722,6 +724,116 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
         if return_numpy:
             return values
         return pd.DataFrame(values, index=data.obs_names[idx], columns=np.asarray(self.registry.var_names)[genes])
+
+    def get_likelihood_parameters(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        n_samples: int = 1,
+        give_mean: bool = False,
+        batch_size: int | None = None,
+        *,
+        seed: int = 0,
+    ) -> dict[str, np.ndarray]:
+        """Parameters of the count likelihood ``p(x | z, b)`` of each cell (scvi-tools' name and keys).
+
+        ``"mean"``: the likelihood's mean (cells x genes), ``library * h`` for the negative
+        binomial and the Poisson, at the cell's observed library size; ``"dispersions"``: the
+        negative binomial's inverse dispersion ``theta`` per gene, repeated for every cell (absent
+        for the Poisson). A variant's likelihood gives its own ``mean`` (and ``theta`` if it has one).
+
+        Parameters
+        ----------
+        n_samples
+            1 decodes the posterior mean of u (deterministic; the reference draws once); more
+            decodes that many seeded posterior draws: arrays (n_samples, n_cells, n_genes).
+        give_mean
+            With ``n_samples > 1``, average over the draws (arrays (n_cells, n_genes)).
+        seed
+            Ours: seeds the posterior draws.
+        """
+        _check_optional_positive("batch_size", batch_size)
+        if isinstance(n_samples, bool) or not isinstance(n_samples, numbers.Integral) or n_samples < 1:
+            raise ValueError(f"n_samples must be a positive integer; got {n_samples!r}.")
+        if not isinstance(give_mean, (bool, np.bool_)):
+            raise ValueError(f"give_mean must be True or False; got {give_mean!r}.")
+        data = self._cell_data(adata)
+        return likelihood_parameters(self.module, data, self._indices(data, indices), n_samples=int(n_samples),
+                                     return_mean=bool(give_mean), batch_size=batch_size or 256, seed=seed)
+
+    def posterior_predictive_sample(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        transform_batch: str | None = None,
+        n_samples: int = 1,
+        gene_list: Sequence[str] | None = None,
+        batch_size: int | None = None,
+        *,
+        silent: bool = True,
+        seed: int = 0,
+        max_in_memory_gb: float = 2.0,
+    ) -> scipy.sparse.csr_matrix | np.ndarray:
+        """Counts drawn from the posterior predictive distribution ``p(x_new | x)`` (scvi-tools' name).
+
+        For each cell and draw: ``u`` and ``z`` from the posterior ``q(u, z | x, s)``, then the
+        counts from the model's likelihood given them (the cell's observed library size), run as
+        the Pyro model itself with its observed site unconditioned, so a variant's likelihood is
+        sampled as it is defined. For posterior predictive checks: compare a statistic of the
+        draws (per-gene mean, variance, share of zeros) with the same statistic of the data.
+
+        Parameters
+        ----------
+        adata, indices
+            Cells to draw for (default: every cell of the model's AnnData).
+        transform_batch
+            A nuisance level: the likelihood sees it for every cell (counts as if measured in that
+            batch); the posterior still conditions on the observed cells. None: each cell's own.
+        n_samples
+            Draws per cell.
+        gene_list
+            Return only these genes (names of ``adata.var_names``), in this order.
+        batch_size
+            Cells per chunk (default 256).
+        silent
+            Accepted for compatibility with scvi-tools and ignored (no progress bar is shown).
+        seed
+            Seeds the draws (posterior and counts); the caller's random state is left alone.
+        max_in_memory_gb
+            Ours: with ``n_samples > 1`` the dense result (n_cells x n_genes x n_samples float32)
+            must fit in this many GB (1e9 bytes), else a ``ValueError`` is raised before any work,
+            naming the size and how to reduce it.
+
+        Returns
+        -------
+        ``n_samples == 1``: a ``scipy.sparse.csr_matrix`` (n_cells, n_genes) of counts (float32).
+        ``n_samples > 1``: an ndarray (n_cells, n_genes, n_samples), the axes of scvi-tools'
+        result (which is a pydata ``sparse.GCXS``; scipy has no 3-d sparse type).
+        """
+        _check_optional_positive("batch_size", batch_size)
+        if isinstance(n_samples, bool) or not isinstance(n_samples, numbers.Integral) or n_samples < 1:
+            raise ValueError(f"n_samples must be a positive integer; got {n_samples!r}.")
+        if not (isinstance(max_in_memory_gb, numbers.Real) and max_in_memory_gb > 0):
+            raise ValueError(f"max_in_memory_gb must be a positive number; got {max_in_memory_gb!r}.")
+        if transform_batch is not None and not isinstance(transform_batch, str):
+            raise ValueError("transform_batch must be one nuisance level (a string) or None; "
+                             f"got {transform_batch!r}.")
+        data = self._cell_data(adata)
+        idx = self._indices(data, indices)
+        level = None if transform_batch is None else self._batch_codes(transform_batch)[0]
+        genes = self._gene_positions(gene_list)
+        n_genes = len(self.registry.var_names) if isinstance(genes, slice) else len(genes)
+        size_gb = 4 * len(idx) * n_genes * int(n_samples) / 1e9
+        if n_samples > 1 and size_gb > max_in_memory_gb:
+            raise ValueError(
+                f"{n_samples} posterior predictive draws of {len(idx)} cells x {n_genes} genes are "
+                f"{size_gb:.3g} GB as a dense array, above max_in_memory_gb={max_in_memory_gb}. Draw for fewer "
+                "cells (indices=) or genes (gene_list=), raise max_in_memory_gb, or call with n_samples=1 "
+                "and different seeds (each draw is a sparse matrix)."
+            )
+        draws = posterior_predictive_counts(self.module, data, idx, n_samples=int(n_samples), batch_level=level,
+                                            genes=genes, batch_size=batch_size or 256, seed=seed, sparse=n_samples == 1)
+        return draws[0] if n_samples == 1 else np.stack(draws, axis=-1)
 
     def _batch_codes(self, transform_batch: str | Sequence[str]) -> list[int]:
         names = [transform_batch] if isinstance(transform_batch, str) else list(transform_batch)

@@ -160,3 +160,41 @@ def normalized_expression(
         out.append((h.mean(0, keepdim=True) if return_mean else h.expand(n_samples, *h.shape[1:])).cpu().numpy())
     result = np.concatenate(out, axis=1)
     return result[0] if return_mean else result
+
+
+def likelihood_parameters(
+    module,
+    data,
+    indices=None,
+    *,
+    n_samples: int = 1,
+    return_mean: bool = True,
+    batch_size: int = 256,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Parameters of the count likelihood ``p(x | z, b)`` of each cell under its own sample.
+
+    ``"mean"``: the likelihood's mean (its ``mean`` property, so a variant's likelihood gives its
+    own); ``"dispersions"``: its inverse dispersion ``theta`` broadcast to (cells, genes) when it
+    has one (the negative binomial; not the Poisson). ``n_samples == 1`` decodes the posterior
+    mean of u; more decodes that many seeded posterior draws, (n_samples, n_cells, G), averaged
+    over the draws with ``return_mean``.
+    """
+    parts: dict[str, list[np.ndarray]] = {}
+    use_mean = n_samples == 1
+    for _, batch, loc, _, draws in iter_posterior_u(
+        module, data, indices, batch_size=batch_size, n_draws=None if use_mean else n_samples, seed=seed
+    ):
+        u = loc.unsqueeze(0) if draws is None else draws
+        z = module.counterfactual_z(u, batch["sample_index"])
+        log_mu = module.decode(z, batch["batch_index"]) + torch.log(batch["x"].sum(-1, keepdim=True))
+        likelihood = module.observation_distribution(log_mu)
+        values = {"mean": likelihood.mean}
+        theta = getattr(likelihood, "theta", None)
+        if isinstance(theta, torch.Tensor):
+            values["dispersions"] = theta.expand(values["mean"].shape)
+        for name, value in values.items():
+            value = value.mean(0, keepdim=True) if return_mean or use_mean else value
+            parts.setdefault(name, []).append(value.detach().cpu().numpy())
+    result = {name: np.concatenate(chunks, axis=1) for name, chunks in parts.items()}
+    return {name: value[0] if return_mean or use_mean else value for name, value in result.items()}

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import pyro
+import scipy.sparse
 import torch
 from pyro import poutine
 from pyro.infer import Trace_ELBO
@@ -408,44 +409,98 @@ def log_likelihood_per_cell(module, data: CellData, indices: np.ndarray | None =
     return _per_cell_log_densities(module, data, indices, batch_size=batch_size, seed=seed, observed_only=True)
 
 
-def _per_cell_log_densities(module, data: CellData, indices: np.ndarray | None, *, batch_size: int, seed: int,
-                            observed_only: bool) -> np.ndarray:
-    """Per-cell sum of the log-densities of the model's sites minus the guide's (or, with
-    ``observed_only``, of the model's observed sites only), at one seeded posterior draw."""
+@contextlib.contextmanager
+def _seeded_evaluation(module, seed: int):
+    """The block runs in evaluation mode, without gradients or Pyro's validation, on torch's
+    random state seeded with ``seed`` inside a fork (the caller's state is left alone); yields
+    the module's device. The module's mode is restored afterwards."""
     device = next(module.parameters()).device
-    indices = np.arange(data.n_obs) if indices is None else np.asarray(indices, dtype=np.int64)
-    out = []
     was_training = module.training
     module.eval()
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=_fork_devices(device)), pyro.validation_enabled(False):
             torch.manual_seed(seed)
-            for chunk, batch in data.iter_batches(indices, batch_size, device):
-                args = _call_args(batch)
-                guide_trace = poutine.trace(module.guide).get_trace(*args)
-                model_trace = poutine.trace(poutine.replay(module.model, trace=guide_trace)).get_trace(*args)
-                total = torch.zeros(len(chunk), dtype=torch.float64, device=device)
-                traces = ((model_trace, 1.0),) if observed_only else ((model_trace, 1.0), (guide_trace, -1.0))
-                for trace, sign in traces:
-                    trace.compute_log_prob()
-                    for site in trace.nodes.values():
-                        if site["type"] != "sample" or "log_prob" not in site:
-                            continue
-                        if observed_only and not site["is_observed"]:
-                            continue
-                        log_prob = site["log_prob"]
-                        if log_prob.dim() == 0:  # a plate's subsample site, or a fully masked one
-                            continue
-                        if log_prob.shape != (len(chunk),):
-                            raise ValueError(f"Site {site['name']!r} has per-cell log-densities of shape "
-                                             f"{tuple(log_prob.shape)}; get_elbo and get_reconstruction_error "
-                                             "need one value per cell (declare the site's event dimensions "
-                                             "with .to_event()).")
-                        total += sign * log_prob.double()
-                out.append(total.cpu().numpy())
+            yield device
     finally:
         module.train(was_training)
+
+
+def _per_cell_log_densities(module, data: CellData, indices: np.ndarray | None, *, batch_size: int, seed: int,
+                            observed_only: bool) -> np.ndarray:
+    """Per-cell sum of the log-densities of the model's sites minus the guide's (or, with
+    ``observed_only``, of the model's observed sites only), at one seeded posterior draw."""
+    indices = np.arange(data.n_obs) if indices is None else np.asarray(indices, dtype=np.int64)
+    out = []
+    with _seeded_evaluation(module, seed) as device:
+        for chunk, batch in data.iter_batches(indices, batch_size, device):
+            args = _call_args(batch)
+            guide_trace = poutine.trace(module.guide).get_trace(*args)
+            model_trace = poutine.trace(poutine.replay(module.model, trace=guide_trace)).get_trace(*args)
+            total = torch.zeros(len(chunk), dtype=torch.float64, device=device)
+            traces = ((model_trace, 1.0),) if observed_only else ((model_trace, 1.0), (guide_trace, -1.0))
+            for trace, sign in traces:
+                trace.compute_log_prob()
+                for site in trace.nodes.values():
+                    if site["type"] != "sample" or "log_prob" not in site:
+                        continue
+                    if observed_only and not site["is_observed"]:
+                        continue
+                    log_prob = site["log_prob"]
+                    if log_prob.dim() == 0:  # a plate's subsample site, or a fully masked one
+                        continue
+                    if log_prob.shape != (len(chunk),):
+                        raise ValueError(f"Site {site['name']!r} has per-cell log-densities of shape "
+                                         f"{tuple(log_prob.shape)}; get_elbo and get_reconstruction_error "
+                                         "need one value per cell (declare the site's event dimensions "
+                                         "with .to_event()).")
+                    total += sign * log_prob.double()
+            out.append(total.cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0)
+
+
+def posterior_predictive_counts(module, data: CellData, indices: np.ndarray | None = None, *, n_samples: int = 1,
+                                batch_level: int | None = None, genes: slice | np.ndarray = slice(None),
+                                batch_size: int = 256, seed: int = 0, sparse: bool = False) -> list:
+    """Counts drawn from the posterior predictive distribution, one array (n, G') per draw
+    (float32; with ``sparse``, a ``scipy.sparse.csr_matrix`` built chunk by chunk, so the dense
+    counts of all cells are never held at once).
+
+    Each draw runs the guide on the observed cells (``u`` and ``z`` from ``q(u, z | x, s)``,
+    evaluation mode) and then the model, replayed on those latent values with its observed
+    sites unconditioned (``poutine.uncondition``), so the count site is sampled from the
+    likelihood instead of being fixed to the data. Whatever the model's likelihood (a variant's
+    too), its own ``sample`` draws the counts. With ``batch_level`` the model (not the guide)
+    sees that nuisance code for every cell: counts as if the cells had been measured in that
+    batch. Draws come from torch's random state seeded with ``seed`` inside a fork, so the
+    caller's random state is left alone. ``genes`` selects the returned columns.
+    """
+    indices = np.arange(data.n_obs) if indices is None else np.asarray(indices, dtype=np.int64)
+    draws: list[list[np.ndarray]] = [[] for _ in range(n_samples)]
+    with _seeded_evaluation(module, seed) as device:
+        for _, batch in data.iter_batches(indices, batch_size, device):
+            args = _call_args(batch)
+            model_args = args if batch_level is None else (
+                args[0], args[1], torch.full_like(args[2], batch_level), *args[3:])
+            for k in range(n_samples):
+                guide_trace = poutine.trace(module.guide).get_trace(*args)
+                model_trace = poutine.trace(poutine.uncondition(
+                    poutine.replay(module.model, trace=guide_trace))).get_trace(*model_args)
+                sites = [site for site in model_trace.nodes.values()
+                         if site["type"] == "sample" and site["infer"].get("was_observed")]
+                if len(sites) != 1 or tuple(sites[0]["value"].shape) != tuple(args[0].shape):
+                    raise ValueError(
+                        "posterior_predictive_sample needs the model to have exactly one observed site, the "
+                        f"counts, of shape {tuple(args[0].shape)} (cells x genes); this model has "
+                        + (", ".join(f"{site['name']!r} {tuple(site['value'].shape)}" for site in sites)
+                           or "none") + "."
+                    )
+                counts = sites[0]["value"][:, genes].float().cpu().numpy()
+                draws[k].append(scipy.sparse.csr_matrix(counts) if sparse else counts)
+    width = len(data.registry.var_names) if isinstance(genes, slice) else len(genes)
+    if sparse:
+        return [scipy.sparse.vstack(d, format="csr") if d else scipy.sparse.csr_matrix((0, width), dtype=np.float32)
+                for d in draws]
+    return [np.concatenate(d) if d else np.zeros((0, width), dtype=np.float32) for d in draws]
 
 
 def train_svi(

@@ -5,6 +5,7 @@ import inspect
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.sparse
 import torch
 
 from mrvi_pyro import MRVI
@@ -290,3 +291,135 @@ def test_get_reconstruction_error_is_minus_log_likelihood_at_the_posterior_draw(
     assert model.get_reconstruction_error(seed=3)["reconstruction_loss"] < mean - 5
     with pytest.raises(ValueError, match="return_mean"):
         model.get_reconstruction_error(return_mean=1)
+
+
+@pytest.mark.parametrize("likelihood", ["nb", "poisson"])
+def test_posterior_predictive_sample_is_the_model_run_on_the_posterior_draw(small_adata, likelihood):
+    """scvi-tools' posterior_predictive_sample: counts from the likelihood at one seeded posterior
+    draw of (u, z), equal to the same draws made by hand (the guide, the decoder at the observed
+    library size, the likelihood component's sample), as a CSR matrix; several draws, genes,
+    a transform batch; the caller's random state is left alone."""
+    model = MRVI(small_adata, seed=0, likelihood=likelihood)
+    model.train(max_epochs=2, batch_size=128, progress_bar=False)
+    module, data, n = model.module, model._cell_data(None), small_adata.n_obs
+    batch = data.batch(np.arange(n))
+    library = torch.log(batch["x"].sum(-1, keepdim=True))
+
+    def by_hand(batch_index, n_draws=1):
+        with torch.random.fork_rng(), torch.no_grad():
+            torch.manual_seed(3)
+            out = []
+            for _ in range(n_draws):
+                _, z = module.guide(batch["x"], batch["sample_index"], batch["batch_index"], batch["label_index"])
+                out.append(module.observation_distribution(module.decode(z, batch_index) + library).sample().numpy())
+        return out
+
+    state = torch.get_rng_state()
+    draw = model.posterior_predictive_sample(seed=3, batch_size=n)
+    assert torch.equal(state, torch.get_rng_state())
+    assert isinstance(draw, scipy.sparse.csr_matrix) and draw.shape == (n, small_adata.n_vars)
+    assert draw.dtype == np.float32
+    np.testing.assert_array_equal(draw.toarray(), by_hand(batch["batch_index"])[0])
+    assert np.all(draw.data >= 0) and np.all(draw.data == np.round(draw.data))
+
+    genes = list(small_adata.var_names[[7, 2, 30]])
+    np.testing.assert_array_equal(model.posterior_predictive_sample(seed=3, batch_size=n, gene_list=genes).toarray(),
+                                  draw.toarray()[:, [7, 2, 30]])
+    several = model.posterior_predictive_sample(seed=3, batch_size=n, n_samples=3)
+    assert several.shape == (n, small_adata.n_vars, 3)
+    np.testing.assert_array_equal(several, np.stack(by_hand(batch["batch_index"], 3), axis=-1))
+    level = small_adata.obs["batch"].cat.categories[1]
+    moved = model.posterior_predictive_sample(seed=3, batch_size=n, transform_batch=level)
+    np.testing.assert_array_equal(moved.toarray(), by_hand(torch.full_like(batch["batch_index"], 1))[0])
+    assert not np.array_equal(moved.toarray(), draw.toarray())
+    chunked = model.posterior_predictive_sample(seed=3, batch_size=70, indices=np.arange(100, 250))
+    assert chunked.shape == (150, small_adata.n_vars)
+    assert model.posterior_predictive_sample(seed=4).nnz > 0
+    assert (model.posterior_predictive_sample(seed=4) != model.posterior_predictive_sample(seed=5)).nnz > 0
+
+
+def test_posterior_predictive_sample_reproduces_the_data_of_a_trained_model(trained_model, sim_adata):
+    """A posterior predictive check that a fitted model passes: the predictive draws' per-gene
+    mean and share of zeros follow the data's, and each cell keeps its library size on average."""
+    draws = trained_model.posterior_predictive_sample(n_samples=2, seed=0)
+    x = sim_adata.X.toarray() if scipy.sparse.issparse(sim_adata.X) else np.asarray(sim_adata.X)
+    gene_mean, drawn_mean = x.mean(0), draws.mean((0, 2))
+    assert np.corrcoef(np.log1p(gene_mean), np.log1p(drawn_mean))[0, 1] > 0.98
+    np.testing.assert_allclose(drawn_mean.sum(), gene_mean.sum(), rtol=0.05)
+    zeros, drawn_zeros = (x == 0).mean(0), (draws == 0).mean((0, 2))
+    assert np.abs(zeros - drawn_zeros).mean() < 0.05
+    assert np.corrcoef(x.sum(1), draws.sum(1).mean(1))[0, 1] > 0.95
+
+
+def test_posterior_predictive_sample_refuses_bad_input_and_oversized_results(small_adata):
+    model = MRVI(small_adata, seed=0)
+    model.is_trained = True  # the arguments are what is checked here, not the weights
+    with pytest.raises(ValueError, match="n_samples must be a positive integer"):
+        model.posterior_predictive_sample(n_samples=0)
+    with pytest.raises(ValueError, match="n_samples must be a positive integer"):
+        model.posterior_predictive_sample(n_samples=2.5)
+    with pytest.raises(ValueError, match="one nuisance level"):
+        model.posterior_predictive_sample(transform_batch=["batch_0", "batch_1"])
+    with pytest.raises(ValueError, match="not among the nuisance levels"):
+        model.posterior_predictive_sample(transform_batch="nope")
+    with pytest.raises(ValueError, match="not in the model's genes"):
+        model.posterior_predictive_sample(gene_list=["nope"])
+    with pytest.raises(ValueError, match="max_in_memory_gb must be a positive number"):
+        model.posterior_predictive_sample(max_in_memory_gb=0)
+    size = 4 * small_adata.n_obs * small_adata.n_vars * 10 / 1e9
+    with pytest.raises(ValueError, match=r"GB as a dense array, above max_in_memory_gb.*gene_list="):
+        model.posterior_predictive_sample(n_samples=10, max_in_memory_gb=size / 2)
+    assert model.posterior_predictive_sample(n_samples=10, max_in_memory_gb=size * 2).shape[-1] == 10
+
+
+def test_posterior_predictive_sample_names_the_observed_sites_it_cannot_use(small_adata, monkeypatch):
+    """A variant whose model observes more than the counts gets an error naming its observed sites."""
+    import pyro
+    import pyro.distributions as dist
+
+    model = MRVI(small_adata, seed=0)
+    model.is_trained = True
+    original = model.module.model
+
+    def two_observed(*args, **kwargs):
+        original(*args, **kwargs)
+        pyro.sample("extra", dist.Normal(0.0, 1.0), obs=torch.tensor(0.5))
+
+    monkeypatch.setattr(model.module, "model", two_observed)
+    with pytest.raises(ValueError, match=r"exactly one observed site.*'x' \(256, 60\), 'extra' \(\)"):
+        model.posterior_predictive_sample()
+
+
+@pytest.mark.parametrize("likelihood", ["nb", "poisson"])
+def test_get_likelihood_parameters_are_the_likelihoods_at_the_decoded_posterior(small_adata, likelihood):
+    """scvi-tools' get_likelihood_parameters: the likelihood's mean (library x h, the expression
+    get_normalized_expression gives at the observed library size, computed here by hand too) and,
+    for the negative binomial only, theta per gene repeated over cells; draws and their mean."""
+    model = MRVI(small_adata, seed=0, likelihood=likelihood)
+    model.train(max_epochs=2, batch_size=128, progress_bar=False)
+    module, data, n, g = model.module, model._cell_data(None), small_adata.n_obs, small_adata.n_vars
+    batch = data.batch(np.arange(n))
+    with torch.no_grad():
+        module.eval()
+        loc, _ = module.encode_u(batch["x"], batch["sample_index"])
+        z = module.counterfactual_z(loc, batch["sample_index"])
+        by_hand = (module.decode(z, batch["batch_index"]).exp() * batch["x"].sum(-1, keepdim=True)).numpy()
+    params = model.get_likelihood_parameters(batch_size=70)
+    assert sorted(params) == (["dispersions", "mean"] if likelihood == "nb" else ["mean"])
+    assert params["mean"].shape == (n, g)
+    np.testing.assert_allclose(params["mean"], by_hand, rtol=1e-5)
+    np.testing.assert_allclose(params["mean"], model.get_normalized_expression(return_numpy=True), rtol=1e-6)
+    if likelihood == "nb":
+        np.testing.assert_array_equal(params["dispersions"], np.broadcast_to(module.theta.detach().numpy(), (n, g)))
+    draws = model.get_likelihood_parameters(n_samples=3, seed=2)
+    assert draws["mean"].shape == (3, n, g)
+    np.testing.assert_allclose(draws["mean"], model.get_normalized_expression(n_samples=3, seed=2), rtol=1e-6)
+    averaged = model.get_likelihood_parameters(n_samples=3, give_mean=True, seed=2)
+    np.testing.assert_allclose(averaged["mean"], draws["mean"].mean(0), rtol=1e-5)
+    assert not np.allclose(draws["mean"][0], draws["mean"][1])
+    np.testing.assert_allclose(model.get_likelihood_parameters(indices=[5, 1])["mean"], params["mean"][[5, 1]],
+                               rtol=1e-6)
+    with pytest.raises(ValueError, match="n_samples must be a positive integer"):
+        model.get_likelihood_parameters(n_samples=0)
+    with pytest.raises(ValueError, match="give_mean must be True or False"):
+        model.get_likelihood_parameters(give_mean="yes")

@@ -42,8 +42,9 @@ NOT_IMPLEMENTED = {
                      "update_setup_method_args", "view_anndata_setup", "view_registry", "view_setup_args",
                      "view_setup_method_args"], _REGISTRY),
     **dict.fromkeys(["get_batch_representation", "get_feature_correlation_matrix",
-                     "get_importance_weights", "get_latent_library_size", "get_likelihood_parameters",
-                     "get_marginal_ll", "posterior_predictive_sample"], _GENERIC),
+                     "get_importance_weights", "get_latent_library_size"], _GENERIC),
+    "get_marginal_ll": "z's posterior is a point (a Delta on z_base(u) + f(u, s)), so an importance-sampled "
+                       "log p(x) is not defined; the reference's MRVI module has no marginal_ll either",
     **dict.fromkeys(["load_query_data", "prepare_query_anndata", "prepare_query_mudata"],
                     "query mapping (scArches) is not implemented"),
     "minify_adata": "minified AnnData is not supported",
@@ -68,6 +69,10 @@ DIFFERENCES = {
     ("get_reconstruction_error", "data_loader_kwargs"): "no scvi-tools dataloaders",
     ("get_reconstruction_error", "kwargs"): "no module keywords to pass; seed= chooses the posterior draw",
     ("get_normalized_expression", "data_loader_kwargs"): "no scvi-tools dataloaders",
+    ("get_likelihood_parameters", "dataloader"): "no scvi-tools dataloaders: pass adata/indices",
+    ("get_likelihood_parameters", "data_loader_kwargs"): "no scvi-tools dataloaders",
+    ("posterior_predictive_sample", "dataloader"): "no scvi-tools dataloaders: pass adata/indices",
+    ("posterior_predictive_sample", "data_loader_kwargs"): "no scvi-tools dataloaders",
     ("get_normalized_expression", "importance_weighting_kwargs"): "importance weights are not implemented",
     ("update_sample_info", "adata"): "optional: defaults to the model's AnnData",
     ("to_device", "device"): "optional: defaults to 'auto'",
@@ -92,6 +97,7 @@ KEYWORD_ONLY_HERE = {
     "load": "the reference's third argument is accelerator",
     "get_elbo": "the reference's fourth argument is a dataloader",
     "get_reconstruction_error": "the reference's fourth argument is a dataloader",
+    "posterior_predictive_sample": "the reference's seventh argument is a dataloader (silent is keyword-only here)",
 }
 
 
