@@ -458,12 +458,10 @@ def _per_cell_log_densities(module, data: CellData, indices: np.ndarray | None, 
     return np.concatenate(out) if out else np.zeros(0)
 
 
-def posterior_predictive_counts(module, data: CellData, indices: np.ndarray | None = None, *, n_samples: int = 1,
-                                batch_level: int | None = None, genes: slice | np.ndarray = slice(None),
-                                batch_size: int = 256, seed: int = 0, sparse: bool = False) -> list:
-    """Counts drawn from the posterior predictive distribution, one array (n, G') per draw
-    (float32; with ``sparse``, a ``scipy.sparse.csr_matrix`` built chunk by chunk, so the dense
-    counts of all cells are never held at once).
+def iter_posterior_predictive(module, data: CellData, indices: np.ndarray | None = None, *, n_samples: int = 1,
+                              batch_level: int | None = None, batch_size: int = 256, seed: int = 0):
+    """Yield ``(chunk, draw, batch, counts)``: for each chunk of cells, ``n_samples`` draws of
+    their counts (n, G) from the posterior predictive distribution, in that order.
 
     Each draw runs the guide on the observed cells (``u`` and ``z`` from ``q(u, z | x, s)``,
     evaluation mode) and then the model, replayed on those latent values with its observed
@@ -472,12 +470,11 @@ def posterior_predictive_counts(module, data: CellData, indices: np.ndarray | No
     too), its own ``sample`` draws the counts. With ``batch_level`` the model (not the guide)
     sees that nuisance code for every cell: counts as if the cells had been measured in that
     batch. Draws come from torch's random state seeded with ``seed`` inside a fork, so the
-    caller's random state is left alone. ``genes`` selects the returned columns.
+    caller's random state is left alone.
     """
     indices = np.arange(data.n_obs) if indices is None else np.asarray(indices, dtype=np.int64)
-    draws: list[list[np.ndarray]] = [[] for _ in range(n_samples)]
     with _seeded_evaluation(module, seed) as device:
-        for _, batch in data.iter_batches(indices, batch_size, device):
+        for chunk, batch in data.iter_batches(indices, batch_size, device):
             args = _call_args(batch)
             model_args = args if batch_level is None else (
                 args[0], args[1], torch.full_like(args[2], batch_level), *args[3:])
@@ -494,8 +491,21 @@ def posterior_predictive_counts(module, data: CellData, indices: np.ndarray | No
                         + (", ".join(f"{site['name']!r} {tuple(site['value'].shape)}" for site in sites)
                            or "none") + "."
                     )
-                counts = sites[0]["value"][:, genes].float().cpu().numpy()
-                draws[k].append(scipy.sparse.csr_matrix(counts) if sparse else counts)
+                yield chunk, k, batch, sites[0]["value"]
+
+
+def posterior_predictive_counts(module, data: CellData, indices: np.ndarray | None = None, *, n_samples: int = 1,
+                                batch_level: int | None = None, genes: slice | np.ndarray = slice(None),
+                                batch_size: int = 256, seed: int = 0, sparse: bool = False) -> list:
+    """Counts drawn from the posterior predictive distribution (:func:`iter_posterior_predictive`),
+    one array (n, G') per draw, float32, of the columns ``genes``; with ``sparse``, a
+    ``scipy.sparse.csr_matrix`` built chunk by chunk, so the dense counts of all cells are never
+    held at once."""
+    draws: list[list] = [[] for _ in range(n_samples)]
+    for _, k, _, value in iter_posterior_predictive(module, data, indices, n_samples=n_samples, batch_level=batch_level,
+                                                    batch_size=batch_size, seed=seed):
+        counts = value[:, genes].float().cpu().numpy()
+        draws[k].append(scipy.sparse.csr_matrix(counts) if sparse else counts)
     width = len(data.registry.var_names) if isinstance(genes, slice) else len(genes)
     if sparse:
         return [scipy.sparse.vstack(d, format="csr") if d else scipy.sparse.csr_matrix((0, width), dtype=np.float32)

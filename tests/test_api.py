@@ -423,3 +423,61 @@ def test_get_likelihood_parameters_are_the_likelihoods_at_the_decoded_posterior(
         model.get_likelihood_parameters(n_samples=0)
     with pytest.raises(ValueError, match="give_mean must be True or False"):
         model.get_likelihood_parameters(give_mean="yes")
+
+
+def test_posterior_predictive_check_statistics_are_those_of_the_sampled_draws(small_adata):
+    """Each row of posterior_predictive_check is the statistic of posterior_predictive_sample's
+    draws (the same seed gives the same draws), computed here with numpy: median, interval,
+    inside and ppp; the observed statistics are the data's."""
+    model = MRVI(small_adata, seed=0)
+    model.train(max_epochs=2, batch_size=128, progress_bar=False)
+    table = model.posterior_predictive_check(n_samples=5, seed=3, batch_size=70, interval=0.8)
+    draws = model.posterior_predictive_sample(n_samples=5, seed=3, batch_size=70).astype(np.float64)
+    x = np.asarray(small_adata.X.toarray() if scipy.sparse.issparse(small_adata.X) else small_adata.X, dtype=float)
+
+    def statistics(counts, axis):
+        mean, var = counts.mean(axis), counts.var(axis, ddof=1)
+        return {"mean": mean, "variance": var, "zero_fraction": (counts == 0).mean(axis),
+                "cv": np.where(mean > 0, np.sqrt(var) / np.where(mean > 0, mean, 1), np.nan)}
+
+    observed, replicated = statistics(x, 0), statistics(draws, 0)  # replicated: (genes, draws)
+    assert list(table["statistic"].cat.categories) == ["mean", "variance", "zero_fraction", "cv"]
+    assert len(table) == 4 * small_adata.n_vars and table.attrs["n_cells"] == small_adata.n_obs
+    for name in observed:
+        part = table[table["statistic"] == name]
+        assert list(part["gene"]) == list(small_adata.var_names)
+        rep = replicated[name].T
+        low, mid, high = np.nanquantile(rep, [0.1, 0.5, 0.9], axis=0)
+        np.testing.assert_allclose(part["observed"], observed[name], rtol=1e-9)
+        np.testing.assert_allclose(part["replicated"], mid, rtol=1e-9)
+        np.testing.assert_allclose(part["low"], low, rtol=1e-9)
+        np.testing.assert_allclose(part["high"], high, rtol=1e-9)
+        np.testing.assert_array_equal(part["inside"], (observed[name] >= low) & (observed[name] <= high))
+        np.testing.assert_allclose(part["ppp"], (rep >= observed[name]).mean(0))
+    genes = list(small_adata.var_names[[3, 9]])
+    some = model.posterior_predictive_check(n_samples=5, seed=3, batch_size=70, interval=0.8, gene_list=genes)
+    np.testing.assert_allclose(some["ppp"], table.set_index(["statistic", "gene"]).loc[
+        [(s, g) for s in ["mean", "variance", "zero_fraction", "cv"] for g in genes], "ppp"])
+    with pytest.raises(ValueError, match="n_samples must be a positive integer"):
+        model.posterior_predictive_check(n_samples=0)
+    with pytest.raises(ValueError, match="interval must be between 0 and 1"):
+        model.posterior_predictive_check(interval=90)
+    with pytest.raises(ValueError, match="at least 2 cells"):
+        model.posterior_predictive_check(indices=[4])
+
+
+def test_posterior_predictive_check_tells_a_fitted_model_from_an_untrained_one(trained_model, sim_adata):
+    """On held-out cells, the trained model's replicated means, variances and shares of zeros
+    cover the observed ones far more often than those of the same model untrained."""
+    untrained = MRVI(sim_adata, seed=1)
+    untrained.is_trained = True  # its random initial weights, on purpose
+    cells = trained_model.validation_indices
+
+    def coverage(model):
+        table = model.posterior_predictive_check(indices=cells, n_samples=20, seed=0)
+        return table.groupby("statistic", observed=True)["inside"].mean()
+
+    fitted, unfitted = coverage(trained_model), coverage(untrained)
+    assert fitted["mean"] > 0.5
+    for name in ("mean", "variance", "zero_fraction"):
+        assert fitted[name] > unfitted[name] + 0.25, (name, fitted[name], unfitted[name])

@@ -199,7 +199,7 @@ def test_pl_modules_import_one_way_and_never_the_plotting_alias():
 
     folder = pathlib.Path(pl.__file__).parent
     allowed = {"_base": set(), "_embedding": {"_base"}, "_de": {"_base", "_embedding"},
-               "_da": {"_base"}, "_explore": {"_base", "_embedding"}}
+               "_da": {"_base"}, "_explore": {"_base", "_embedding"}, "_criticism": {"_base"}}
     assert {p.stem for p in folder.glob("_*.py")} - {"__init__"} == set(allowed)
     for path in (folder / f"{name}.py" for name in allowed):
         siblings = set()
@@ -344,3 +344,39 @@ def test_sample_mixing_heatmap_shows_the_excess_and_frames_the_kept_rows():
     assert pl.sample_mixing_heatmap(table, ax=own).axes[0] is own
     with pytest.raises(ValueError, match=r"summary lacks column\(s\) \['kept'\]"):
         pl.sample_mixing_heatmap(table.drop(columns="kept"))
+
+
+def ppc_table(interval: float = 0.9) -> pd.DataFrame:
+    """A posterior predictive check table of 40 genes: replicated values around the observed ones,
+    the first 10 genes of every statistic outside their band."""
+    rng = np.random.default_rng(3)
+    frames = []
+    for name in ("mean", "variance", "zero_fraction", "cv"):
+        observed = rng.uniform(0.1, 5.0, 40) if name != "zero_fraction" else rng.uniform(0.05, 0.95, 40)
+        low, high = observed * 0.9, observed * 1.1
+        observed = observed.copy()
+        observed[:10] *= 1.5
+        frames.append(pd.DataFrame({"statistic": name, "gene": [f"g{i}" for i in range(40)], "observed": observed,
+                                    "replicated": (low + high) / 2, "low": low, "high": high,
+                                    "inside": (observed >= low) & (observed <= high), "ppp": 0.5}))
+    table = pd.concat(frames, ignore_index=True)
+    table.attrs["interval"] = interval
+    return table
+
+
+def test_posterior_predictive_check_draws_one_panel_per_statistic_with_its_coverage():
+    table = ppc_table()
+    fig = pl.posterior_predictive_check(table)
+    assert len(fig.axes) == 4
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles[0] == "mean: 75% inside of the 90% band"
+    assert titles[2].startswith("zero fraction: 75% inside")
+    assert fig.axes[0].get_xscale() == "log" and fig.axes[2].get_xscale() == "linear"
+    plt.close(fig)
+    fig = pl.posterior_predictive_check(table, "variance")
+    assert len(fig.axes) == 1 and fig.axes[0].get_xlabel() == "observed variance"
+    plt.close(fig)
+    with pytest.raises(ValueError, match=r"statistics \['skew'\] not in the table"):
+        pl.posterior_predictive_check(table, ["mean", "skew"])
+    with pytest.raises(ValueError, match="posterior_predictive_check"):
+        pl.posterior_predictive_check(table.drop(columns="inside"))

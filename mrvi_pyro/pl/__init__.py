@@ -10,14 +10,16 @@ also draw into a given ``ax=``.
 Cells: :func:`embedding` (obs columns, e.g. DE/DA columns written with ``key_added``),
 :func:`effect_size_embedding`, :func:`log_ratio_embedding`, :func:`local_distance_embedding`.
 Results: :func:`sample_distance_heatmap`, :func:`sample_mixing_heatmap`, :func:`volcano`,
-:func:`top_genes_heatmap`, :func:`log_ratio_by_group`, :func:`log_ratio_summary`, :func:`training_history`.
+:func:`top_genes_heatmap`, :func:`log_ratio_by_group`, :func:`log_ratio_summary`, :func:`training_history`,
+:func:`posterior_predictive_check`.
 Helpers: :func:`basis_coords`, :func:`pca_2d`, :func:`da_log_ratio`.
 
 Modules depend one way: ``_base`` (coordinates, figure hand-back) <- ``_embedding`` <- ``_de``,
-``_da``, ``_explore`` <- this package.
+``_da``, ``_explore``, ``_criticism`` <- this package.
 """
 
 from ._base import basis_coords, pca_2d
+from ._criticism import posterior_predictive_check
 from ._da import da_log_ratio, log_ratio_by_group, log_ratio_embedding, log_ratio_summary
 from ._de import P_VALUE_FLOOR, effect_size_embedding, top_genes_heatmap, volcano
 from ._embedding import embedding, training_history
@@ -25,6 +27,7 @@ from ._explore import local_distance_embedding, sample_distance_heatmap, sample_
 
 __all__ = [
     "P_VALUE_FLOOR", "basis_coords", "da_log_ratio", "effect_size_embedding", "embedding", "local_distance_embedding",
-    "log_ratio_by_group", "log_ratio_embedding", "log_ratio_summary", "pca_2d", "sample_distance_heatmap",
+    "log_ratio_by_group", "log_ratio_embedding", "log_ratio_summary", "pca_2d", "posterior_predictive_check",
+    "sample_distance_heatmap",
     "sample_mixing_heatmap", "top_genes_heatmap", "training_history", "volcano",
 ]
