@@ -726,6 +726,27 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
             return values
         return pd.DataFrame(values, index=data.obs_names[idx], columns=np.asarray(self.registry.var_names)[genes])
 
+    def get_latent_library_size(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        give_mean: bool = True,
+        batch_size: int | None = None,
+    ) -> np.ndarray:
+        """Library size of each cell, (n_cells, 1) (scvi-tools' name and shape).
+
+        MrVI does not infer a library size: the likelihood's mean is the decoded expression times
+        the cell's observed total count, so this is that total (read chunk by chunk). ``give_mean``
+        is accepted for compatibility and changes nothing (there is no posterior to average).
+        """
+        _check_optional_positive("batch_size", batch_size)
+        if not isinstance(give_mean, (bool, np.bool_)):
+            raise ValueError(f"give_mean must be True or False; got {give_mean!r}.")
+        data = self._cell_data(adata)
+        totals = [batch["x"].sum(-1, keepdim=True).double().numpy()
+                  for _, batch in data.iter_batches(self._indices(data, indices), batch_size or 1024)]
+        return np.concatenate(totals) if totals else np.zeros((0, 1))
+
     def get_likelihood_parameters(
         self,
         adata: AnnData | None = None,

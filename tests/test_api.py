@@ -481,3 +481,18 @@ def test_posterior_predictive_check_tells_a_fitted_model_from_an_untrained_one(t
     assert fitted["mean"] > 0.5
     for name in ("mean", "variance", "zero_fraction"):
         assert fitted[name] > unfitted[name] + 0.25, (name, fitted[name], unfitted[name])
+
+
+def test_get_latent_library_size_is_the_observed_total_count(small_adata):
+    """scvi-tools' get_latent_library_size, (n_cells, 1): MrVI's likelihood uses each cell's
+    observed total count, so that is what it returns, for any chunking and indices."""
+    model = MRVI(small_adata, seed=0)
+    model.is_trained = True
+    x = small_adata.X.toarray() if scipy.sparse.issparse(small_adata.X) else np.asarray(small_adata.X)
+    totals = x.sum(1, dtype=np.float64)[:, None]
+    np.testing.assert_array_equal(model.get_latent_library_size(), totals)
+    np.testing.assert_array_equal(model.get_latent_library_size(indices=[7, 2], batch_size=1, give_mean=False),
+                                  totals[[7, 2]])
+    assert model.get_latent_library_size(adata=small_adata[:5].copy()).shape == (5, 1)
+    with pytest.raises(ValueError, match="give_mean must be True or False"):
+        model.get_latent_library_size(give_mean=None)

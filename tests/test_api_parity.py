@@ -42,7 +42,7 @@ NOT_IMPLEMENTED = {
                      "update_setup_method_args", "view_anndata_setup", "view_registry", "view_setup_args",
                      "view_setup_method_args"], _REGISTRY),
     **dict.fromkeys(["get_batch_representation", "get_feature_correlation_matrix",
-                     "get_importance_weights", "get_latent_library_size"], _GENERIC),
+                     "get_importance_weights"], _GENERIC),
     "get_marginal_ll": "z's posterior is a point (a Delta on z_base(u) + f(u, s)), so an importance-sampled "
                        "log p(x) is not defined; the reference's MRVI module has no marginal_ll either",
     **dict.fromkeys(["load_query_data", "prepare_query_anndata", "prepare_query_mudata"],
@@ -69,6 +69,8 @@ DIFFERENCES = {
     ("get_reconstruction_error", "data_loader_kwargs"): "no scvi-tools dataloaders",
     ("get_reconstruction_error", "kwargs"): "no module keywords to pass; seed= chooses the posterior draw",
     ("get_normalized_expression", "data_loader_kwargs"): "no scvi-tools dataloaders",
+    ("get_latent_library_size", "dataloader"): "no scvi-tools dataloaders: pass adata/indices",
+    ("get_latent_library_size", "data_loader_kwargs"): "no scvi-tools dataloaders",
     ("get_likelihood_parameters", "dataloader"): "no scvi-tools dataloaders: pass adata/indices",
     ("get_likelihood_parameters", "data_loader_kwargs"): "no scvi-tools dataloaders",
     ("posterior_predictive_sample", "dataloader"): "no scvi-tools dataloaders: pass adata/indices",
