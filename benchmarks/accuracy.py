@@ -62,7 +62,7 @@ scores both sides with the same code (:mod:`mrvi_pyro._metrics`, scipy):
     The same averaged over ``--null-draws`` (default 20) permutations of the null covariate's
     values over samples: an estimate of the expected false-positive rate at 5%. Each draw is one
     more ``differential_expression`` call on every cell; on the reference's side the 20 of them
-    take most of a run (over an hour on 2 cores, stop 35), so pass ``--null-draws 0`` when only
+    take most of a run (unfinished after 70 CPU-minutes in stop 34), so pass ``--null-draws 0`` when only
     the other figures are wanted.
 ``elbo_val``
     Not an accuracy: the validation negative ELBO per cell after the last epoch (``history
