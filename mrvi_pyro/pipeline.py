@@ -28,7 +28,8 @@ from pathlib import Path
 
 RUN_OUTPUTS = ("model", "fit.json", "history.csv", "training_history.png", "u_embedding.png", "simulated.h5ad")
 """What :func:`fit_and_save` (and :func:`run_demo`) write into a run directory."""
-ANALYSIS_OUTPUTS = ("results", "sample_mixing_in_u.csv", "sample_mixing_in_u.png", "sample_distance_spread.csv",
+ANALYSIS_OUTPUTS = ("results", "posterior_predictive_check.csv", "posterior_predictive_check.png",
+                    "sample_mixing_in_u.csv", "sample_mixing_in_u.png", "sample_distance_spread.csv",
                     "sample_distances_*.png", "de_summary.csv",
                     "de_effect_size.png", "de_top_genes.png", "de_volcano.png", "da_summary.csv", "da_log_ratio.png",
                     "report.html")
@@ -217,6 +218,45 @@ def mixing_step(model, adata, canvas: AnalysisCanvas, covariates: list[str] | No
         [(f"Nearest-neighbour agreement in u against chance, per {groupby}", table.round(3))])
 
 
+FIT_CHECK_CELLS = 2000
+"""At most this many cells (a seeded subset) enter the report's posterior predictive check."""
+FIT_CHECK_DRAWS = 20
+"""Replicated data sets drawn for the report's posterior predictive check."""
+
+
+def fit_step(model, adata, canvas: AnalysisCanvas, *, seed: int = 0):
+    """How well the model reproduces the counts (:meth:`mrvi_pyro.MRVI.posterior_predictive_check`
+    on at most :data:`FIT_CHECK_CELLS` cells, :data:`FIT_CHECK_DRAWS` draws).
+
+    Returns ``({"posterior_predictive_check"}, section)``."""
+    import numpy as np
+
+    from . import pl
+    from .report import Section
+
+    cells = np.arange(adata.n_obs)
+    if adata.n_obs > FIT_CHECK_CELLS:
+        cells = np.sort(np.random.default_rng(seed).choice(adata.n_obs, FIT_CHECK_CELLS, replace=False))
+    table = model.posterior_predictive_check(adata, indices=cells, n_samples=FIT_CHECK_DRAWS, seed=seed)
+    table.to_csv(canvas.out / "posterior_predictive_check.csv", index=False)
+    coverage = table.groupby("statistic", observed=True)["inside"].mean().rename("share of genes inside").to_frame()
+    shares = ", ".join(f"{name.replace('_', ' ')} {share:.0%}" for name, share in coverage.iloc[:, 0].items())
+    paragraphs = [
+        f"{FIT_CHECK_DRAWS} replicated data sets of {len(cells)} cells"
+        + (" (a random subset)" if len(cells) < adata.n_obs else "")
+        + " were drawn from the fitted model (posterior draws of u and z, then counts from the likelihood), "
+        "and each gene's mean, variance, share of zeros and coefficient of variation over the cells compared "
+        f"with the observed ones. Share of genes whose observed value lies in the central 90% of the draws: "
+        f"{shares}; near 90% for a model that fits. Far lower shares, or points off the diagonal, show what "
+        "the fit misses (often an over- or under-dispersed likelihood); these cells include training cells.",
+    ]
+    figure = canvas.figure(pl.posterior_predictive_check(table), "posterior_predictive_check.png",
+                           "Observed against replicated per-gene statistics (bars: central 90% of the draws).")
+    return {"posterior_predictive_check": table}, Section(
+        "Model fit: posterior predictive check", paragraphs, [figure],
+        [("Coverage of the 90% band per statistic", coverage.round(3))])
+
+
 def _file_name(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name))
 
@@ -390,6 +430,9 @@ def analyze_model(model, adata, out: Path, *, groupby: str, de: str | None = Non
         step_results, section = da_step(model, adata, canvas, da, seed=seed, da_result=precomputed.get("da"))
         results.update(step_results)
         sections.append(section)
+    step_results, section = fit_step(model, adata, canvas, seed=seed)
+    results.update(step_results)
+    sections.insert(1, section)
     write_html_report(out / "report.html", "mrvi_pyro analysis report", sections,
                       metadata=run_metadata(data_path=data_path, seed=seed, command=command))
     return results

@@ -28,7 +28,7 @@ def test_analyze_model_without_de_or_da_writes_only_the_distance_step(tiny_run, 
     tiny_model, small_adata = tiny_run
     results = analyze_model(tiny_model, small_adata, tmp_path / "out", groupby="cell_type", seed=1)
     out = tmp_path / "out"
-    assert list(results) == ["distances", "distance_spread", "sample_mixing"]
+    assert list(results) == ["distances", "distance_spread", "sample_mixing", "posterior_predictive_check"]
     said = capsys.readouterr().out.splitlines()
     assert said[0] == "[analyze] local sample distances by cell_type"
     mixing = pd.read_csv(out / "sample_mixing_in_u.csv")
@@ -47,7 +47,12 @@ def test_analyze_model_without_de_or_da_writes_only_the_distance_step(tiny_run, 
     assert (out / "results" / "local_sample_distances.zarr").is_dir()
     assert not (out / "de_summary.csv").exists() and not (out / "da_summary.csv").exists()
     sections = re.findall(r"<h2>([^<]*)</h2>", (out / "report.html").read_text())
-    assert sections == ["Model", "Sample mixing in u", "Local sample distances by cell_type", "Run"]
+    assert sections == ["Model", "Model fit: posterior predictive check", "Sample mixing in u",
+                        "Local sample distances by cell_type", "Run"]
+    check = pd.read_csv(out / "posterior_predictive_check.csv")
+    assert len(check) == 4 * small_adata.n_vars and (out / "posterior_predictive_check.png").is_file()
+    pd.testing.assert_frame_equal(check, results["posterior_predictive_check"].astype({"statistic": str}),
+                                  check_dtype=False)
     lines = check_against_truth(tiny_model, results, small_adata.uns["simulation"])
     assert len(lines) == 1 and lines[0].startswith("distances: largest between-sample spread in ")
 
