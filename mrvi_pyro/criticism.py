@@ -72,7 +72,8 @@ def posterior_predictive_statistics(module, data, indices: np.ndarray | None = N
         low, mid, high = np.nanquantile(rep, [tail, 0.5, 1 - tail], axis=0)
         frames.append(pd.DataFrame({
             "statistic": name, "gene": names, "observed": obs, "replicated": mid, "low": low, "high": high,
-            "inside": (obs >= low) & (obs <= high), "ppp": (rep >= obs).mean(0),
+            "inside": (obs >= low) & (obs <= high),
+            "ppp": np.where(np.isnan(obs), np.nan, (rep >= obs).mean(0)),  # NaN: a CV of a gene without counts
         }))
     table = pd.concat(frames, ignore_index=True)
     table["statistic"] = pd.Categorical(table["statistic"], categories=list(STATISTICS))

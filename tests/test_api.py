@@ -453,7 +453,8 @@ def test_posterior_predictive_check_statistics_are_those_of_the_sampled_draws(sm
         np.testing.assert_allclose(part["low"], low, rtol=1e-9)
         np.testing.assert_allclose(part["high"], high, rtol=1e-9)
         np.testing.assert_array_equal(part["inside"], (observed[name] >= low) & (observed[name] <= high))
-        np.testing.assert_allclose(part["ppp"], (rep >= observed[name]).mean(0))
+        np.testing.assert_allclose(part["ppp"], np.where(np.isnan(observed[name]), np.nan,
+                                                         (rep >= observed[name]).mean(0)))
     genes = list(small_adata.var_names[[3, 9]])
     some = model.posterior_predictive_check(n_samples=5, seed=3, batch_size=70, interval=0.8, gene_list=genes)
     np.testing.assert_allclose(some["ppp"], table.set_index(["statistic", "gene"]).loc[
