@@ -14,7 +14,7 @@ _COLUMNS = ("statistic", "gene", "observed", "replicated", "low", "high", "insid
 _LOG_SCALE = ("mean", "variance", "cv")
 
 
-def posterior_predictive_check(table: pd.DataFrame, statistics: Sequence[str] | None = None, *,
+def posterior_predictive_check(summary: pd.DataFrame, statistics: Sequence[str] | None = None, *,
                                show: bool | None = None):
     """Observed against replicated per-gene statistics, one panel per statistic.
 
@@ -26,15 +26,16 @@ def posterior_predictive_check(table: pd.DataFrame, statistics: Sequence[str] | 
 
     Parameters
     ----------
-    table
-        The result of :meth:`mrvi_pyro.MRVI.posterior_predictive_check`.
+    summary
+        The table of :meth:`mrvi_pyro.MRVI.posterior_predictive_check`.
     statistics
-        Which statistics to draw, in this order (default: every one in ``table``).
+        Which statistics to draw, in this order (default: every one in ``summary``).
     show
         True displays the figure and returns None.
     """
+    table = summary
     if not isinstance(table, pd.DataFrame) or not set(_COLUMNS) <= set(table.columns):
-        raise ValueError("table must be the DataFrame of model.posterior_predictive_check() (columns "
+        raise ValueError("summary must be the DataFrame of model.posterior_predictive_check() (columns "
                          f"{list(_COLUMNS)}).")
     present = list(pd.unique(table["statistic"].astype(str)))
     statistics = present if statistics is None else [statistics] if isinstance(statistics, str) else list(statistics)
