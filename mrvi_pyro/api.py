@@ -775,12 +775,11 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
             Ours: seeds the posterior draws.
         """
         _check_optional_positive("batch_size", batch_size)
-        if isinstance(n_samples, bool) or not isinstance(n_samples, numbers.Integral) or n_samples < 1:
-            raise ValueError(f"n_samples must be a positive integer; got {n_samples!r}.")
+        n_samples = check_positive("n_samples", n_samples)
         if not isinstance(give_mean, (bool, np.bool_)):
             raise ValueError(f"give_mean must be True or False; got {give_mean!r}.")
         data = self._cell_data(adata)
-        return likelihood_parameters(self.module, data, self._indices(data, indices), n_samples=int(n_samples),
+        return likelihood_parameters(self.module, data, self._indices(data, indices), n_samples=n_samples,
                                      return_mean=bool(give_mean), batch_size=batch_size or 256, seed=seed)
 
     def posterior_predictive_sample(
@@ -833,8 +832,7 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
         result (which is a pydata ``sparse.GCXS``; scipy has no 3-d sparse type).
         """
         _check_optional_positive("batch_size", batch_size)
-        if isinstance(n_samples, bool) or not isinstance(n_samples, numbers.Integral) or n_samples < 1:
-            raise ValueError(f"n_samples must be a positive integer; got {n_samples!r}.")
+        n_samples = check_positive("n_samples", n_samples)
         if not (isinstance(max_in_memory_gb, numbers.Real) and max_in_memory_gb > 0):
             raise ValueError(f"max_in_memory_gb must be a positive number; got {max_in_memory_gb!r}.")
         if transform_batch is not None and not isinstance(transform_batch, str):
@@ -845,7 +843,7 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
         level = None if transform_batch is None else self._batch_codes(transform_batch)[0]
         genes = self._gene_positions(gene_list)
         n_genes = len(self.registry.var_names) if isinstance(genes, slice) else len(genes)
-        size_gb = 4 * len(idx) * n_genes * int(n_samples) / 1e9
+        size_gb = 4 * len(idx) * n_genes * n_samples / 1e9
         if n_samples > 1 and size_gb > max_in_memory_gb:
             raise ValueError(
                 f"{n_samples} posterior predictive draws of {len(idx)} cells x {n_genes} genes are "
@@ -853,7 +851,7 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
                 "cells (indices=) or genes (gene_list=), raise max_in_memory_gb, or call with n_samples=1 "
                 "and different seeds (each draw is a sparse matrix)."
             )
-        draws = posterior_predictive_counts(self.module, data, idx, n_samples=int(n_samples), batch_level=level,
+        draws = posterior_predictive_counts(self.module, data, idx, n_samples=n_samples, batch_level=level,
                                             genes=genes, batch_size=batch_size or 256, seed=seed, sparse=n_samples == 1)
         return draws[0] if n_samples == 1 else np.stack(draws, axis=-1)
 
@@ -885,13 +883,12 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
         :func:`mrvi_pyro.pl.posterior_predictive_check` draws it.
         """
         _check_optional_positive("batch_size", batch_size)
-        if isinstance(n_samples, bool) or not isinstance(n_samples, numbers.Integral) or n_samples < 1:
-            raise ValueError(f"n_samples must be a positive integer; got {n_samples!r}.")
+        n_samples = check_positive("n_samples", n_samples)
         if not (isinstance(interval, numbers.Real) and 0 < interval < 1):
             raise ValueError(f"interval must be between 0 and 1 (e.g. 0.9); got {interval!r}.")
         data = self._cell_data(adata)
         return posterior_predictive_statistics(
-            self.module, data, self._indices(data, indices), n_samples=int(n_samples),
+            self.module, data, self._indices(data, indices), n_samples=n_samples,
             genes=self._gene_positions(gene_list), interval=float(interval), batch_size=batch_size or 256, seed=seed)
 
     def _batch_codes(self, transform_batch: str | Sequence[str]) -> list[int]:
