@@ -9,6 +9,13 @@ the first epoch (warm-up). The reference runs when ``/work/bench-venv/bin/python
 
     python benchmarks/train_throughput.py                       # full size
     python benchmarks/train_throughput.py --n-cells 4000 --epochs 2   # quick
+    python benchmarks/train_throughput.py --nproc 2 --threads 1 --no-reference   # ours on 2 ranks
+
+With ``--nproc N`` ours trains data-parallel on N local ranks (``mrvi_pyro.distributed.launch``,
+gloo, ``--threads`` threads per rank; the global batch is ``--batch-sizes``, each rank takes
+1/N of every minibatch) and the seconds are rank 0's ``train()`` call. ``--same-draws 0`` sets
+``MRVI_PYRO_SAME_DRAWS=0`` (each rank draws only for its own cells). The reference runs in one
+process either way.
 """
 
 from __future__ import annotations
@@ -27,17 +34,30 @@ import _ours  # noqa: E402
 DEFAULT_REFERENCE = "/work/bench-venv/bin/python"
 
 
+def _train_once(data: str, threads: int, epochs: int, batch_size: int, device: str) -> tuple[int, float, list]:
+    """Train ours on ``data``; returns (cells, training seconds, seconds per epoch). Module level,
+    so that ``distributed.launch`` can run it on every rank."""
+    adata = _ours.read_counts(data, threads=threads)
+    model, seconds = _ours.train_model(adata, epochs=epochs, batch_size=batch_size, device=device)
+    return adata.n_obs, seconds, model.history["seconds"].tolist()
+
+
 def child(args: argparse.Namespace) -> None:
-    """Train ours on ``args.data`` and emit a RESULT line."""
-    adata = _ours.read_counts(args.data, threads=args.threads)
-    model, seconds = _ours.train_model(adata, epochs=args.epochs, batch_size=args.batch_size, device=args.device)
-    per_epoch = model.history["seconds"].tolist()
+    """Train ours on ``args.data`` (on ``args.nproc`` ranks when above 1) and emit a RESULT line."""
+    if args.nproc > 1:
+        from mrvi_pyro import distributed
+
+        n_obs, seconds, per_epoch = distributed.launch(
+            _train_once, args.nproc, args.data, args.threads, args.epochs, args.batch_size, args.device,
+            threads=args.threads)
+    else:
+        n_obs, seconds, per_epoch = _train_once(args.data, args.threads, args.epochs, args.batch_size, args.device)
     steady = per_epoch[1:] or per_epoch
     _harness.emit_result({
         "task": "train", "implementation": "mrvi_pyro", "batch_size": args.batch_size, "seconds": seconds,
-        "cells_per_s": adata.n_obs * args.epochs / seconds,
-        "steady_cells_per_s": adata.n_obs * len(steady) / sum(steady), "epoch_seconds": per_epoch,
-        "threads": args.threads, "device": args.device,
+        "cells_per_s": n_obs * args.epochs / seconds,
+        "steady_cells_per_s": n_obs * len(steady) / sum(steady), "epoch_seconds": per_epoch,
+        "threads": args.threads, "device": args.device, "nproc": args.nproc,
     })
 
 
@@ -48,6 +68,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads on both sides (default 1)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--nproc", type=int, default=1, help="ranks for ours (data-parallel, gloo; default 1)")
+    parser.add_argument("--same-draws", type=int, choices=(0, 1), default=1,
+                        help="with --nproc > 1: 0 sets MRVI_PYRO_SAME_DRAWS=0 (per-rank random streams)")
     parser.add_argument("--no-reference", action="store_true")
     parser.add_argument("--reference-python", default=DEFAULT_REFERENCE)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -66,13 +89,15 @@ def main() -> None:
           f"{args.epochs} epochs; {args.threads} torch thread(s)")
     run_reference = not args.no_reference and os.path.exists(args.reference_python)
     rows = []
+    ours_name = "mrvi_pyro" if args.nproc == 1 else f"mrvi_pyro x{args.nproc} ranks"
     for batch_size in args.batch_sizes:
         ours = _harness.run_script(sys.executable, __file__, [
             "--child", "--data", data, "--batch-size", batch_size, "--epochs", args.epochs,
-            "--threads", args.threads, "--device", args.device], check=True)
+            "--threads", args.threads, "--device", args.device, "--nproc", args.nproc],
+            extra_env={"MRVI_PYRO_SAME_DRAWS": str(args.same_draws)}, check=True)
         r = ours["result"]
         step = f"train bs={batch_size}"
-        rows.append({"step": step, "implementation": "mrvi_pyro", "seconds": r["seconds"],
+        rows.append({"step": step, "implementation": ours_name, "seconds": r["seconds"],
                      "peak_rss_gb": ours["peak_rss_gb"], "cells_per_s": r["cells_per_s"],
                      "steady_cells_per_s": r["steady_cells_per_s"]})
         if run_reference:
@@ -88,9 +113,10 @@ def main() -> None:
     print()
     for batch_size in args.batch_sizes:
         step = f"train bs={batch_size}"
-        mine = [r for r in rows if r["step"] == step and r["implementation"] == "mrvi_pyro"][0]
-        line = f"bs={batch_size}: mrvi_pyro {mine['cells_per_s']:.0f} cells/s (steady {mine['steady_cells_per_s']:.0f})"
-        ref = [r for r in rows if r["step"] == step and r["implementation"] != "mrvi_pyro"]
+        mine = [r for r in rows if r["step"] == step and r["implementation"] == ours_name][0]
+        line = (f"bs={batch_size}: {ours_name} {mine['cells_per_s']:.0f} cells/s "
+                f"(steady {mine['steady_cells_per_s']:.0f})")
+        ref = [r for r in rows if r["step"] == step and r["implementation"] != ours_name]
         if ref:
             ref = ref[0]
             line += (f"; scvi-tools {ref['cells_per_s']:.0f} cells/s (steady {ref['steady_cells_per_s']:.0f}); "
