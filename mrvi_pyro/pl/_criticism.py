@@ -33,19 +33,18 @@ def posterior_predictive_check(summary: pd.DataFrame, statistics: Sequence[str] 
     show
         True displays the figure and returns None.
     """
-    table = summary
-    if not isinstance(table, pd.DataFrame) or not set(_COLUMNS) <= set(table.columns):
+    if not isinstance(summary, pd.DataFrame) or not set(_COLUMNS) <= set(summary.columns):
         raise ValueError("summary must be the DataFrame of model.posterior_predictive_check() (columns "
                          f"{list(_COLUMNS)}).")
-    present = list(pd.unique(table["statistic"].astype(str)))
+    present = list(pd.unique(summary["statistic"].astype(str)))
     statistics = present if statistics is None else [statistics] if isinstance(statistics, str) else list(statistics)
     unknown = [s for s in statistics if s not in present]
     if unknown or not statistics:
         raise ValueError(f"statistics {unknown or statistics} not in the table (it has {present}).")
-    interval = table.attrs.get("interval")
+    interval = summary.attrs.get("interval")
     fig, axes = plt.subplots(1, len(statistics), figsize=(4.2 * len(statistics), 3.8), squeeze=False)
     for ax, name in zip(axes[0], statistics):
-        part = table[table["statistic"].astype(str) == name]
+        part = summary[summary["statistic"].astype(str) == name]
         part = part[np.isfinite(part["observed"]) & np.isfinite(part["replicated"])]
         if name in _LOG_SCALE:
             part = part[(part["observed"] > 0) & (part["low"] > 0)]
