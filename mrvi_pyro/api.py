@@ -408,6 +408,7 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
         eps: float = 1e-8,
         clip_norm: float = 40.0,
         n_epochs_kl_warmup: int = 20,
+        warmup_zero_grads: bool = False,
         early_stopping_patience: int = 15,
         early_stopping_min_delta: float = 0.0,
         seed: int = 0,
@@ -445,6 +446,9 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
         the batch leave the sample effects early (see ``batch_share``). The reference keeps 2e-3
         throughout; pass ``lr=2e-3`` for its setting.
 
+        ``warmup_zero_grads``: see :func:`mrvi_pyro.train.train_svi` (the prior's parameters
+        during the first warm-up epoch, when the KL weight is 0).
+
         As in scvi-tools, ``validation_size`` (None: ``1 - train_size``) is the held-out share;
         mrvi_pyro holds out no test set, so ``train_size + validation_size`` must be 1.
         ``plan_kwargs`` takes scvi-tools' training-plan names: ``lr``, ``weight_decay``,
@@ -479,7 +483,7 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
         try:
             result = train_svi(
                 self.module, data, max_epochs=max_epochs, batch_size=batch_size, train_size=train_size,
-                **options, early_stopping=early_stopping,
+                **options, warmup_zero_grads=warmup_zero_grads, early_stopping=early_stopping,
                 early_stopping_patience=early_stopping_patience, early_stopping_min_delta=early_stopping_min_delta,
                 scale_observations=self.scale_observations, seed=seed, device=device, progress_bar=progress_bar,
                 checkpoint_dir=checkpoint_dir,

@@ -160,6 +160,14 @@ def make_adam(params, **kwargs):
         return torch.optim.Adam(params, **kwargs)
 
 
+def zero_missing_gradients(params) -> None:
+    """Give every parameter without a gradient a zero one, so that Adam counts the step for it
+    and weight decay moves it (``warmup_zero_grads``)."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+
+
 def split_indices(n_obs: int, train_size: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Random train/validation split; ``train_size=1`` keeps every cell for training."""
     if not 0 < train_size <= 1:
@@ -525,6 +533,7 @@ def train_svi(
     eps: float = 1e-8,
     clip_norm: float = 40.0,
     n_epochs_kl_warmup: int = 20,
+    warmup_zero_grads: bool = False,
     early_stopping: bool = False,
     early_stopping_patience: int = 15,
     early_stopping_min_delta: float = 0.0,
@@ -561,6 +570,12 @@ def train_svi(
         the reference's ``max_norm``).
     n_epochs_kl_warmup
         The KL weight rises linearly from 0 at epoch 0 to 1 at this epoch (0: no warm-up).
+    warmup_zero_grads
+        While the KL weight is 0 (the first warm-up epoch) the ``u`` and ``z`` sites are masked,
+        so the prior's parameters (``u_prior``, ``z_u_log_scale``) get no gradient and Adam skips
+        them. True: they get a zero gradient instead, as in scvi-tools, whose loss multiplies
+        those terms by 0; Adam then counts the steps for them and weight decay moves them. False:
+        skipped.
     early_stopping, early_stopping_patience, early_stopping_min_delta
         Stop when the validation loss (training loss without a validation set) has not
         improved by ``min_delta`` for ``patience`` epochs.
@@ -616,6 +631,7 @@ def train_svi(
         "clip_norm": (clip_norm, number(clip_norm) and clip_norm > 0, "a positive number (inf: no clipping)"),
         "n_epochs_kl_warmup": (n_epochs_kl_warmup, integer(n_epochs_kl_warmup) and n_epochs_kl_warmup >= 0,
                                "an integer >= 0"),
+        "warmup_zero_grads": (warmup_zero_grads, isinstance(warmup_zero_grads, (bool, np.bool_)), "True or False"),
         "early_stopping_patience": (early_stopping_patience, integer(early_stopping_patience)
                                     and early_stopping_patience >= 1, "an integer >= 1"),
         "early_stopping_min_delta": (early_stopping_min_delta, number(early_stopping_min_delta)
@@ -634,7 +650,8 @@ def train_svi(
         replicas.check_training(module, data, {
             "max_epochs": int(max_epochs), "batch_size": int(batch_size), "train_size": float(train_size),
             "lr": float(lr), "weight_decay": float(weight_decay), "eps": float(eps), "clip_norm": float(clip_norm),
-            "n_epochs_kl_warmup": int(n_epochs_kl_warmup), "early_stopping": bool(early_stopping),
+            "n_epochs_kl_warmup": int(n_epochs_kl_warmup), "warmup_zero_grads": bool(warmup_zero_grads),
+            "early_stopping": bool(early_stopping),
             "early_stopping_patience": int(early_stopping_patience),
             "early_stopping_min_delta": float(early_stopping_min_delta),
             "scale_observations": bool(scale_observations), "seed": int(seed),
@@ -650,6 +667,8 @@ def train_svi(
     )
     if warmup_lr is not None:
         settings["warmup_lr"] = warmup_lr
+    if warmup_zero_grads:  # only when set, so that checkpoints written before the option still resume
+        settings["warmup_zero_grads"] = True
     checkpoint, resume = None, None
     if checkpoint_dir is not None:
         ranks = {} if replicas is None else {"world_size": replicas.world_size, "same_draws": replicas.same_draws}
@@ -728,7 +747,7 @@ def _minibatches(order: np.ndarray, batch_size: int, replicas: Replicas | None) 
 def _train_loop(module, data, params, train_idx, val_idx, rng, *, max_epochs, batch_size, lr, weight_decay,
                 eps, clip_norm, n_epochs_kl_warmup, early_stopping, early_stopping_patience,
                 early_stopping_min_delta, scale_observations, seed, device, progress_bar, checkpoint,
-                resume, replicas=None, warmup_lr=None) -> "TrainingResult":
+                resume, replicas=None, warmup_lr=None, warmup_zero_grads=False) -> "TrainingResult":
     n_train = len(train_idx)
     weights = (
         sample_balance_weights(data.sample_index, data.registry.n_samples) if scale_observations else None
@@ -798,6 +817,8 @@ def _train_loop(module, data, params, train_idx, val_idx, rng, *, max_epochs, ba
                 loss.backward()
                 if replicas is not None:
                     replicas.all_reduce_gradients(params)
+                if warmup_zero_grads and kl_weight == 0:
+                    zero_missing_gradients(params)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_norm, foreach=True)
                 if not torch.isfinite(grad_norm):
                     raise TrainingDivergedError(

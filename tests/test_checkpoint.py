@@ -2,6 +2,7 @@
 after a kill inside a checkpoint write, through the command line); foreign or mismatched
 checkpoints are refused and left as they were."""
 
+import inspect
 import json
 import os
 import pickle
@@ -220,10 +221,12 @@ def checkpoint_dir(adata, tmp_path_factory):
     (dict(train={"seed": 1}), r"training.seed \(checkpoint 0, now 1\)"),
     (dict(train={"train_size": 0.8}), r"training.train_size \(checkpoint 0.9, now 0.8\)"),
     (dict(train={"n_epochs_kl_warmup": 20}), r"training.n_epochs_kl_warmup"),
+    (dict(train={"warmup_zero_grads": not inspect.signature(MRVI.train).parameters["warmup_zero_grads"].default}),
+     r"training.warmup_zero_grads"),
     (dict(model={"n_latent": 5}), r"model.n_latent \(checkpoint 4, now 5\)"),
     (dict(model={"likelihood": "poisson"}), r"model.likelihood \(checkpoint 'nb', now 'poisson'\)"),
     (dict(data={"seed": 2}), r"the data differ \(data.codes, data.counts: other cells"),
-], ids=["lr", "batch_size", "seed", "train_size", "warmup", "n_latent", "likelihood", "data"])
+], ids=["lr", "batch_size", "seed", "train_size", "warmup", "warmup_zero_grads", "n_latent", "likelihood", "data"])
 def test_a_checkpoint_of_another_run_is_refused_naming_what_differs(checkpoint_dir, adata, change, message):
     before = _files(checkpoint_dir)
     data = _data(**change["data"]) if "data" in change else adata

@@ -196,6 +196,63 @@ def test_parameters_without_a_gradient_are_not_stepped(small_adata):
     assert not torch.equal(after["encoder.loc.weight"], before["encoder.loc.weight"])
 
 
+def test_warmup_zero_grads_steps_the_prior_in_the_first_warmup_epoch(small_adata):
+    """``warmup_zero_grads=True`` (scvi-tools' behaviour): during the epoch at KL weight 0 the
+    prior's parameters get zero gradients, so weight decay pulls their non-zero values towards 0
+    and zeros stay put; the other parameters are trained as without it (up to rounding: the
+    clipped gradient norm then sums over the zero gradients too)."""
+    runs = {}
+    for zero in (False, True):
+        model = MRVI(small_adata, n_latent=8, n_latent_u=4, seed=0)
+        before = _params(model)
+        model.train(max_epochs=1, n_epochs_kl_warmup=20, weight_decay=1e-2, warmup_zero_grads=zero,
+                    progress_bar=False)
+        runs[zero] = _params(model)
+    means_before, means_after = before["u_prior.means"], runs[True]["u_prior.means"]
+    assert (means_after.abs() < means_before.abs()).all()  # every mean pulled towards 0
+    assert (torch.sign(means_after) == torch.sign(means_before)).all()
+    for key in ("u_prior.logits", "u_prior.log_scales"):  # start at 0: a zero gradient plus decay of 0
+        torch.testing.assert_close(runs[True][key], before[key], rtol=0, atol=0)
+    torch.testing.assert_close(runs[False]["u_prior.means"], means_before, rtol=0, atol=0)
+    for key, value in runs[False].items():
+        if not key.startswith("u_prior.") and key != "z_u_log_scale":
+            torch.testing.assert_close(runs[True][key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_warmup_zero_grads_equals_zero_gradients_for_every_missing_one(small_adata, monkeypatch):
+    """Over a warm-up of several epochs the option equals giving every parameter without a
+    gradient a zero one at every step (what the KL terms multiplied by their weight do in
+    scvi-tools): only the epoch at weight 0 lacks gradients, and no parameter lacks one later."""
+    from mrvi_pyro import train as train_module
+
+    def run(zero):
+        model = MRVI(small_adata, n_latent=8, n_latent_u=4, seed=1)
+        model.train(max_epochs=3, n_epochs_kl_warmup=2, batch_size=256, warmup_zero_grads=zero, progress_bar=False)
+        return _params(model)
+
+    with_option = run(True)
+    plain_clip = torch.nn.utils.clip_grad_norm_
+
+    def filling_clip(params, *args, **kwargs):  # the step after backward() in every epoch
+        params = list(params)
+        train_module.zero_missing_gradients(params)
+        return plain_clip(params, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", filling_clip)
+    filled = run(False)
+    for key, value in filled.items():
+        torch.testing.assert_close(with_option[key], value, rtol=0, atol=0, msg=key)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", plain_clip)
+    assert not torch.equal(run(False)["u_prior.means"], with_option["u_prior.means"])
+
+
+def test_warmup_zero_grads_must_be_a_bool(small_adata):
+    model = MRVI(small_adata, n_latent=8, n_latent_u=4)
+    with pytest.raises(ValueError, match="warmup_zero_grads must be True or False; got 'yes'"):
+        model.train(max_epochs=1, warmup_zero_grads="yes", progress_bar=False)
+    assert not model.is_trained
+
+
 def test_malloc_tuning_applies_once_and_can_be_turned_off():
     import subprocess
     import sys
