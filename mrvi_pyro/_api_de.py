@@ -20,7 +20,7 @@ from . import de, distributed
 from ._safe_io import StagedPath, zarr_replaceable
 from ._storage import open_store, partitioned_cell_arrays
 from .data import check_key_added, sample_covariates
-from .explore import check_positive, check_use_vmap
+from .explore import check_memory_budget, check_positive, check_use_vmap
 
 
 def _as_list(value, name: str) -> list[str]:
@@ -235,6 +235,7 @@ class DEMixin:
         if sample_cov_keys is None:
             raise ValueError("Pass sample_cov_keys=[...]: the sample-level obs columns to regress on.")
         check_use_vmap(use_vmap)
+        check_memory_budget(max_in_memory_gb)
         keys = _as_list(sample_cov_keys, "sample_cov_keys")
         if not keys:
             raise ValueError("sample_cov_keys is empty; pass at least one sample-level obs column.")

@@ -28,7 +28,7 @@ from .components import GUIDES, LIKELIHOODS, MODULE_CLASSES, PRIORS, SAMPLE_MAPP
 from .criticism import posterior_predictive_statistics
 from .data import CellData, Registry, build_sample_info, check_key_added, get_registry
 from .data import setup_anndata as _setup_anndata
-from .explore import check_positive
+from .explore import check_memory_budget, check_positive
 from .io import history_from_json, history_to_json, read_model, split_from_json, split_to_json, write_model
 from .module import MrVIModule, default_max_epochs, prior_name
 from .posterior import latent_representation, likelihood_parameters, make_generator, normalized_expression
@@ -837,8 +837,7 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
         """
         _check_optional_positive("batch_size", batch_size)
         n_samples = check_positive("n_samples", n_samples)
-        if not (isinstance(max_in_memory_gb, numbers.Real) and max_in_memory_gb > 0):
-            raise ValueError(f"max_in_memory_gb must be a positive number; got {max_in_memory_gb!r}.")
+        check_memory_budget(max_in_memory_gb)
         if transform_batch is not None and not isinstance(transform_batch, str):
             raise ValueError("transform_batch must be one nuisance level (a string) or None; "
                              f"got {transform_batch!r}.")

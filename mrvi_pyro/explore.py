@@ -79,6 +79,15 @@ def check_positive(name: str, value) -> int:
     return int(value)
 
 
+def check_memory_budget(max_in_memory_gb) -> float:
+    """``max_in_memory_gb`` as a float; ``ValueError`` unless it is a positive number (inf: no
+    limit)."""
+    value = max_in_memory_gb
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not value > 0:
+        raise ValueError(f"max_in_memory_gb must be a positive number of GB, got {value!r}.")
+    return float(value)
+
+
 def check_use_vmap(use_vmap) -> None:
     """scvi-tools' ``use_vmap`` is accepted and ignored (samples are always a tensor dimension
     here); ``ValueError`` unless it is one of the reference's values."""
@@ -342,9 +351,7 @@ def plan_cell_storage(
     chunk's working set exceeds ``max_in_memory_gb``. ``ValueError`` when one chunk (and the
     group accumulators) alone does not fit the budget.
     """
-    if max_in_memory_gb is None or not max_in_memory_gb > 0:
-        raise ValueError(f"max_in_memory_gb must be a positive number of GB, got {max_in_memory_gb!r}.")
-    budget = float(max_in_memory_gb) * 1e9
+    budget = check_memory_budget(max_in_memory_gb) * 1e9
     working = chunk_bytes(min(batch_size, max(n_cells, 1)), n_samples, n_latent, n_groups)
     if working > budget:
         raise ValueError(

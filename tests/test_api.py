@@ -364,8 +364,9 @@ def test_posterior_predictive_sample_refuses_bad_input_and_oversized_results(sma
         model.posterior_predictive_sample(transform_batch="nope")
     with pytest.raises(ValueError, match="not in the model's genes"):
         model.posterior_predictive_sample(gene_list=["nope"])
-    with pytest.raises(ValueError, match="max_in_memory_gb must be a positive number"):
-        model.posterior_predictive_sample(max_in_memory_gb=0)
+    for bad in (0, -1.0, float("nan"), True, "2", None):
+        with pytest.raises(ValueError, match="max_in_memory_gb must be a positive number of GB"):
+            model.posterior_predictive_sample(max_in_memory_gb=bad)
     size = 4 * small_adata.n_obs * small_adata.n_vars * 10 / 1e9
     with pytest.raises(ValueError, match=r"GB as a dense array, above max_in_memory_gb.*gene_list="):
         model.posterior_predictive_sample(n_samples=10, max_in_memory_gb=size / 2)

@@ -632,6 +632,9 @@ def test_bad_input(de_model, sim_adata):
     cells = sim_adata[:100].copy()
     with pytest.raises(ValueError, match="Pass sample_cov_keys"):
         de_model.differential_expression(cells)
+    for bad in (0, "4", True):  # refused before any work, not when the outputs are sized at the end
+        with pytest.raises(ValueError, match="max_in_memory_gb must be a positive number of GB"):
+            de_model.differential_expression(cells, sample_cov_keys=["disease"], store_lfc=True, max_in_memory_gb=bad)
     with pytest.raises(ValueError, match="'tissue' is not a column"):
         de_model.differential_expression(cells, sample_cov_keys=["tissue"])
     with pytest.raises(ValueError, match="not a sample-level covariate.*sample_"):

@@ -192,6 +192,9 @@ def test_bad_input(trained_model, sim_adata, tmp_path):
         trained_model.get_local_sample_distances(keep_cell=False)
     with pytest.raises(ValueError, match="max_in_memory_gb=1e-06 is too small for one chunk"):
         trained_model.get_local_sample_distances(groupby="cell_type", max_in_memory_gb=1e-6)
+    for bad in ("2", True, float("nan"), 0):  # the same rule as posterior_predictive_sample's
+        with pytest.raises(ValueError, match="max_in_memory_gb must be a positive number of GB"):
+            trained_model.get_local_sample_distances(groupby="cell_type", max_in_memory_gb=bad)
     with pytest.raises(ValueError, match="same genes"):
         trained_model.get_local_sample_distances(sim_adata[:, :50].copy())
     with pytest.raises(ValueError, match="more than once"):
