@@ -484,7 +484,9 @@ def main(argv=None) -> int:
     parser.add_argument("--ours-zero-masked-grads", action="store_true",
                         help="our side: parameters without a gradient in a step (the prior's while the KL weight "
                              "is 0) get a zero gradient, so that Adam's weight decay moves them as the reference's "
-                             "does (an ablation; see parity.py)")
+                             "does (an ablation; see parity.py). The package's train(warmup_zero_grads=True) "
+                             "does the same up to float rounding (it fills them before the gradient clip, this "
+                             "switch after it)")
     parser.add_argument("--ours-kwargs", default="{}",
                         help="JSON of extra MRVI(...) arguments for our side (ablations), e.g. '{\"architecture\": 2}'")
     parser.add_argument("--ours-train-kwargs", default="{}",

@@ -446,8 +446,9 @@ class MRVI(ExploreMixin, DEMixin, DAMixin):
         the batch leave the sample effects early (see ``batch_share``). The reference keeps 2e-3
         throughout; pass ``lr=2e-3`` for its setting.
 
-        ``warmup_zero_grads``: see :func:`mrvi_pyro.train.train_svi` (the prior's parameters
-        during the first warm-up epoch, when the KL weight is 0).
+        ``warmup_zero_grads=True`` gives the prior's parameters zero gradients during the first
+        warm-up epoch (KL weight 0), as scvi-tools does; the default False lets Adam skip them
+        (see :func:`mrvi_pyro.train.train_svi` and the README's "Differences from scvi-tools").
 
         As in scvi-tools, ``validation_size`` (None: ``1 - train_size``) is the held-out share;
         mrvi_pyro holds out no test set, so ``train_size + validation_size`` must be 1.

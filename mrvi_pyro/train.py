@@ -574,8 +574,9 @@ def train_svi(
         While the KL weight is 0 (the first warm-up epoch) the ``u`` and ``z`` sites are masked,
         so the prior's parameters (``u_prior``, ``z_u_log_scale``) get no gradient and Adam skips
         them. True: they get a zero gradient instead, as in scvi-tools, whose loss multiplies
-        those terms by 0; Adam then counts the steps for them and weight decay moves them. False:
-        skipped.
+        those terms by 0; Adam then counts the steps for them and weight decay moves them. False
+        (default): skipped. Neither is the better default across the benchmarks' simulators
+        (README, "Differences from scvi-tools").
     early_stopping, early_stopping_patience, early_stopping_min_delta
         Stop when the validation loss (training loss without a validation set) has not
         improved by ``min_delta`` for ``patience`` epochs.

@@ -185,11 +185,12 @@ def test_seeded_initialisation(small_adata):
 
 
 def test_parameters_without_a_gradient_are_not_stepped(small_adata):
-    """torch's Adam skips a parameter without a gradient: the prior's parameters, masked out while
-    the KL weight is 0 (first warm-up epoch), keep their values even under weight decay."""
+    """torch's Adam skips a parameter without a gradient: with ``warmup_zero_grads=False`` the
+    prior's parameters, masked out while the KL weight is 0 (first warm-up epoch), keep their
+    values even under weight decay."""
     model = MRVI(small_adata, n_latent=8, n_latent_u=4)
     before = _params(model)
-    model.train(max_epochs=1, n_epochs_kl_warmup=20, weight_decay=1e-2, progress_bar=False)
+    model.train(max_epochs=1, n_epochs_kl_warmup=20, weight_decay=1e-2, warmup_zero_grads=False, progress_bar=False)
     after = _params(model)
     for key in ("u_prior.logits", "u_prior.means", "u_prior.log_scales"):
         torch.testing.assert_close(after[key], before[key], rtol=0, atol=0)
@@ -202,12 +203,14 @@ def test_warmup_zero_grads_steps_the_prior_in_the_first_warmup_epoch(small_adata
     and zeros stay put; the other parameters are trained as without it (up to rounding: the
     clipped gradient norm then sums over the zero gradients too)."""
     runs = {}
-    for zero in (False, True):
+    for zero in (False, True, "default"):
         model = MRVI(small_adata, n_latent=8, n_latent_u=4, seed=0)
         before = _params(model)
-        model.train(max_epochs=1, n_epochs_kl_warmup=20, weight_decay=1e-2, warmup_zero_grads=zero,
-                    progress_bar=False)
+        option = {} if zero == "default" else {"warmup_zero_grads": zero}
+        model.train(max_epochs=1, n_epochs_kl_warmup=20, weight_decay=1e-2, progress_bar=False, **option)
         runs[zero] = _params(model)
+    for key, value in runs[False].items():  # the default skips them (README "Differences from scvi-tools")
+        torch.testing.assert_close(runs["default"][key], value, rtol=0, atol=0, msg=key)
     means_before, means_after = before["u_prior.means"], runs[True]["u_prior.means"]
     assert (means_after.abs() < means_before.abs()).all()  # every mean pulled towards 0
     assert (torch.sign(means_after) == torch.sign(means_before)).all()
