@@ -188,11 +188,11 @@ def main(argv=None) -> int:
         seconds["package"] = mrvi_pyro.__file__
         MRVI.setup_anndata(adata, sample_key="sample", batch_key="batch")
         if args.zero_masked_grads:  # the reference's step while the KL weight is 0 (see parity.py)
-            from _harness import before_each_step, fill_missing_grads
+            from _harness import before_each_step
             from mrvi_pyro import train as train_module
 
             train_module.make_adam = before_each_step(train_module.make_adam,
-                                                      lambda params, _: fill_missing_grads(params))
+                                                      lambda params, _: train_module.zero_missing_gradients(params))
         model_kwargs = json.loads(args.model_kwargs)  # "architecture" included: a module argument
         model = MRVI(adata, seed=args.seed, **model_kwargs)
         if args.trace_every > 0:

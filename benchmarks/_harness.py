@@ -155,19 +155,6 @@ def parse_results(text: str) -> list[dict]:
     return out
 
 
-def fill_missing_grads(params) -> None:
-    """Give every parameter without a gradient a zero one (in place).
-
-    The reference's step while the KL weight is 0: there it multiplies the prior's terms by 0, so
-    the prior gets a zero gradient and Adam's weight decay still moves it, where our model masks
-    those sites and Adam skips parameters without a gradient (``parity.py``). For ablations."""
-    import torch
-
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-
-
 def before_each_step(make_adam, before):
     """A ``make_adam`` (``mrvi_pyro.train.make_adam``'s signature) whose optimisers call
     ``before(params, optimizer)`` at the start of every ``step()``: for ablations and recording."""

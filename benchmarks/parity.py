@@ -311,10 +311,9 @@ def main(argv=None) -> int:
     import torch
     from scvi.external.mrvi_torch._module import TorchMRVAE
 
-    from _harness import fill_missing_grads
     from mrvi_pyro.datasets import simulate
     from mrvi_pyro.module import MrVIModule
-    from mrvi_pyro.train import make_adam
+    from mrvi_pyro.train import make_adam, zero_missing_gradients
 
     torch.set_num_threads(args.threads)
     adata = simulate(n_cells=args.n_cells, n_genes=args.n_genes, n_samples=args.n_samples,
@@ -398,7 +397,7 @@ def main(argv=None) -> int:
                 optimisers[side].zero_grad()
                 loss.backward()
                 if side == "ours" and args.zero_masked_grads:
-                    fill_missing_grads(module.parameters())
+                    zero_missing_gradients(module.parameters())
                 norm = torch.nn.utils.clip_grad_norm_(list(module.parameters()), 40.0)
                 clipped[side] += int(norm > 40)
                 optimisers[side].step()

@@ -82,10 +82,10 @@ def check_positive(name: str, value) -> int:
 def check_memory_budget(max_in_memory_gb) -> float:
     """``max_in_memory_gb`` as a float; ``ValueError`` unless it is a positive number (inf: no
     limit)."""
-    value = max_in_memory_gb
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not value > 0:
-        raise ValueError(f"max_in_memory_gb must be a positive number of GB, got {value!r}.")
-    return float(value)
+    if (isinstance(max_in_memory_gb, bool) or not isinstance(max_in_memory_gb, (int, float, np.integer, np.floating))
+            or not max_in_memory_gb > 0):
+        raise ValueError(f"max_in_memory_gb must be a positive number of GB, got {max_in_memory_gb!r}.")
+    return float(max_in_memory_gb)
 
 
 def check_use_vmap(use_vmap) -> None:
