@@ -24,6 +24,19 @@ the only member of :math:`A` then has no estimate (NaN, with a warning). The dif
 abundance log-ratio of two groups is :math:`r_n = \log q_{A_1}(u_n) - \log q_{A_2}(u_n)`; the
 log *enrichment* of a level is its log-probability against all other levels pooled.
 
+Kernel bandwidth
+----------------
+Trained posteriors are much narrower than the spacing of the cells in u (posterior scales
+about 0.16-0.34 against a median nearest-neighbour distance of about 0.5 in 10 dimensions on the accuracy
+benchmark), so :math:`q_s(u_n)` at a cell is carried by its few nearest components: a
+nearest-neighbour density estimate, whose log-ratio is noisy and biased away from 0. With a
+``bandwidth`` every component is convolved with a Gaussian kernel,
+:math:`\mathcal{N}(u;\, \mu_m, \operatorname{diag}(\sigma_m^2 + h^2))`, a kernel density estimate of
+each sample's cells in u; :func:`kernel_bandwidth` gives ``h`` (Scott's rule by default in
+:meth:`mrvi_pyro.MRVI.differential_abundance`; ``bandwidth=0`` is the exact aggregated posterior,
+the reference's estimator). :func:`aggregated_posterior` and the admissibility rules always use
+the exact posteriors.
+
 Bounded memory
 --------------
 A diagonal Gaussian log density is an inner product of features,
@@ -125,6 +138,55 @@ def posterior_parameters(module, data, indices: np.ndarray | None = None, *, bat
     if partition is None:
         return parts
     return tuple(partition.all_gather(t) for t in parts)
+
+
+BANDWIDTH_RULES = ("scott",)
+"""Named rules for the kernel ``bandwidth`` of the aggregated posteriors (:func:`kernel_bandwidth`)."""
+
+
+def check_bandwidth(bandwidth) -> None:
+    """``ValueError`` unless ``bandwidth`` is a finite number >= 0 or a name in :data:`BANDWIDTH_RULES`."""
+    if isinstance(bandwidth, str):
+        ok = bandwidth in BANDWIDTH_RULES
+    else:
+        number = isinstance(bandwidth, (int, float, np.integer, np.floating))
+        ok = (number and not isinstance(bandwidth, (bool, np.bool_))
+              and math.isfinite(float(bandwidth)) and float(bandwidth) >= 0)
+    if not ok:
+        raise ValueError(f"bandwidth must be a number >= 0 or one of {list(BANDWIDTH_RULES)}; got {bandwidth!r}.")
+
+
+def kernel_bandwidth(loc: torch.Tensor, sample_index: torch.Tensor, bandwidth,
+                     components: np.ndarray | None = None) -> torch.Tensor | None:
+    """Per-dimension kernel width ``h`` (L_u,) added in quadrature to every component's scale, or
+    None for ``bandwidth=0`` (the exact aggregated posteriors, the reference's estimator).
+
+    ``"scott"``: Scott's rule for a kernel density estimate in ``L`` dimensions from ``n``
+    points, :math:`h_l = \\hat\\sigma_l\\, n^{-1/(L+4)}`, with :math:`\\hat\\sigma_l` the standard
+    deviation of the components' posterior means in dimension ``l`` and ``n`` the median number
+    of components per sample (each sample's density is the one estimated). A number >= 0 is an
+    isotropic width in units of u. ``components``: positions of the component cells (default
+    all).
+    """
+    check_bandwidth(bandwidth)
+    if isinstance(bandwidth, str):
+        comp = np.arange(loc.shape[0]) if components is None else np.asarray(components, dtype=np.int64)
+        if len(comp) < 2:
+            return None
+        codes = sample_index.cpu().numpy().astype(np.int64)[comp]
+        counts = np.bincount(codes)
+        n = float(np.median(counts[counts > 0]))
+        spread = loc[torch.as_tensor(comp, device=loc.device)].to(torch.float64).std(0)
+        return (spread * n ** (-1.0 / (loc.shape[-1] + 4))).to(loc.dtype)
+    if float(bandwidth) == 0:
+        return None
+    return torch.full((loc.shape[-1],), float(bandwidth), dtype=loc.dtype, device=loc.device)
+
+
+def widen(scale: torch.Tensor, width: torch.Tensor | None) -> torch.Tensor:
+    """``sqrt(scale**2 + width**2)``: each component convolved with a Gaussian kernel of ``width``
+    (``scale`` itself when ``width`` is None)."""
+    return scale if width is None else torch.sqrt(scale * scale + width * width)
 
 
 def select_components(
@@ -383,6 +445,7 @@ def sample_log_probs(
     component_chunk: int = COMPONENT_CHUNK,
     seed: int | None = 0,
     partition: CellPartition | None = None,
+    bandwidth=0.0,
 ) -> np.ndarray | None:
     """``log_probs[n, s] = log q_s(u_n)`` for the cells ``indices`` (default all) of ``data``.
 
@@ -390,7 +453,8 @@ def sample_log_probs(
     ``max_components_per_sample`` per sample, chosen with ``seed``); ``u_n`` is the
     posterior mean. Columns are all ``module.n_samples`` sample codes; samples without cells
     give :math:`-\\infty`. ``leave_one_out`` drops each cell's own component from its own
-    sample's mixture (see :func:`aggregated_log_density`).
+    sample's mixture (see :func:`aggregated_log_density`). ``bandwidth`` widens every component
+    by a kernel (:func:`kernel_bandwidth`; 0: the exact aggregated posteriors).
 
     With a ``partition`` (:class:`mrvi_pyro.distributed.CellPartition` of ``indices``) every rank
     encodes its cells, the posterior parameters are gathered (every rank builds the same
@@ -402,9 +466,9 @@ def sample_log_probs(
     """
     loc, scale, samples = posterior_parameters(module, data, indices, batch_size=batch_size, partition=partition)
     partition = CellPartition.whole(len(loc)) if partition is None else partition
-    table = pack_components(
-        loc, scale, samples, module.n_samples, select_components(samples, max_components_per_sample, seed=seed)
-    )
+    components = select_components(samples, max_components_per_sample, seed=seed)
+    width = kernel_bandwidth(loc, samples, bandwidth, components)
+    table = pack_components(loc, widen(scale, width), samples, module.n_samples, components)
     mine = partition.cells
     own = table.position[mine] if leave_one_out else None
     return partition.gather(aggregated_log_density(
@@ -651,6 +715,7 @@ def log_ratio_summary(
     component_chunk: int = COMPONENT_CHUNK,
     seed: int | None = 0,
     level_names=("group1", "group2"),
+    bandwidth=0.0,
 ) -> LogRatioSummary:
     """Uncertainty of ``r_n = log q_{A1}(u_n) - log q_{A2}(u_n)`` for the cells ``indices``.
 
@@ -661,12 +726,14 @@ def log_ratio_summary(
     (n,) integer codes in ``[0, n_groups)`` add a per-group table: the mean of ``r_n`` over a
     group's cells, replicate by replicate (cells without an estimate are skipped), summarised
     the same way. Streams over query chunks: memory is O(chunk x D x B + n_groups x D x B).
+    ``bandwidth`` widens the components as in :func:`sample_log_probs`; the draws of u keep
+    the posterior scales.
     """
     gen = make_generator(seed)
     loc, scale, samples = posterior_parameters(module, data, indices, batch_size=batch_size)
-    table = pack_components(
-        loc, scale, samples, module.n_samples, select_components(samples, max_components_per_sample, seed=seed)
-    )
+    components = select_components(samples, max_components_per_sample, seed=seed)
+    width = kernel_bandwidth(loc, samples, bandwidth, components)
+    table = pack_components(loc, widen(scale, width), samples, module.n_samples, components)
     membership = np.stack([np.asarray(members1, bool), np.asarray(members2, bool)], axis=1)
     weights = dirichlet_weights(membership, n_bootstrap, gen)
     n = loc.shape[0]

@@ -119,20 +119,21 @@ def test_omit_original_sample_nan_warning_in_facade(trained_model):
 
 
 # ----- cap on components ---------------------------------------------------------------------
-def test_capped_estimate_is_close_and_seeded(trained_model, da_result):
-    exact = _disease_log_ratio(da_result)
+def test_capped_estimate_is_close_and_seeded(trained_model):
+    exact = _disease_log_ratio(trained_model.differential_abundance(sample_cov_keys=["disease"], bandwidth=0))
     errors = {}
     for cap in (25, 100):
         capped = _disease_log_ratio(trained_model.differential_abundance(
-            sample_cov_keys=["disease"], max_components_per_sample=cap, seed=1))
+            sample_cov_keys=["disease"], max_components_per_sample=cap, seed=1, bandwidth=0))
         errors[cap] = np.abs(capped - exact).mean()
     assert errors[100] < 0.5 * errors[25]
     assert errors[100] < 0.5
-    again = trained_model.differential_abundance(sample_cov_keys=["disease"], max_components_per_sample=100, seed=1)
+    again = trained_model.differential_abundance(sample_cov_keys=["disease"], max_components_per_sample=100, seed=1,
+                                                 bandwidth=0)
     other = trained_model.differential_abundance(sample_cov_keys=["disease"], max_components_per_sample=100, seed=2)
     assert np.corrcoef(_disease_log_ratio(again), exact)[0, 1] > 0.9
     np.testing.assert_array_equal(again["log_probs"].values, trained_model.differential_abundance(
-        sample_cov_keys=["disease"], max_components_per_sample=100, seed=1)["log_probs"].values)
+        sample_cov_keys=["disease"], max_components_per_sample=100, seed=1, bandwidth=0)["log_probs"].values)
     assert not np.array_equal(again["log_probs"].values, other["log_probs"].values)
     kept = da.select_components(np.array([0] * 10 + [1] * 3), 4, seed=0)
     assert np.bincount(np.array([0] * 10 + [1] * 3)[kept]).tolist() == [4, 3]
@@ -204,10 +205,11 @@ def test_summary_facade_recovers_planted_type_and_is_seeded(trained_model, sim_a
 
 
 # ----- aggregated posterior object -----------------------------------------------------------
-def test_aggregated_posterior_distribution(trained_model, da_result):
+def test_aggregated_posterior_distribution(trained_model):
     dist = trained_model.get_aggregated_posterior(sample="sample_03")
     u = torch.as_tensor(trained_model.get_latent_representation()[:20])
-    np.testing.assert_allclose(dist.log_prob(u).numpy(), da_result["log_probs"].sel(sample="sample_03").values[:20],
+    exact = trained_model.differential_abundance(bandwidth=0)  # the exact aggregated posteriors
+    np.testing.assert_allclose(dist.log_prob(u).numpy(), exact["log_probs"].sel(sample="sample_03").values[:20],
                                atol=2e-3)
     assert dist.sample((7,)).shape == (7, u.shape[1])
     everything = trained_model.get_aggregated_posterior(indices=np.arange(10))
@@ -308,3 +310,93 @@ def test_arviz_refactor_notice_is_filtered_at_our_import_only(tmp_path):
     if "ArviZ is undergoing" not in plain.stderr:  # an arviz without the notice: nothing to filter
         pytest.skip(f"arviz {arviz.__version__} prints no refactor notice")
     assert (tmp_path / "ours").exists()  # our run did reach arviz's notice, and filtered it
+
+
+# ----- kernel bandwidth ----------------------------------------------------------------------
+def _narrow_posterior_cohort(seed: int = 0, n_per_sample: int = 250, dims: int = 10, fold: float = 3.0):
+    """12 samples (6 per group) in ``dims`` dimensions, the cells near a plane (spread 1 in two
+    dimensions, 0.1 in the others): two cell types 6 apart, type 1 ``fold`` times as frequent (by
+    odds) in group 1's samples; posteriors 20x narrower than the types, as after long training."""
+    rng = np.random.default_rng(seed)
+    spread = np.where(np.arange(dims) < 2, 1.0, 0.1)
+    locs, samples, types = [], [], []
+    for s in range(12):
+        odds = 0.25 * (fold if s < 6 else 1.0)
+        kind = rng.random(n_per_sample) < odds / (1 + odds)
+        centre = np.where(kind[:, None], 6.0, 0.0) * (np.arange(dims) == 0)
+        locs.append(centre + rng.normal(size=(n_per_sample, dims)) * spread)
+        samples.append(np.full(n_per_sample, s))
+        types.append(kind)
+    loc = torch.tensor(np.concatenate(locs), dtype=torch.float32)
+    return loc, torch.full_like(loc, 0.05), torch.tensor(np.concatenate(samples)), np.concatenate(types)
+
+
+def _log_ratio(loc, scale, samples, bandwidth):
+    width = da.kernel_bandwidth(loc, samples, bandwidth)
+    table = da.pack_components(loc, da.widen(scale, width), samples, 12)
+    log_probs = da.aggregated_log_density(loc, table).numpy()
+    members = np.arange(12) < 6
+    groups = da.group_log_probs(log_probs, samples.numpy(), np.stack([members, ~members], 1))
+    return groups[:, 0] - groups[:, 1]
+
+
+def test_kernel_bandwidth_rules():
+    loc, scale, samples, _ = _narrow_posterior_cohort()
+    assert da.kernel_bandwidth(loc, samples, 0) is None and da.kernel_bandwidth(loc, samples, 0.0) is None
+    np.testing.assert_array_equal(da.widen(scale, None), scale)
+    np.testing.assert_allclose(da.kernel_bandwidth(loc, samples, 0.5).numpy(), np.full(10, 0.5))
+    scott = da.kernel_bandwidth(loc, samples, "scott").double().numpy()
+    expected = loc.double().std(0).numpy() * 250 ** (-1 / 14)
+    np.testing.assert_allclose(scott, expected, rtol=1e-5)
+    assert scott[0] > 2 * scott[1] > 10 * scott[2:].max()  # the types' axis, the plane, the rest
+    np.testing.assert_allclose(da.widen(scale, torch.full((10,), 0.12)).numpy(), 0.13, rtol=1e-5)
+    # a component subsample: the spread and the count per sample are those of the components
+    keep = da.select_components(samples, 100, seed=0)
+    sub = da.kernel_bandwidth(loc, samples, "scott", keep).double().numpy()
+    np.testing.assert_allclose(sub, loc[torch.as_tensor(keep)].double().std(0).numpy() * 100 ** (-1 / 14), rtol=1e-5)
+
+
+def test_a_kernel_recovers_the_planted_type_where_narrow_posteriors_do_not():
+    """With posteriors much narrower than the spacing of the cells, each exact aggregated density
+    at a cell is carried by its nearest components (a 1-nearest-neighbour estimate), so the DA
+    log-ratio is mostly noise; Scott's kernel averages over many cells."""
+    for seed in (0, 1, 2):
+        loc, scale, samples, kind = _narrow_posterior_cohort(seed)
+        exact = roc_auc_score(kind, _log_ratio(loc, scale, samples, 0.0))
+        smoothed = roc_auc_score(kind, _log_ratio(loc, scale, samples, "scott"))
+        assert smoothed > 0.88 and exact < 0.75 and smoothed > exact + 0.15, (seed, exact, smoothed)
+
+
+def test_kernel_log_probs_equal_the_brute_force_mixture(trained_model):
+    data = trained_model._cell_data()
+    idx = np.arange(0, 2000, 7)
+    loc, scale, samples = da.posterior_parameters(trained_model.module, data, idx)
+    for bandwidth in (0.3, "scott"):
+        log_probs = da.sample_log_probs(trained_model.module, data, idx, bandwidth=bandwidth, component_chunk=50)
+        width = da.kernel_bandwidth(loc, samples, bandwidth).double()
+        for s in (1, 4):
+            wide = torch.sqrt(scale[samples == s].double() ** 2 + width**2)
+            mixture = da.aggregated_posterior(loc[samples == s].double(), wide)
+            np.testing.assert_allclose(log_probs[:, s], mixture.log_prob(loc.double()).numpy(), atol=2e-3)
+    exact = da.sample_log_probs(trained_model.module, data, idx)
+    np.testing.assert_array_equal(da.sample_log_probs(trained_model.module, data, idx, bandwidth=0), exact)
+
+
+def test_bandwidth_in_the_facade_and_its_summary(trained_model, sim_adata):
+    exact = _disease_log_ratio(trained_model.differential_abundance(sample_cov_keys=["disease"], bandwidth=0))
+    smooth = _disease_log_ratio(trained_model.differential_abundance(sample_cov_keys=["disease"], bandwidth="scott"))
+    assert not np.allclose(exact, smooth)
+    is_planted = (sim_adata.obs["cell_type"] == sim_adata.uns["simulation"]["da_cell_type"]).to_numpy()
+    assert roc_auc_score(is_planted, smooth) >= 0.85
+    summary = trained_model.differential_abundance_summary("disease", n_draws=2, n_bootstrap=20, bandwidth="scott")
+    assert roc_auc_score(is_planted, summary["log_ratio"].values) >= 0.85
+    assert np.corrcoef(summary["log_ratio"].values, smooth)[0, 1] > 0.9
+
+
+@pytest.mark.parametrize("bad", [-0.1, float("nan"), float("inf"), True, "silverman", "0.5", None])
+def test_bad_bandwidth_is_refused_before_any_work(trained_model, bad, monkeypatch):
+    monkeypatch.setattr(da, "posterior_parameters", lambda *a, **k: pytest.fail("work started"))
+    with pytest.raises(ValueError, match="bandwidth must be a number >= 0 or one of"):
+        trained_model.differential_abundance(sample_cov_keys=["disease"], bandwidth=bad)
+    with pytest.raises(ValueError, match="bandwidth must be a number >= 0 or one of"):
+        trained_model.differential_abundance_summary("disease", bandwidth=bad)
