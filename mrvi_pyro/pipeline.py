@@ -388,8 +388,9 @@ def da_step(model, adata, canvas: AnalysisCanvas, covariate: str, *, seed: int =
                                   "log_ratio_lower": f"{interval} lower", "log_ratio_upper": f"{interval} upper",
                                   "prob_positive": "P(log-ratio > 0)", "n_cells": "cells"})
     section = Section(f"Differential abundance: {g1} vs {g2}",
-                      ["Log-ratio of the aggregated posteriors of the two sample groups at each cell, with "
-                       "uncertainty from posterior draws and Bayesian-bootstrap weights over samples."],
+                      ["Log-ratio of the aggregated posteriors of the two sample groups at each cell (each cell's "
+                       "posterior widened by a Gaussian kernel of Scott's width), with uncertainty from posterior "
+                       "draws and Bayesian-bootstrap weights over samples."],
                       [figure], [(f"Mean log-ratio per {groupby}", shown)])
     return {"da": da_result, "da_summary": summary, "da_table": per_group}, section
 
