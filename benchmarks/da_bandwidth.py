@@ -42,11 +42,11 @@ def planted_log_ratio(obs, da_type: str, covariate: str, level: str) -> float:
     return float(np.log(per_sample.loc[inside, "share"].mean() / per_sample.loc[~inside, "share"].mean()))
 
 
-def score(model, adata, bandwidth, covariate: str, level: str) -> dict:
-    """DA log-ratio of ``level`` against the other level of ``covariate``, scored for the DA type."""
+def score(result, adata, covariate: str, level: str) -> dict:
+    """DA log-ratio of ``level`` against the other level of ``covariate`` in a
+    ``differential_abundance`` result, scored for the DA type."""
     from mrvi_pyro._metrics import auroc
 
-    result = model.differential_abundance(sample_cov_keys=[covariate], bandwidth=bandwidth)
     log_probs = result[f"{covariate}_log_probs"]
     other = [v for v in log_probs[covariate].values if v != level][0]
     ratio = (log_probs.sel({covariate: level}) - log_probs.sel({covariate: other})).values
@@ -70,15 +70,17 @@ def run_cohort(simulator: str, preset: str, seed: int, args) -> list[dict]:
     train_s = time.perf_counter() - start
     truth = adata.uns["simulation"]
     da_type = truth["da_cell_type"]
+    keys = ["disease"] + (["null_group"] if "null_group" in adata.obs else [])
     rows = []
     for bandwidth in args.bandwidths:
+        result = model.differential_abundance(sample_cov_keys=keys, bandwidth=bandwidth)
         row = {"simulator": simulator, "preset": preset, "seed": seed, "bandwidth": bandwidth, "train_s": train_s,
                "planted": planted_log_ratio(adata.obs, da_type, "disease", "disease")}
-        disease = score(model, adata, bandwidth, "disease", "disease")
+        disease = score(result, adata, "disease", "disease")
         row.update(da_auroc=disease["auroc"], type_log_ratio=disease["type_log_ratio"], sd=disease["sd"])
-        if "null_group" in adata.obs:
+        if "null_group" in keys:
             level = sorted(adata.obs["null_group"].astype(str).unique())[-1]
-            null = score(model, adata, bandwidth, "null_group", level)
+            null = score(result, adata, "null_group", level)
             row.update(null_auroc=null["auroc"], null_type_log_ratio=null["type_log_ratio"], null_sd=null["sd"],
                        null_planted=planted_log_ratio(adata.obs, da_type, "null_group", level))
         rows.append(row)

@@ -93,6 +93,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.nproc < 1:
         parser.error(f"--nproc must be at least 1, got {args.nproc}")
+    args.sparse = args.sparse or args.backed
     if args.child:
         child(args)
         return
@@ -100,8 +101,8 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="mrvi_bench_")
     data = os.path.join(tmp, "train.h5ad")
     _ours.simulate_h5ad(data, n_cells=args.n_cells, n_genes=args.n_genes, n_samples=args.n_samples,
-                        n_batches=args.n_batches, sparse=args.sparse or args.backed)
-    print(f"data: {args.n_cells} cells x {args.n_genes} genes ({'CSR' if args.sparse or args.backed else 'dense'}"
+                        n_batches=args.n_batches, sparse=args.sparse)
+    print(f"data: {args.n_cells} cells x {args.n_genes} genes ({'CSR' if args.sparse else 'dense'}"
           f"{', ours reads it backed' if args.backed else ''}), {args.n_samples} samples, {args.n_batches} batches; "
           f"{args.epochs} epochs; {args.threads} torch thread(s)")
     run_reference = not args.no_reference and os.path.exists(args.reference_python)

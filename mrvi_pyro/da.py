@@ -189,6 +189,16 @@ def widen(scale: torch.Tensor, width: torch.Tensor | None) -> torch.Tensor:
     return scale if width is None else torch.sqrt(scale * scale + width * width)
 
 
+def kernel_components(loc: torch.Tensor, scale: torch.Tensor, sample_index: torch.Tensor, n_samples: int,
+                      max_per_sample: int | None, seed: int | None, bandwidth) -> ComponentTable:
+    """The packed components of the aggregated posteriors (:func:`select_components` with
+    ``max_per_sample`` and ``seed``), each widened by the kernel ``bandwidth``
+    (:func:`kernel_bandwidth`)."""
+    components = select_components(sample_index, max_per_sample, seed=seed)
+    width = kernel_bandwidth(loc, sample_index, bandwidth, components)
+    return pack_components(loc, widen(scale, width), sample_index, n_samples, components)
+
+
 def select_components(
     sample_index: np.ndarray | torch.Tensor,
     max_per_sample: int | None = None,
@@ -466,9 +476,7 @@ def sample_log_probs(
     """
     loc, scale, samples = posterior_parameters(module, data, indices, batch_size=batch_size, partition=partition)
     partition = CellPartition.whole(len(loc)) if partition is None else partition
-    components = select_components(samples, max_components_per_sample, seed=seed)
-    width = kernel_bandwidth(loc, samples, bandwidth, components)
-    table = pack_components(loc, widen(scale, width), samples, module.n_samples, components)
+    table = kernel_components(loc, scale, samples, module.n_samples, max_components_per_sample, seed, bandwidth)
     mine = partition.cells
     own = table.position[mine] if leave_one_out else None
     return partition.gather(aggregated_log_density(
@@ -731,9 +739,7 @@ def log_ratio_summary(
     """
     gen = make_generator(seed)
     loc, scale, samples = posterior_parameters(module, data, indices, batch_size=batch_size)
-    components = select_components(samples, max_components_per_sample, seed=seed)
-    width = kernel_bandwidth(loc, samples, bandwidth, components)
-    table = pack_components(loc, widen(scale, width), samples, module.n_samples, components)
+    table = kernel_components(loc, scale, samples, module.n_samples, max_components_per_sample, seed, bandwidth)
     membership = np.stack([np.asarray(members1, bool), np.asarray(members2, bool)], axis=1)
     weights = dirichlet_weights(membership, n_bootstrap, gen)
     n = loc.shape[0]
