@@ -11,6 +11,12 @@ the first epoch (warm-up). The reference runs when ``/work/bench-venv/bin/python
     python benchmarks/train_throughput.py --n-cells 4000 --epochs 2   # quick
     python benchmarks/train_throughput.py --nproc 2 --threads 1 --no-reference   # ours on 2 ranks
     python benchmarks/train_throughput.py --backed                  # ours reads the counts from disk
+    python benchmarks/train_throughput.py --batch-sizes 128 256 --threads 2 --repeats 3   # paired runs
+
+``--repeats N`` runs each side N times per batch size, alternating which side goes first, and
+reports the speed-up of every pair (ours over the reference run beside it) with their median and
+range: on a shared VM two sittings of the same code differ by more than 20%, and pairs taken
+back to back share most of that drift.
 
 ``--sparse`` writes the counts as CSR (both sides then read the same CSR file into memory);
 ``--backed`` implies it and has ours train from the file opened ``backed="r"`` (only the
@@ -34,12 +40,15 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import _harness  # noqa: E402
 import _ours  # noqa: E402
 
 DEFAULT_REFERENCE = "/work/bench-venv/bin/python"
+REFERENCE_NAME = "scvi-tools MRVI"
 
 
 def _train_once(data: str, threads: int, epochs: int, batch_size: int, device: str,
@@ -85,6 +94,9 @@ def main() -> None:
     parser.add_argument("--backed", action="store_true",
                         help="ours reads the counts backed from disk, without the read-ahead worker "
                              "(implies --sparse; the reference reads them whole)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs of each side per batch size, alternating which runs first; the "
+                             "speed-up is the median of the paired runs (default 1)")
     parser.add_argument("--no-reference", action="store_true")
     parser.add_argument("--reference-python", default=DEFAULT_REFERENCE)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -93,6 +105,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.nproc < 1:
         parser.error(f"--nproc must be at least 1, got {args.nproc}")
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
     args.sparse = args.sparse or args.backed
     if args.child:
         child(args)
@@ -106,47 +120,81 @@ def main() -> None:
           f"{', ours reads it backed' if args.backed else ''}), {args.n_samples} samples, {args.n_batches} batches; "
           f"{args.epochs} epochs; {args.threads} torch thread(s)")
     run_reference = not args.no_reference and os.path.exists(args.reference_python)
-    rows = []
     ours_name = "mrvi_pyro" if args.nproc == 1 else f"mrvi_pyro x{args.nproc} ranks"
     ours_name += " (backed)" if args.backed else ""
+    rows = []
     for batch_size in args.batch_sizes:
-        ours = _harness.run_script(sys.executable, __file__, [
-            "--child", "--data", data, "--batch-size", batch_size, "--epochs", args.epochs,
-            "--threads", args.threads, "--device", args.device, "--nproc", args.nproc,
-            *(["--backed"] if args.backed else [])],
-            extra_env={"MRVI_PYRO_SAME_DRAWS": str(args.same_draws),
-                       **({"MRVI_PYRO_READ_AHEAD": "0"} if args.backed else {})}, check=True)
-        r = ours["result"]
-        step = f"train bs={batch_size}"
-        rows.append({"step": step, "implementation": ours_name, "seconds": r["seconds"],
-                     "peak_rss_gb": ours["peak_rss_gb"], "cells_per_s": r["cells_per_s"],
-                     "steady_cells_per_s": r["steady_cells_per_s"]})
-        if run_reference:
-            ref = _harness.run_script(args.reference_python, str(HERE / "reference_mrvi.py"), [
-                "--data", data, "--task", "train", "--max-epochs", args.epochs, "--batch-size", batch_size,
-                "--threads", args.threads], check=True)
-            rr = ref["result"]
-            rows.append({"step": step, "implementation": "scvi-tools MRVI", "seconds": rr["seconds"],
-                         "peak_rss_gb": ref["peak_rss_gb"], "cells_per_s": rr["cells_per_s"],
-                         "steady_cells_per_s": rr.get("steady_cells_per_s")})
+        for repeat in range(args.repeats):
+            # Alternate which side runs first, so that a drift of the machine's speed within a
+            # sitting weighs on both sides alike.
+            order = ("ours", "reference") if repeat % 2 == 0 else ("reference", "ours")
+            for side in order:
+                if side == "ours":
+                    rows.append(_run_ours(args, data, batch_size, ours_name, repeat))
+                elif run_reference:
+                    rows.append(_run_reference(args, data, batch_size, repeat))
     _harness.print_table(rows, baseline="scvi-tools MRVI" if run_reference else None,
                          title="Training throughput (ratio = reference seconds / ours where shown)")
     print()
-    for batch_size in args.batch_sizes:
-        step = f"train bs={batch_size}"
-        mine = [r for r in rows if r["step"] == step and r["implementation"] == ours_name][0]
-        line = (f"bs={batch_size}: {ours_name} {mine['cells_per_s']:.0f} cells/s "
-                f"(steady {mine['steady_cells_per_s']:.0f})")
-        ref = [r for r in rows if r["step"] == step and r["implementation"] != ours_name]
-        if ref:
-            ref = ref[0]
-            line += f"; scvi-tools {ref['cells_per_s']:.0f} cells/s"
-            steady = ref["steady_cells_per_s"]  # None when the reference trained one epoch only
-            line += f" (steady {steady:.0f})" if steady else ""
-            line += f"; speed-up {mine['cells_per_s'] / ref['cells_per_s']:.2f}x"
-            line += f" (steady {mine['steady_cells_per_s'] / steady:.2f}x)" if steady else ""
+    for line in summary_lines(rows, args.batch_sizes, ours_name):
         print(line)
 
+
+def _step(batch_size: int, repeat: int) -> str:
+    return f"train bs={batch_size}" + (f" #{repeat + 1}" if repeat else "")
+
+
+def _run_ours(args, data: str, batch_size: int, ours_name: str, repeat: int) -> dict:
+    ours = _harness.run_script(sys.executable, __file__, [
+        "--child", "--data", data, "--batch-size", batch_size, "--epochs", args.epochs,
+        "--threads", args.threads, "--device", args.device, "--nproc", args.nproc,
+        *(["--backed"] if args.backed else [])],
+        extra_env={"MRVI_PYRO_SAME_DRAWS": str(args.same_draws),
+                   **({"MRVI_PYRO_READ_AHEAD": "0"} if args.backed else {})}, check=True)
+    r = ours["result"]
+    return {"step": _step(batch_size, repeat), "batch_size": batch_size, "implementation": ours_name,
+            "seconds": r["seconds"], "peak_rss_gb": ours["peak_rss_gb"], "cells_per_s": r["cells_per_s"],
+            "steady_cells_per_s": r["steady_cells_per_s"]}
+
+
+def _run_reference(args, data: str, batch_size: int, repeat: int) -> dict:
+    ref = _harness.run_script(args.reference_python, str(HERE / "reference_mrvi.py"), [
+        "--data", data, "--task", "train", "--max-epochs", args.epochs, "--batch-size", batch_size,
+        "--threads", args.threads], check=True)
+    rr = ref["result"]
+    return {"step": _step(batch_size, repeat), "batch_size": batch_size, "implementation": REFERENCE_NAME,
+            "seconds": rr["seconds"], "peak_rss_gb": ref["peak_rss_gb"], "cells_per_s": rr["cells_per_s"],
+            "steady_cells_per_s": rr.get("steady_cells_per_s")}
+
+
+def summary_lines(rows: list[dict], batch_sizes, ours_name: str) -> list[str]:
+    """One line per batch size: each side's cells/s (the median over repeats), and the speed-up
+    of every repeat (ours over the reference run beside it) with its median and range."""
+    lines = []
+    for batch_size in batch_sizes:
+        mine = [r for r in rows if r["batch_size"] == batch_size and r["implementation"] == ours_name]
+        theirs = [r for r in rows if r["batch_size"] == batch_size and r["implementation"] == REFERENCE_NAME]
+        rate = float(np.median([r["cells_per_s"] for r in mine]))
+        steady = float(np.median([r["steady_cells_per_s"] for r in mine]))
+        line = f"bs={batch_size}: {ours_name} {rate:.0f} cells/s (steady {steady:.0f})"
+        if theirs:
+            ref_rate = float(np.median([r["cells_per_s"] for r in theirs]))
+            line += f"; scvi-tools {ref_rate:.0f} cells/s"
+            ref_steady = [r["steady_cells_per_s"] for r in theirs]
+            # None when the reference trained one epoch only
+            ref_steady = float(np.median(ref_steady)) if None not in ref_steady else None
+            line += f" (steady {ref_steady:.0f})" if ref_steady else ""
+            ratios = [a["cells_per_s"] / b["cells_per_s"] for a, b in zip(mine, theirs)]
+            line += f"; speed-up {np.median(ratios):.2f}x"
+            if len(ratios) > 1:
+                line += (f" (median of {len(ratios)} paired runs, range {min(ratios):.2f}-{max(ratios):.2f}x: "
+                         + ", ".join(f"{x:.2f}" for x in ratios) + ")")
+            elif ref_steady:
+                line += f" (steady {steady / ref_steady:.2f}x)"
+        if len(mine) > 1:
+            line += f"; ours over its {len(mine)} runs " + ", ".join(f"{r['cells_per_s']:.0f}" for r in mine)
+        lines.append(line)
+    return lines
 
 if __name__ == "__main__":
     main()

@@ -1,4 +1,5 @@
-"""benchmarks/train_throughput.py: ours trains from a backed file, reading only minibatches."""
+"""benchmarks/train_throughput.py: ours trains from a backed file, reading only minibatches; paired
+repeats are summarised by their median speed-up."""
 
 import subprocess
 import sys
@@ -35,3 +36,36 @@ def test_one_epoch_without_the_reference_prints_the_backed_row():
          "--no-reference"], capture_output=True, text=True, check=True).stdout
     assert "CSR, ours reads it backed" in out
     assert "bs=64: mrvi_pyro (backed)" in out
+
+
+def _row(batch_size, implementation, cells_per_s, steady=None):
+    return {"batch_size": batch_size, "implementation": implementation, "cells_per_s": cells_per_s,
+            "steady_cells_per_s": steady or cells_per_s}
+
+
+def test_summary_pairs_each_repeat_with_the_reference_run_beside_it():
+    ref = train_throughput.REFERENCE_NAME
+    rows = [_row(128, "mrvi_pyro", 6000.0), _row(128, ref, 3000.0),   # 2.00x
+            _row(128, ref, 2000.0), _row(128, "mrvi_pyro", 3000.0),   # 1.50x (the slow pair)
+            _row(128, "mrvi_pyro", 5400.0), _row(128, ref, 3000.0),   # 1.80x
+            _row(256, "mrvi_pyro", 8000.0), _row(256, ref, 4000.0, steady=None)]
+    rows[-1]["steady_cells_per_s"] = None  # the reference trained one epoch
+    lines = train_throughput.summary_lines(rows, [128, 256], "mrvi_pyro")
+    # Pairing by repeat gives 2.00, 1.50, 1.80 (median 1.80); a ratio of the medians would give
+    # 5400 / 3000 = 1.80 as well, but the range shows the spread over the sitting.
+    assert "speed-up 1.80x (median of 3 paired runs, range 1.50-2.00x: 2.00, 1.50, 1.80)" in lines[0]
+    assert "mrvi_pyro 5400 cells/s" in lines[0] and "scvi-tools 3000 cells/s" in lines[0]
+    assert "ours over its 3 runs 6000, 3000, 5400" in lines[0]
+    assert lines[1].endswith("speed-up 2.00x")  # one run: no range, no steady ratio without one
+
+
+def test_repeats_alternate_and_are_refused_below_one():
+    out = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "train_throughput.py"), "--n-cells", "200", "--n-genes", "80",
+         "--n-samples", "4", "--n-batches", "2", "--batch-sizes", "64", "--epochs", "1", "--repeats", "2",
+         "--no-reference"], capture_output=True, text=True, check=True).stdout
+    assert "train bs=64 #2" in out and "ours over its 2 runs" in out
+    bad = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "train_throughput.py"), "--repeats", "0", "--no-reference"],
+        capture_output=True, text=True)
+    assert bad.returncode == 2 and "--repeats must be at least 1, got 0" in bad.stderr
