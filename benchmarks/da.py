@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -118,7 +117,7 @@ def main() -> None:
     cap = args.cap if args.cap is not None else (500 if args.scale else 0)
     kl_warmup = args.kl_warmup if args.kl_warmup is not None else (0 if args.scale else None)
 
-    tmp = tempfile.mkdtemp(prefix="mrvi_bench_da_")
+    tmp = _harness.scratch_dir("mrvi_bench_da_")
     data = os.path.join(tmp, "da.h5ad")
     _ours.simulate_h5ad(data, n_cells=n_cells, n_genes=args.n_genes, n_samples=n_samples, n_batches=args.n_batches)
     print(f"data: {n_cells} cells x {args.n_genes} genes, {n_samples} samples, {args.n_batches} batches; "

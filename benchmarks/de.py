@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -76,7 +75,7 @@ def main() -> None:
         child(args)
         return
 
-    tmp = tempfile.mkdtemp(prefix="mrvi_bench_de_")
+    tmp = _harness.scratch_dir("mrvi_bench_de_")
     data = os.path.join(tmp, "de.h5ad")
     adata = _ours.simulate_h5ad(data, n_cells=args.n_cells, n_genes=args.n_genes, n_samples=args.n_samples,
                                 n_batches=args.n_batches)

@@ -23,7 +23,6 @@ import os
 import resource
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -81,7 +80,7 @@ def main() -> None:
         child(args)
         return
 
-    data = os.path.join(tempfile.mkdtemp(prefix="mrvi_bench_"), "train.h5ad")
+    data = os.path.join(_harness.scratch_dir("mrvi_bench_"), "train.h5ad")
     _ours.simulate_h5ad(data, n_cells=args.n_cells, n_genes=args.n_genes, n_samples=24, n_batches=3, sparse=False)
     settings = [(t, o, m) for t in args.threads for o in args.optimizers for m in args.malloc]
     runs: dict[tuple, list[float]] = {s: [] for s in settings}

@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -112,7 +111,7 @@ def main() -> None:
         child(args)
         return
 
-    tmp = tempfile.mkdtemp(prefix="mrvi_bench_")
+    tmp = _harness.scratch_dir("mrvi_bench_")
     data = os.path.join(tmp, "train.h5ad")
     _ours.simulate_h5ad(data, n_cells=args.n_cells, n_genes=args.n_genes, n_samples=args.n_samples,
                         n_batches=args.n_batches, sparse=args.sparse)

@@ -1,6 +1,7 @@
 """benchmarks/train_throughput.py: ours trains from a backed file, reading only minibatches; paired
 repeats are summarised by their median speed-up."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -69,3 +70,17 @@ def test_repeats_alternate_and_are_refused_below_one():
         [sys.executable, str(BENCHMARKS / "train_throughput.py"), "--repeats", "0", "--no-reference"],
         capture_output=True, text=True)
     assert bad.returncode == 2 and "--repeats must be at least 1, got 0" in bad.stderr
+
+
+def test_the_scratch_folder_goes_when_the_script_exits(tmp_path):
+    # The simulated .h5ad lives in a folder the script made; it is removed at exit, and nothing
+    # else in the temporary folder is touched.
+    keep = tmp_path / "someone_elses.txt"
+    keep.write_text("mine")
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import _harness, pathlib; "
+            "p = pathlib.Path(_harness.scratch_dir('mrvi_bench_')); (p / 'train.h5ad').write_bytes(b'x'); print(p)")
+    out = subprocess.run([sys.executable, "-c", code, str(BENCHMARKS)], capture_output=True, text=True,
+                         check=True, env={**os.environ, "TMPDIR": str(tmp_path)}).stdout.strip()
+    made = Path(out)
+    assert made.parent == tmp_path and made.name.startswith("mrvi_bench_")
+    assert not made.exists() and keep.read_text() == "mine"
