@@ -27,10 +27,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -88,7 +86,7 @@ def main() -> None:
         child(args)
         return
 
-    tmp = tempfile.mkdtemp(prefix="mrvi_bench_backed_")
+    tmp = _harness.scratch_dir("mrvi_bench_backed_")
     data = os.path.join(tmp, "counts.h5ad")
     _ours.simulate_h5ad(data, n_cells=args.n_cells, n_genes=args.n_genes, n_samples=args.n_samples,
                         n_batches=args.n_batches, sparse=True)
@@ -133,7 +131,6 @@ def main() -> None:
         print(f"{r['threads']:>7}  {r['mode']:<22} {r['cells_per_s']:>8.0f} {r['vs_memory']:>9.2f} "
               f"{r['cpu_s_per_1000_cells']:>16.3f} {r['cpu_vs_memory']:>13.2f} {r['worker_cpu']:>11.3f} "
               f"{r['peak_rss_gb']:>11.2f}")
-    shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

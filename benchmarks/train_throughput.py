@@ -132,7 +132,7 @@ def main() -> None:
                     rows.append(_run_ours(args, data, batch_size, ours_name, repeat))
                 elif run_reference:
                     rows.append(_run_reference(args, data, batch_size, repeat))
-    _harness.print_table(rows, baseline="scvi-tools MRVI" if run_reference else None,
+    _harness.print_table(rows, baseline=REFERENCE_NAME if run_reference else None,
                          title="Training throughput (ratio = reference seconds / ours where shown)")
     print()
     for line in summary_lines(rows, args.batch_sizes, ours_name):
